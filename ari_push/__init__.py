@@ -1,0 +1,3 @@
+"""ari-push: mobile push notifications for Asterisk."""
+
+__version__ = "0.1.0"

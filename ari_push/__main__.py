@@ -1,0 +1,5 @@
+import sys
+
+from ari_push.cli import main
+
+sys.exit(main())

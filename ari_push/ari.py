@@ -1,0 +1,194 @@
+"""The ARI link: REST calls with timeouts and the Stasis event websocket with a heartbeat.
+
+A thin client of our own on aiohttp (see docs/architecture.md for why). Every REST call
+the daemon makes is declared in OPERATIONS, so a contract test checks each one against
+the running Asterisk's own /ari/api-docs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from ari_push.backoff import Backoff
+from ari_push.links import LinkState
+from ari_push.settings import AriSettings
+
+log = logging.getLogger("ari_push.ari")
+
+EventHandler = Callable[[dict[str, Any]], None]
+ConnectHandler = Callable[[], Awaitable[None]]
+
+# name -> (method, path template, query parameter names, body parameter names)
+OPERATIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
+    "asterisk_info": ("GET", "/asterisk/info", (), ()),
+    "list_channels": ("GET", "/channels", (), ()),
+    "get_channel": ("GET", "/channels/{channelId}", (), ()),
+    "originate": (
+        "POST", "/channels/{channelId}", (),
+        ("endpoint", "app", "appArgs", "callerId", "timeout", "variables", "originator"),
+    ),
+    "ring": ("POST", "/channels/{channelId}/ring", (), ()),
+    "ring_stop": ("DELETE", "/channels/{channelId}/ring", (), ()),
+    "answer": ("POST", "/channels/{channelId}/answer", (), ()),
+    "hangup": ("DELETE", "/channels/{channelId}", ("reason",), ()),
+    "set_variable": ("POST", "/channels/{channelId}/variable", ("variable", "value"), ()),
+    "continue": ("POST", "/channels/{channelId}/continue", ("context", "extension", "priority"), ()),
+    "moh_start": ("POST", "/channels/{channelId}/moh", ("mohClass",), ()),
+    "create_bridge": ("POST", "/bridges/{bridgeId}", ("type", "name"), ()),
+    "add_channel": ("POST", "/bridges/{bridgeId}/addChannel", ("channel",), ()),
+    "destroy_bridge": ("DELETE", "/bridges/{bridgeId}", (), ()),
+    "list_bridges": ("GET", "/bridges", (), ()),
+    "get_application": ("GET", "/applications/{applicationName}", (), ()),
+    "get_config": ("GET", "/asterisk/config/dynamic/{configClass}/{objectType}/{id}", (), ()),
+    "delete_config": ("DELETE", "/asterisk/config/dynamic/{configClass}/{objectType}/{id}", (), ()),
+    "claim": ("POST", "/events/claim", ("channelId", "application"), ()),
+}
+
+
+class AriError(RuntimeError):
+    """A REST call failed. ``status`` is the HTTP status (0: no answer / link down)."""
+
+    def __init__(self, operation: str, status: int, message: str) -> None:
+        super().__init__(f"ARI {operation}: {status or 'no answer'} {message}".rstrip())
+        self.operation = operation
+        self.status = status
+        self.message = message
+
+
+class AriClient:
+    def __init__(
+        self,
+        settings: AriSettings,
+        on_event: EventHandler,
+        on_connect: ConnectHandler | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.settings = settings
+        self.on_event = on_event
+        self.on_connect = on_connect
+        self.backoff = backoff or Backoff(base=0.5, cap=15.0)
+        self.link = LinkState("ari")
+        self.base = settings.url.rstrip("/") + "/ari"
+        token = base64.b64encode(f"{settings.username}:{settings.password}".encode()).decode()
+        self._headers = {"Authorization": f"Basic {token}"}
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout),
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # ---------------------------------------------------------------- REST
+
+    async def call(
+        self,
+        operation: str,
+        path_params: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Run one declared operation. Returns the decoded JSON (or None for 204)."""
+        method, template, query_names, body_names = OPERATIONS[operation]
+        path = template.format(**{k: quote(v, safe="") for k, v in (path_params or {}).items()})
+        for key in query or {}:
+            if key not in query_names:
+                raise ValueError(f"{operation}: {key} is not a declared query parameter")
+        for key in body or {}:
+            if key not in body_names:
+                raise ValueError(f"{operation}: {key} is not a declared body parameter")
+        try:
+            async with self.session.request(
+                method, self.base + path, params=dict(query or {}), json=dict(body) if body else None
+            ) as resp:
+                text = await resp.text()
+                if resp.status >= 300:
+                    message = text
+                    with contextlib.suppress(ValueError, AttributeError):
+                        message = json.loads(text).get("message", text)
+                    raise AriError(operation, resp.status, message[:200])
+                return json.loads(text) if text else None
+        except TimeoutError:
+            raise AriError(operation, 0, f"timed out after {self.settings.request_timeout}s") from None
+        except aiohttp.ClientError as exc:
+            raise AriError(operation, 0, str(exc) or type(exc).__name__) from None
+
+    # ---------------------------------------------------------------- events
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep the event websocket up until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                await self._session_loop(stop)
+                self.backoff.reset()
+            except (aiohttp.ClientError, OSError, TimeoutError, AriError) as exc:
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if isinstance(exc, aiohttp.WSServerHandshakeError) and exc.status == 401:
+                    reason = "login refused (check [ari] username/password and ari.conf)"
+                self.link.set_down(reason)
+            if stop.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.backoff.next()):
+                    await stop.wait()
+        self.link.set_down("stopped")
+
+    async def _session_loop(self, stop: asyncio.Event) -> None:
+        url = self.base.replace("http", "ws", 1) + "/events"
+        ws = await self.session.ws_connect(
+            url,
+            params={"app": self.settings.app, "subscribeAll": "false"},
+            heartbeat=self.settings.heartbeat,
+            timeout=aiohttp.ClientWSTimeout(ws_close=self.settings.request_timeout),
+        )
+        stop_wait = asyncio.create_task(stop.wait(), name="ari-stop-wait")
+        try:
+            self.link.set_up(f"{self.settings.url}, app {self.settings.app}")
+            if self.on_connect is not None:
+                await self.on_connect()
+            while not stop.is_set():
+                receive = asyncio.ensure_future(ws.receive())
+                done, _ = await asyncio.wait({receive, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if receive not in done:
+                    receive.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await receive
+                    return
+                msg = receive.result()
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self._dispatch(msg.data)
+                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                  aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR):
+                    raise ConnectionResetError(f"event websocket closed ({msg.type.name})")
+        finally:
+            stop_wait.cancel()
+            await ws.close()
+
+    def _dispatch(self, text: str) -> None:
+        try:
+            event = json.loads(text)
+        except ValueError:
+            log.warning("ARI sent a frame that is not JSON (%d bytes)", len(text))
+            return
+        if not isinstance(event, dict):
+            return
+        try:
+            self.on_event(event)
+        except Exception:
+            log.exception("ARI event handler failed on %s", event.get("type"))

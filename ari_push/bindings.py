@@ -1,0 +1,265 @@
+"""Where device bindings live: Redis (clusters) or in process (a single small PBX).
+
+Both stores have the same semantics, tested by one shared suite:
+- ``upsert`` is idempotent and order-tolerant: the newest ``last_seen`` wins, ``first_seen``
+  is kept from the first sighting; several daemons may store the same event.
+- A binding outlives its SIP registration; only ``forget``, ``forget_if_stale`` (a provider
+  said the token is dead, and the device has not registered since) and the retention sweep
+  delete it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+
+from ari_push.model import Binding, Dialect, PushParams
+from ari_push.redis_keys import Keys
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached (Redis down); callers degrade, nothing is lost silently."""
+
+
+class BindingStore(Protocol):
+    async def upsert(self, binding: Binding) -> Binding: ...
+
+    async def bindings_for(self, aor: str) -> list[Binding]: ...
+
+    async def aors(self) -> list[str]: ...
+
+    async def forget(self, aor: str, device_id: str | None = None) -> int: ...
+
+    async def forget_if_stale(self, aor: str, device_id: str, dead_since: float) -> bool: ...
+
+    async def sweep(self, older_than: float) -> int: ...
+
+
+# ---------------------------------------------------------------- (de)serialisation
+
+
+def to_json(b: Binding) -> str:
+    p = b.push
+    return json.dumps(
+        {
+            "aor": b.aor,
+            "endpoint": b.endpoint,
+            "contact_uri": b.contact_uri,
+            "user_agent": b.user_agent,
+            "first_seen": b.first_seen,
+            "last_seen": b.last_seen,
+            "provider": p.provider,
+            "token": p.token,
+            "param": p.param,
+            "sandbox": p.sandbox,
+            "dialect": p.dialect.value,
+            "purr": p.purr,
+            "extra_tokens": [list(t) for t in p.extra_tokens],
+            "options": [list(o) for o in p.options],
+        },
+        separators=(",", ":"),
+    )
+
+
+def _pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    # Lua's cjson writes an empty list as {}: treat any empty container as no pairs.
+    if not value:
+        return ()
+    return tuple((str(a), str(b)) for a, b in value)
+
+
+def from_json(text: str | bytes) -> Binding:
+    d = json.loads(text)
+    push = PushParams(
+        provider=d["provider"],
+        token=d["token"],
+        param=d.get("param", ""),
+        sandbox=bool(d.get("sandbox", False)),
+        dialect=Dialect(d.get("dialect", "rfc8599")),
+        purr=d.get("purr", ""),
+        extra_tokens=_pairs(d.get("extra_tokens")),
+        options=_pairs(d.get("options")),
+    )
+    return Binding(
+        aor=d["aor"],
+        endpoint=d.get("endpoint", d["aor"]),
+        push=push,
+        contact_uri=d.get("contact_uri", ""),
+        user_agent=d.get("user_agent", ""),
+        first_seen=float(d.get("first_seen", 0)),
+        last_seen=float(d.get("last_seen", 0)),
+    )
+
+
+# ---------------------------------------------------------------- in process
+
+
+class MemoryStore:
+    """The embedded store: same semantics as Redis, lost on restart (docs/storage.md)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, dict[str, Binding]] = {}
+
+    async def upsert(self, binding: Binding) -> Binding:
+        devices = self._data.setdefault(binding.aor, {})
+        old = devices.get(binding.device_id)
+        if old is not None:
+            if old.last_seen > binding.last_seen:
+                return old
+            binding = Binding(**{**_fields(binding), "first_seen": old.first_seen,
+                                 "user_agent": binding.user_agent or old.user_agent})
+        devices[binding.device_id] = binding
+        return binding
+
+    async def bindings_for(self, aor: str) -> list[Binding]:
+        return sorted(self._data.get(aor, {}).values(), key=lambda b: b.first_seen)
+
+    async def aors(self) -> list[str]:
+        return sorted(aor for aor, devices in self._data.items() if devices)
+
+    async def forget(self, aor: str, device_id: str | None = None) -> int:
+        devices = self._data.get(aor, {})
+        if device_id is None:
+            n = len(devices)
+            devices.clear()
+            return n
+        return 1 if devices.pop(device_id, None) is not None else 0
+
+    async def forget_if_stale(self, aor: str, device_id: str, dead_since: float) -> bool:
+        current = self._data.get(aor, {}).get(device_id)
+        if current is None or current.last_seen > dead_since:
+            return False
+        del self._data[aor][device_id]
+        return True
+
+    async def sweep(self, older_than: float) -> int:
+        n = 0
+        for devices in self._data.values():
+            for device_id in [d for d, b in devices.items() if b.last_seen < older_than]:
+                del devices[device_id]
+                n += 1
+        return n
+
+
+def _fields(b: Binding) -> dict[str, Any]:
+    return {f: getattr(b, f) for f in ("aor", "endpoint", "push", "contact_uri", "user_agent",
+                                        "first_seen", "last_seen")}
+
+
+# ---------------------------------------------------------------- Redis
+
+_UPSERT = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local new = ARGV[2]
+if old then
+  local o = cjson.decode(old)
+  if tonumber(o.last_seen) > tonumber(ARGV[3]) then return old end
+  local n = cjson.decode(new)
+  n.first_seen = o.first_seen
+  if n.user_agent == '' then n.user_agent = o.user_agent end
+  new = cjson.encode(n)
+end
+redis.call('HSET', KEYS[1], ARGV[1], new)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return new
+"""
+
+_FORGET_IF_OLDER = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return -1 end
+if tonumber(cjson.decode(old).last_seen) > tonumber(ARGV[2]) then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class RedisStore:
+    """Bindings in Redis (layout in docs/storage.md). Raises StoreUnavailable when Redis is
+    unreachable; every call is bounded by the client's socket timeout."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, retention: float) -> None:
+        self.redis = client
+        self.keys = keys
+        self.retention = retention
+        self._upsert = client.register_script(_UPSERT)
+        self._forget_if_older = client.register_script(_FORGET_IF_OLDER)
+
+    async def upsert(self, binding: Binding) -> Binding:
+        try:
+            stored = await self._upsert(
+                keys=[self.keys.bindings(binding.aor)],
+                args=[binding.device_id, to_json(binding), repr(binding.last_seen), int(self.retention) + 60],
+            )
+            result = from_json(stored)
+            await self.redis.zadd(self.keys.seen(), {_member(binding.aor, binding.device_id): result.last_seen})
+        except (aioredis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from None
+        return result
+
+    async def bindings_for(self, aor: str) -> list[Binding]:
+        try:
+            raw = await self.redis.hgetall(self.keys.bindings(aor))
+        except (aioredis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from None
+        return sorted((from_json(v) for v in raw.values()), key=lambda b: b.first_seen)
+
+    async def aors(self) -> list[str]:
+        try:
+            members = await self.redis.zrange(self.keys.seen(), 0, -1)
+        except (aioredis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from None
+        return sorted({_split(m)[0] for m in members if isinstance(m, bytes | str)})
+
+    async def forget(self, aor: str, device_id: str | None = None) -> int:
+        key = self.keys.bindings(aor)
+        try:
+            ids = [device_id] if device_id else [_text(k) for k in await self.redis.hkeys(key)]
+            if not ids:
+                return 0
+            n = int(await self.redis.hdel(key, *ids))
+            await self.redis.zrem(self.keys.seen(), *[_member(aor, d) for d in ids])
+        except (aioredis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from None
+        return n
+
+    async def forget_if_stale(self, aor: str, device_id: str, dead_since: float) -> bool:
+        try:
+            gone = await self._forget_if_older(keys=[self.keys.bindings(aor)], args=[device_id, repr(dead_since)])
+            if gone != 0:
+                await self.redis.zrem(self.keys.seen(), _member(aor, device_id))
+        except (aioredis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from None
+        return bool(gone == 1)
+
+    async def sweep(self, older_than: float) -> int:
+        """Delete bindings not seen since ``older_than``. Safe to run on every daemon at once."""
+        n = 0
+        try:
+            members = await self.redis.zrangebyscore(self.keys.seen(), "-inf", f"({older_than!r}", start=0, num=1000)
+            for member in members:
+                if not isinstance(member, bytes | str):
+                    continue
+                aor, device_id = _split(member)
+                gone = await self._forget_if_older(keys=[self.keys.bindings(aor)], args=[device_id, repr(older_than)])
+                if gone != 0:  # deleted now, or already gone (hash expired): drop the index entry
+                    await self.redis.zrem(self.keys.seen(), member)
+                n += gone == 1
+        except (aioredis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from None
+        return n
+
+
+def _member(aor: str, device_id: str) -> str:
+    return f"{aor}\x00{device_id}"
+
+
+def _text(value: bytes | str) -> str:
+    return value if isinstance(value, str) else value.decode()
+
+
+def _split(member: bytes | str) -> tuple[str, str]:
+    text = _text(member)
+    aor, _, device_id = text.partition("\x00")
+    return aor, device_id

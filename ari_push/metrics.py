@@ -1,0 +1,30 @@
+"""Prometheus metrics, one registry per daemon (tests run several in one process).
+
+Documented in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.registrations = Counter(
+            "ari_push_registrations_captured", "Contacts with push parameters stored, by dialect",
+            ["dialect"], registry=r)
+        self.rejected = Counter(
+            "ari_push_contacts_rejected", "Contacts refused by the parser, by reason", ["reason"], registry=r)
+        self.pushes = Counter(
+            "ari_push_pushes", "Pushes sent, by provider, kind and result", ["provider", "kind", "result"],
+            registry=r)
+        self.calls = Counter("ari_push_calls", "Calls handled, by PUSH_STATUS", ["status"], registry=r)
+        self.calls_waiting = Gauge("ari_push_calls_waiting", "Calls waiting for a device to wake", registry=r)
+        self.wake_latency = Histogram(
+            "ari_push_wake_latency_seconds", "Push sent to re-registration seen",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30), registry=r)
+        self.link_up = Gauge("ari_push_link_up", "1 when the link is connected", ["link"], registry=r)
+        self.store_errors = Counter(
+            "ari_push_store_errors", "Binding store operations that failed (Redis down)", registry=r)

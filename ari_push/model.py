@@ -1,0 +1,123 @@
+"""The domain objects every part shares: push parameters, device bindings, push messages.
+
+All are frozen dataclasses built at the edge (contact parsing, settings) and passed around
+unchanged. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+
+class Dialect(StrEnum):
+    """Which registration convention the push parameters came in."""
+
+    RFC8599 = "rfc8599"
+    LINPHONE = "linphone"
+    ZOIPER = "zoiper"
+
+
+@dataclass(frozen=True, slots=True)
+class PushParams:
+    """Push address read from one contact URI, normalised to the RFC 8599 model.
+
+    provider: ``apns``, ``fcm``, ``webpush``, ``vendor`` (a Zoiper-style URL) or a configured
+    custom provider name. ``token`` is the token used for calls (for Apple's dual form, the VoIP
+    token); ``extra_tokens`` keeps the others by type (e.g. ``(("remote", "..."),)``).
+    ``param`` is the APNs topic, the FCM project id, or empty. ``options`` keeps Linphone's
+    presentation hints (``pn-call-str``, ``pn-silent``, ...), lower-cased names.
+    """
+
+    provider: str
+    token: str
+    param: str = ""
+    sandbox: bool = False
+    dialect: Dialect = Dialect.RFC8599
+    purr: str = ""
+    extra_tokens: tuple[tuple[str, str], ...] = ()
+    options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def device_id(self) -> str:
+        """Stable identity of the device: Asterisk drops +sip.instance, so the token is it."""
+        digest = hashlib.sha256(f"{self.provider}\x00{self.token}".encode()).hexdigest()
+        return digest[:20]
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """One device's push address, kept beyond its SIP registration (see docs/capture.md)."""
+
+    aor: str
+    endpoint: str
+    push: PushParams
+    contact_uri: str
+    user_agent: str = ""
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+
+    @property
+    def device_id(self) -> str:
+        return self.push.device_id
+
+    def seen_again(self, contact_uri: str, user_agent: str, now: float, endpoint: str = "") -> Binding:
+        return replace(
+            self,
+            contact_uri=contact_uri,
+            user_agent=user_agent or self.user_agent,
+            endpoint=endpoint or self.endpoint,
+            last_seen=now,
+        )
+
+
+class PushKind(StrEnum):
+    """Why a push is sent. Calls wake the phone; the others end what a call push started."""
+
+    CALL = "call"
+    CANCEL = "cancel"
+    ANSWERED_ELSEWHERE = "answered-elsewhere"
+    MISSED_CALL = "missed-call"
+
+
+@dataclass(frozen=True, slots=True)
+class PushMessage:
+    """What one push says. ``deadline`` is a Unix time: the push is useless after it."""
+
+    kind: PushKind
+    call_id: str
+    caller_number: str
+    caller_name: str
+    callee: str
+    deadline: float
+    extra: tuple[tuple[str, str], ...] = field(default=())
+
+
+class PushOutcome(StrEnum):
+    DELIVERED = "delivered"
+    TOKEN_DEAD = "token-dead"
+    RETRY = "retry"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    """A provider's typed answer. ``dead_since`` is the provider's timestamp (Unix seconds) of
+    when the token stopped being valid, when it says so (APNs 410)."""
+
+    outcome: PushOutcome
+    reason: str = ""
+    status: int | None = None
+    retry_after: float | None = None
+    dead_since: float | None = None
+
+
+def mask(secret: str, keep: int = 4) -> str:
+    """Show only the ends of a secret: enough to tell two apart in a log, not enough to use."""
+    if not secret:
+        return ""
+    if len(secret) <= keep * 2 + 2:
+        return "*" * len(secret)
+    return f"{secret[:keep]}…{secret[-keep:]}({len(secret)})"

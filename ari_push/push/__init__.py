@@ -1,0 +1,1 @@
+"""Push providers behind one protocol (see docs/providers.md)."""

@@ -1,0 +1,535 @@
+"""Typed, frozen settings: one TOML file plus ``ARI_PUSH_*`` environment overrides.
+
+Every key is documented in docs/configuration.md. Validation happens once, at start-up,
+and every error names the key and says why it is wrong. Secrets may be given inline or
+as ``*_file`` paths; they are read here and masked whenever settings are shown.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from ari_push.model import mask
+
+ENV_PREFIX = "ARI_PUSH_"
+KNOWN_PROVIDERS = ("apns", "fcm", "vendor", "webpush")
+
+
+class SettingsError(ValueError):
+    """Invalid configuration. ``key`` is the dotted key at fault."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"{key}: {why}")
+        self.key = key
+        self.why = why
+
+
+class Secret(str):
+    """A string that never shows itself in repr (logs, tracebacks, check-config)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Secret({mask(str(self), 2)!r})"
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class AriSettings:
+    url: str = "http://127.0.0.1:8088"
+    username: str = "ari-push"
+    password: Secret = Secret("")
+    app: str = "ari-push"
+    request_timeout: float = 5.0
+    heartbeat: float = 10.0
+
+
+@dataclass(frozen=True)
+class AmiSettings:
+    host: str = "127.0.0.1"
+    port: int = 5038
+    username: str = "ari-push"
+    secret: Secret = Secret("")
+    request_timeout: float = 5.0
+    heartbeat: float = 10.0
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """``url`` empty means the embedded single-node store (no Redis at all)."""
+
+    url: str = ""
+    password: Secret = Secret("")
+    key_prefix: str = "ari-push:"
+    socket_timeout: float = 2.0
+    sentinels: tuple[str, ...] = ()
+    sentinel_service: str = "mymaster"
+    tls_ca_file: str = ""
+
+    @property
+    def embedded(self) -> bool:
+        return not self.url and not self.sentinels
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    retention_days: float = 30.0
+    vendor_allowed_hosts: tuple[str, ...] = ()
+    extra_providers: tuple[str, ...] = ()
+    resync_interval: float = 300.0
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    default_timeout: float = 30.0
+    max_timeout: float = 120.0
+    moh_class: str = ""
+    on_decline: str = "busy"  # busy | keep-waiting
+    missed_call_push: bool = True
+    continue_context: str = ""
+    dial_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    listen: str = "127.0.0.1:8089"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "INFO"
+    format: str = "human"  # human | json
+
+
+@dataclass(frozen=True)
+class ApnsApp:
+    """One iOS app's APNs credentials. ``topics`` are the VoIP topics it serves."""
+
+    name: str
+    topics: tuple[str, ...]
+    team_id: str = ""
+    key_id: str = ""
+    key: Secret = Secret("")  # the .p8 private key (PEM)
+    cert_file: str = ""  # certificate auth alternative: PEM with cert + key
+    production_url: str = "https://api.push.apple.com"
+    sandbox_url: str = "https://api.sandbox.push.apple.com"
+    ca_file: str = ""  # extra CA to trust (tests, private relays)
+    jwt_lifetime: float = 3000.0
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class FcmProject:
+    """One Firebase project's credentials (a service-account JSON key)."""
+
+    project_id: str
+    service_account: Secret = Secret("")  # JSON text of the key file
+    api_url: str = "https://fcm.googleapis.com"
+    ca_file: str = ""
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class VendorSettings:
+    """Zoiper-style push URLs captured from contacts (X-PUSH-URI)."""
+
+    body_template: str = '{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}'
+    content_type: str = "application/json"
+    timeout: float = 3.0
+    max_response_bytes: int = 65536
+    ca_file: str = ""
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """The admin's own push relay: every push becomes a signed JSON POST."""
+
+    url: str = ""
+    secret: Secret = Secret("")
+    timeout: float = 3.0
+    providers: tuple[str, ...] = ()
+    ca_file: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    ari: AriSettings = field(default_factory=AriSettings)
+    ami: AmiSettings = field(default_factory=AmiSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    capture: CaptureSettings = field(default_factory=CaptureSettings)
+    calls: CallSettings = field(default_factory=CallSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    apns: tuple[ApnsApp, ...] = ()
+    fcm: tuple[FcmProject, ...] = ()
+    vendor: VendorSettings = field(default_factory=VendorSettings)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    node_id: str = ""
+    shutdown_timeout: float = 10.0
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+T = TypeVar("T")
+
+
+class _Section:
+    """Reads typed values out of one TOML table and refuses keys it does not know."""
+
+    def __init__(self, data: Mapping[str, Any], where: str, base: Path | None) -> None:
+        if not isinstance(data, Mapping):
+            raise SettingsError(where, f"must be a table, not {type(data).__name__}")
+        self.data = dict(data)
+        self.where = where
+        self.base = base
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def _get(self, name: str, check: Callable[[Any], bool], kind: str, default: T) -> T:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if not check(value):
+            raise SettingsError(self.key(name), f"must be {kind}, got {value!r}")
+        return value  # type: ignore[no-any-return]
+
+    def text(self, name: str, default: str = "") -> str:
+        return self._get(name, lambda v: isinstance(v, str), "a string", default)
+
+    def flag(self, name: str, default: bool) -> bool:
+        return self._get(name, lambda v: isinstance(v, bool), "true or false", default)
+
+    def positive(self, name: str, default: float) -> float:
+        value = self._get(
+            name, lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number", default
+        )
+        if not value > 0:
+            raise SettingsError(self.key(name), f"must be a positive number, got {value!r}")
+        return float(value)
+
+    def port(self, name: str, default: int) -> int:
+        value = self._get(name, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", default)
+        if not 0 < value < 65536:
+            raise SettingsError(self.key(name), f"must be a TCP port (1-65535), got {value}")
+        return value
+
+    def strings(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self._get(
+            name,
+            lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+            "a list of strings",
+            list(default),
+        )
+        return tuple(value)
+
+    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+        value = self.text(name, default)
+        if value not in options:
+            raise SettingsError(self.key(name), f"must be one of {', '.join(options)}; got {value!r}")
+        return value
+
+    def url(self, name: str, default: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
+        value = self.text(name, default)
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in schemes or not parts.hostname:
+                raise SettingsError(
+                    self.key(name), f"must be a {'/'.join(schemes)} URL with a host, got {value!r}"
+                )
+        return value
+
+    def secret(self, name: str, *, required: bool = False) -> Secret:
+        """``name`` inline, or ``name_file`` pointing at a file that holds it (trailing newline cut)."""
+        inline = self.text(name)
+        path = self.text(f"{name}_file")
+        if inline and path:
+            raise SettingsError(self.key(name), f"give either {name} or {name}_file, not both")
+        if path:
+            file = self.path(path)
+            try:
+                inline = file.read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise SettingsError(self.key(f"{name}_file"), f"cannot read {file}: {exc.strerror}") from None
+            if not inline:
+                raise SettingsError(self.key(f"{name}_file"), f"{file} is empty")
+        if required and not inline:
+            raise SettingsError(self.key(name), f"is required (set {name} or {name}_file)")
+        return Secret(inline)
+
+    def file(self, name: str) -> str:
+        value = self.text(name)
+        if value and not self.path(value).is_file():
+            raise SettingsError(self.key(name), f"no such file: {self.path(value)}")
+        return str(self.path(value)) if value else ""
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() or self.base is None else self.base / p
+
+    def table(self, name: str) -> Mapping[str, Any]:
+        self.used.add(name)
+        return self.data.get(name, {})  # type: ignore[no-any-return]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise SettingsError(self.key(unknown[0]), "unknown key (see docs/configuration.md)")
+
+
+def _host_port(sec: _Section, name: str, default: str) -> str:
+    value = sec.text(name, default)
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise SettingsError(sec.key(name), f"must be HOST:PORT (port 0 = any free port), got {value!r}")
+    return value
+
+
+def _apns(data: Mapping[str, Any], where: str, base: Path | None) -> ApnsApp:
+    s = _Section(data, where, base)
+    topics = s.strings("topics")
+    if not topics:
+        raise SettingsError(s.key("topics"), "list at least one VoIP topic, e.g. ['com.example.app.voip']")
+    app = ApnsApp(
+        name=s.text("name", topics[0]),
+        topics=topics,
+        team_id=s.text("team_id"),
+        key_id=s.text("key_id"),
+        key=s.secret("key"),
+        cert_file=s.file("cert_file"),
+        production_url=s.url("production_url", ApnsApp.production_url),
+        sandbox_url=s.url("sandbox_url", ApnsApp.sandbox_url),
+        ca_file=s.file("ca_file"),
+        jwt_lifetime=s.positive("jwt_lifetime", ApnsApp.jwt_lifetime),
+        timeout=s.positive("timeout", ApnsApp.timeout),
+    )
+    s.done()
+    if app.key and not (app.team_id and app.key_id):
+        raise SettingsError(s.key("team_id"), "token auth needs team_id and key_id with the .p8 key")
+    if not app.key and not app.cert_file:
+        raise SettingsError(s.key("key_file"), "give a .p8 key (key_file, team_id, key_id) or cert_file")
+    if app.jwt_lifetime > 3500:
+        raise SettingsError(s.key("jwt_lifetime"), "APNs refuses provider tokens older than one hour")
+    return app
+
+
+def _fcm(data: Mapping[str, Any], where: str, base: Path | None) -> FcmProject:
+    s = _Section(data, where, base)
+    project = s.text("project_id")
+    if not project:
+        raise SettingsError(s.key("project_id"), "is required")
+    proj = FcmProject(
+        project_id=project,
+        service_account=s.secret("service_account", required=True),
+        api_url=s.url("api_url", FcmProject.api_url),
+        ca_file=s.file("ca_file"),
+        timeout=s.positive("timeout", FcmProject.timeout),
+    )
+    s.done()
+    return proj
+
+
+def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
+    top = _Section(raw, "", base)
+    ari_s = _Section(top.table("ari"), "ari", base)
+    ari = AriSettings(
+        url=ari_s.url("url", AriSettings.url),
+        username=ari_s.text("username", AriSettings.username),
+        password=ari_s.secret("password", required=True),
+        app=ari_s.text("app", AriSettings.app),
+        request_timeout=ari_s.positive("request_timeout", AriSettings.request_timeout),
+        heartbeat=ari_s.positive("heartbeat", AriSettings.heartbeat),
+    )
+    ari_s.done()
+    if not ari.app or any(c in ari.app for c in ", |/"):
+        raise SettingsError("ari.app", f"must be a plain Stasis application name, got {ari.app!r}")
+
+    ami_s = _Section(top.table("ami"), "ami", base)
+    ami = AmiSettings(
+        host=ami_s.text("host", AmiSettings.host),
+        port=ami_s.port("port", AmiSettings.port),
+        username=ami_s.text("username", AmiSettings.username),
+        secret=ami_s.secret("secret", required=True),
+        request_timeout=ami_s.positive("request_timeout", AmiSettings.request_timeout),
+        heartbeat=ami_s.positive("heartbeat", AmiSettings.heartbeat),
+    )
+    ami_s.done()
+
+    red_s = _Section(top.table("redis"), "redis", base)
+    red = RedisSettings(
+        url=red_s.url("url", "", ("redis", "rediss", "unix")),
+        password=red_s.secret("password"),
+        key_prefix=red_s.text("key_prefix", RedisSettings.key_prefix),
+        socket_timeout=red_s.positive("socket_timeout", RedisSettings.socket_timeout),
+        sentinels=red_s.strings("sentinels"),
+        sentinel_service=red_s.text("sentinel_service", RedisSettings.sentinel_service),
+        tls_ca_file=red_s.file("tls_ca_file"),
+    )
+    red_s.done()
+
+    cap_s = _Section(top.table("capture"), "capture", base)
+    cap = CaptureSettings(
+        retention_days=cap_s.positive("retention_days", CaptureSettings.retention_days),
+        vendor_allowed_hosts=tuple(h.lower() for h in cap_s.strings("vendor_allowed_hosts")),
+        extra_providers=tuple(p.lower() for p in cap_s.strings("extra_providers")),
+        resync_interval=cap_s.positive("resync_interval", CaptureSettings.resync_interval),
+    )
+    cap_s.done()
+    for host in cap.vendor_allowed_hosts:
+        if not host or "/" in host or "@" in host or ":" in host.removeprefix("*."):
+            raise SettingsError("capture.vendor_allowed_hosts", f"{host!r} is not a host name or *.domain")
+    for name in cap.extra_providers:
+        if name in KNOWN_PROVIDERS or not name.replace("-", "").replace(".", "").isalnum():
+            raise SettingsError("capture.extra_providers", f"{name!r} is built in or not a plain name")
+
+    call_s = _Section(top.table("calls"), "calls", base)
+    calls = CallSettings(
+        default_timeout=call_s.positive("default_timeout", CallSettings.default_timeout),
+        max_timeout=call_s.positive("max_timeout", CallSettings.max_timeout),
+        moh_class=call_s.text("moh_class"),
+        on_decline=call_s.choice("on_decline", CallSettings.on_decline, ("busy", "keep-waiting")),
+        missed_call_push=call_s.flag("missed_call_push", CallSettings.missed_call_push),
+        continue_context=call_s.text("continue_context"),
+        dial_timeout=call_s.positive("dial_timeout", CallSettings.dial_timeout),
+    )
+    call_s.done()
+    if calls.default_timeout > calls.max_timeout:
+        raise SettingsError("calls.default_timeout", f"exceeds calls.max_timeout ({calls.max_timeout})")
+
+    http_s = _Section(top.table("http"), "http", base)
+    http = HttpSettings(listen=_host_port(http_s, "listen", HttpSettings.listen),
+                        enabled=http_s.flag("enabled", True))
+    http_s.done()
+
+    log_s = _Section(top.table("log"), "log", base)
+    log = LogSettings(
+        level=log_s.choice("level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        format=log_s.choice("format", "human", ("human", "json")),
+    )
+    log_s.done()
+
+    top.used.update({"apns", "fcm"})
+    apns_raw = raw.get("apns", [])
+    fcm_raw = raw.get("fcm", [])
+    if not isinstance(apns_raw, list):
+        raise SettingsError("apns", "must be an array of tables ([[apns]])")
+    if not isinstance(fcm_raw, list):
+        raise SettingsError("fcm", "must be an array of tables ([[fcm]])")
+    apns = tuple(_apns(a, f"apns[{i}]", base) for i, a in enumerate(apns_raw))
+    fcm = tuple(_fcm(f, f"fcm[{i}]", base) for i, f in enumerate(fcm_raw))
+    seen: set[str] = set()
+    for i, app in enumerate(apns):
+        for topic in app.topics:
+            if topic in seen:
+                raise SettingsError(f"apns[{i}].topics", f"topic {topic!r} is served by two apps")
+            seen.add(topic)
+    projects = [p.project_id for p in fcm]
+    if len(set(projects)) != len(projects):
+        raise SettingsError("fcm", "the same project_id is configured twice")
+
+    ven_s = _Section(top.table("vendor"), "vendor", base)
+    vendor = VendorSettings(
+        body_template=ven_s.text("body_template", VendorSettings.body_template),
+        content_type=ven_s.text("content_type", VendorSettings.content_type),
+        timeout=ven_s.positive("timeout", VendorSettings.timeout),
+        max_response_bytes=int(ven_s.positive("max_response_bytes", VendorSettings.max_response_bytes)),
+        ca_file=ven_s.file("ca_file"),
+    )
+    ven_s.done()
+
+    hook_s = _Section(top.table("webhook"), "webhook", base)
+    hook = WebhookSettings(
+        url=hook_s.url("url", ""),
+        secret=hook_s.secret("secret"),
+        timeout=hook_s.positive("timeout", WebhookSettings.timeout),
+        providers=tuple(p.lower() for p in hook_s.strings("providers")),
+        ca_file=hook_s.file("ca_file"),
+    )
+    hook_s.done()
+    if hook.url and not hook.secret:
+        raise SettingsError("webhook.secret", "a webhook needs a secret (or secret_file) to sign with")
+    for name in hook.providers:
+        if name not in KNOWN_PROVIDERS and name not in cap.extra_providers:
+            raise SettingsError("webhook.providers", f"unknown provider {name!r}")
+
+    settings = Settings(
+        ari=ari, ami=ami, redis=red, capture=cap, calls=calls, http=http, log=log,
+        apns=apns, fcm=fcm, vendor=vendor, webhook=hook,
+        node_id=top.text("node_id"),
+        shutdown_timeout=top.positive("shutdown_timeout", Settings.shutdown_timeout),
+    )
+    top.done()
+    return settings
+
+
+# ---------------------------------------------------------------- environment overrides
+
+
+def _coerce_env(text: str) -> Any:
+    """Env values are TOML values where they parse as one (numbers, booleans, lists), else strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """``ARI_PUSH_ARI__PASSWORD=x`` sets ``[ari] password``; ``__`` separates levels."""
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name in ("ARI_PUSH_CONFIG", "ARI_PUSH_CACHE"):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if any(not p for p in path) or len(path) > 2:
+            raise SettingsError(name, "environment overrides look like ARI_PUSH_SECTION__KEY")
+        if path[0].startswith("debian"):
+            continue  # rig variables, not settings
+        target = merged
+        if len(path) == 2:
+            existing = target.get(path[0], {})
+            if not isinstance(existing, dict):
+                raise SettingsError(name, f"[{path[0]}] is not a table")
+            target = target.setdefault(path[0], existing)
+        target[path[-1]] = _coerce_env(value)
+    return merged
+
+
+def load(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge and validate. Raises SettingsError naming the first bad key."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    base: Path | None = None
+    if path is not None:
+        file = Path(path)
+        base = file.parent.resolve()
+        try:
+            raw = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise SettingsError("config", f"no such file: {file}") from None
+        except OSError as exc:
+            raise SettingsError("config", f"cannot read {file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError("config", f"{file} is not valid TOML: {exc}") from None
+    return _build(apply_env(raw, environ), base)
+
+
+def to_display(obj: Any) -> Any:
+    """Settings as plain data with every secret masked: what check-config prints."""
+    if isinstance(obj, Secret):
+        return mask(str(obj), 2) if obj else ""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_display(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_display(x) for x in obj]
+    return obj

@@ -1,0 +1,153 @@
+"""The "registered" signal: a contact of an AOR (re)registered, seen by any daemon.
+
+A call takes a ``Watch`` on the callee's AOR *before* it sends any push, so no wake-up can
+slip between the push and the wait. Locally the hub hands signals to watches at once;
+with Redis, every capture is also published on ``<prefix>registered:<aor>`` and one
+pattern subscription per daemon feeds the local hub, so a registration seen on any
+Asterisk node wakes a call waiting on any daemon.
+
+Pub/sub loses messages published while the subscription is down: after a reconnect the hub
+sends every watch a GAP marker, and the call re-reads the contacts from Asterisk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ari_push.backoff import Backoff
+from ari_push.links import LinkState
+from ari_push.redis_keys import Keys
+
+log = logging.getLogger("ari_push.wakeups")
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    aor: str
+    contact_uri: str
+    device_id: str = ""  # empty for contacts without push parameters
+    at: float = 0.0
+    origin: str = ""  # node id of the daemon that captured it
+
+
+GAP = Registration(aor="", contact_uri="", device_id="GAP")
+
+
+class Watch:
+    """Registrations of one AOR from the moment it was taken. A call passes its own event
+    queue so that registrations and ARI events reach it in one ordered stream."""
+
+    def __init__(self, aor: str, queue: asyncio.Queue[Any] | None = None) -> None:
+        self.aor = aor
+        self.queue: asyncio.Queue[Any] = queue if queue is not None else asyncio.Queue()
+
+    async def next(self, timeout: float) -> Registration | None:
+        """The next registration (or GAP), or None after ``timeout`` seconds."""
+        if timeout <= 0:
+            return self.queue.get_nowait() if not self.queue.empty() else None
+        try:
+            async with asyncio.timeout(timeout):
+                item: Registration = await self.queue.get()
+                return item
+        except TimeoutError:
+            return None
+
+
+class WakeupHub:
+    """Local fan-out of registrations to watches; the embedded mode needs nothing more."""
+
+    def __init__(self, node_id: str = "") -> None:
+        self.node_id = node_id
+        self._watches: dict[str, set[Watch]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, aor: str, queue: asyncio.Queue[Any] | None = None) -> Iterator[Watch]:
+        w = Watch(aor, queue)
+        self._watches.setdefault(aor, set()).add(w)
+        try:
+            yield w
+        finally:
+            watches = self._watches.get(aor)
+            if watches is not None:
+                watches.discard(w)
+                if not watches:
+                    del self._watches[aor]
+
+    def deliver(self, reg: Registration) -> None:
+        for w in self._watches.get(reg.aor, ()):
+            w.queue.put_nowait(reg)
+
+    def gap(self) -> None:
+        for watches in self._watches.values():
+            for w in watches:
+                w.queue.put_nowait(GAP)
+
+    @property
+    def watched(self) -> int:
+        return sum(len(w) for w in self._watches.values())
+
+    async def publish(self, reg: Registration) -> None:
+        self.deliver(reg)
+
+
+class RedisWakeups(WakeupHub):
+    """The hub plus Redis pub/sub, for several daemons sharing one Redis."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, node_id: str, link: LinkState) -> None:
+        super().__init__(node_id)
+        self.redis = client
+        self.keys = keys
+        self.link = link
+        self.backoff = Backoff(base=0.2, cap=10.0)
+
+    async def publish(self, reg: Registration) -> None:
+        self.deliver(reg)  # local waiters first: no round trip through Redis
+        try:
+            await self.redis.publish(self.keys.registered_channel(reg.aor), json.dumps(asdict(reg)))
+        except (aioredis.RedisError, OSError) as exc:
+            log.debug("could not publish registration of %s: %s", reg.aor, exc)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Hold one pattern subscription; feed the hub; mark a GAP after every outage."""
+        first = True
+        while not stop.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.psubscribe(self.keys.registered_pattern())
+                if not first:
+                    self.gap()
+                first = False
+                self.backoff.reset()
+                while not stop.is_set():
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is not None:
+                        self._on_message(msg.get("data"))
+            except (aioredis.RedisError, OSError) as exc:
+                log.debug("registration subscription lost: %s", exc)
+                first = False
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            if stop.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.backoff.next()):
+                    await stop.wait()
+
+    def _on_message(self, data: object) -> None:
+        try:
+            raw = json.loads(data)  # type: ignore[arg-type]
+            reg = Registration(**raw)
+        except (TypeError, ValueError):
+            log.warning("ignoring a malformed registration signal")
+            return
+        if reg.origin != self.node_id:
+            self.deliver(reg)

@@ -1,0 +1,364 @@
+"""Asterisk instances in the cached Debian sid root.
+
+Several instances share one root file system; each has its own config, run, log, spool and
+astdb directories (`asterisk -C /etc/asterisk-<name>/asterisk.conf`) and its own ports.
+The project's `asterisk-conf/` is copied in with the ports rewritten; the rig adds the
+files an instance needs to run (asterisk.conf, modules.conf, logger.conf, rtp.conf) and
+`pjsip_local.conf` with the test endpoints.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from rig.provision import mount_proc
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_CONF = REPO / "asterisk-conf"
+
+ARI_USER = "ari-push"
+ARI_PASSWORD = "rig-ari-secret"
+AMI_USER = "ari-push"
+AMI_SECRET = "rig-ami-secret"
+# Test endpoints written into pjsip_local.conf: push AORs a test can take for itself.
+TEST_AOR_FIRST = 3000
+TEST_AOR_COUNT = 200
+
+MODULES_CONF = """\
+[modules]
+autoload=yes
+; not needed by the rig; skipping them makes start-up quicker and the log quieter
+noload => chan_iax2.so
+noload => chan_dahdi.so
+noload => chan_mgcp.so
+noload => chan_skinny.so
+noload => chan_unistim.so
+noload => chan_motif.so
+noload => chan_ooh323.so
+noload => chan_console.so
+noload => chan_alsa.so
+noload => chan_oss.so
+noload => res_xmpp.so
+noload => res_hep.so
+noload => res_hep_pjsip.so
+noload => res_hep_rtcp.so
+noload => res_config_ldap.so
+noload => res_config_pgsql.so
+noload => res_config_odbc.so
+noload => res_config_sqlite3.so
+noload => res_odbc.so
+noload => res_snmp.so
+noload => res_calendar.so
+noload => res_calendar_caldav.so
+noload => res_calendar_ews.so
+noload => res_calendar_exchange.so
+noload => res_calendar_icalendar.so
+noload => res_corosync.so
+noload => res_fax.so
+noload => res_fax_spandsp.so
+noload => res_phoneprov.so
+noload => res_pjsip_phoneprov_provider.so
+noload => res_smdi.so
+noload => res_stun_monitor.so
+noload => res_prometheus.so
+noload => cdr_pgsql.so
+noload => cdr_radius.so
+noload => cdr_tds.so
+noload => cdr_odbc.so
+noload => cdr_sqlite3_custom.so
+noload => cel_pgsql.so
+noload => cel_radius.so
+noload => cel_tds.so
+noload => cel_odbc.so
+noload => cel_sqlite3_custom.so
+noload => app_voicemail.so
+noload => app_voicemail_imap.so
+noload => app_voicemail_odbc.so
+noload => app_minivm.so
+noload => app_meetme.so
+noload => app_confbridge.so
+noload => app_festival.so
+noload => app_jack.so
+noload => pbx_dundi.so
+noload => pbx_lua.so
+noload => pbx_ael.so
+noload => res_ael_share.so
+noload => pbx_realtime.so
+noload => res_pjsip_outbound_registration.so
+noload => res_pjsip_outbound_publish.so
+noload => res_pjsip_publish_asterisk.so
+"""
+
+LOGGER_CONF = """\
+[general]
+[logfiles]
+messages.log => notice,warning,error,verbose(3)
+"""
+
+
+@dataclass(frozen=True)
+class Ports:
+    sip: int
+    http: int
+    ami: int
+    rtp_start: int
+    rtp_end: int
+
+    @classmethod
+    def for_index(cls, index: int) -> Ports:
+        """Instance i: SIP 15060+100i, HTTP 15088+100i, AMI 15038+100i, RTP 20000+1000i..+998."""
+        return cls(
+            sip=15060 + 100 * index,
+            http=15088 + 100 * index,
+            ami=15038 + 100 * index,
+            rtp_start=20000 + 1000 * index,
+            rtp_end=20998 + 1000 * index,
+        )
+
+
+class AsteriskError(RuntimeError):
+    pass
+
+
+class AsteriskInstance:
+    """One Asterisk process in the shared root, controlled through its CLI socket."""
+
+    def __init__(self, root: Path, name: str, ports: Ports, app_names: tuple[str, ...] = ("ari-push",)) -> None:
+        self.root = root
+        self.name = name
+        self.ports = ports
+        self.app_names = app_names
+        self.etc = f"/etc/asterisk-{name}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # ---------------------------------------------------------------- paths
+
+    def host_path(self, inside: str) -> Path:
+        return self.root / inside.lstrip("/")
+
+    @property
+    def conf(self) -> str:
+        return f"{self.etc}/asterisk.conf"
+
+    @property
+    def console_log(self) -> Path:
+        return self.host_path(f"/var/log/asterisk-{self.name}/console.log")
+
+    @property
+    def ari_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.http}"
+
+    # ---------------------------------------------------------------- config
+
+    def write_config(self) -> None:
+        etc = self.host_path(self.etc)
+        if etc.exists():
+            shutil.rmtree(etc)
+        etc.mkdir(parents=True)
+        for d in ("run", "log", "spool", "lib"):
+            base = {"run": "/var/run", "log": "/var/log", "spool": "/var/spool", "lib": "/var/lib"}[d]
+            path = self.host_path(f"{base}/asterisk-{self.name}")
+            if d in ("run", "spool", "lib") and path.exists():
+                shutil.rmtree(path)  # fresh astdb: no contacts left from an earlier run
+            path.mkdir(parents=True, exist_ok=True)
+        for src in SAMPLE_CONF.glob("*.conf"):
+            (etc / src.name).write_text(self._patch(src.name, src.read_text()))
+        (etc / "asterisk.conf").write_text(self._asterisk_conf())
+        (etc / "modules.conf").write_text(MODULES_CONF)
+        (etc / "logger.conf").write_text(LOGGER_CONF)
+        (etc / "rtp.conf").write_text(
+            f"[general]\nrtpstart={self.ports.rtp_start}\nrtpend={self.ports.rtp_end}\n"
+        )
+        (etc / "musiconhold.conf").write_text("[general]\n[default]\nmode=files\ndirectory=moh\n")
+        (etc / "pjsip_local.conf").write_text(self._test_endpoints())
+
+    def _asterisk_conf(self) -> str:
+        n = self.name
+        return f"""\
+[directories]
+astcachedir => /var/cache/asterisk
+astetcdir => {self.etc}
+astmoddir => /usr/lib/x86_64-linux-gnu/asterisk/modules
+astvarlibdir => /var/lib/asterisk
+astdbdir => /var/lib/asterisk-{n}
+astkeydir => /var/lib/asterisk
+astdatadir => /usr/share/asterisk
+astagidir => /usr/share/asterisk/agi-bin
+astspooldir => /var/spool/asterisk-{n}
+astrundir => /var/run/asterisk-{n}
+astlogdir => /var/log/asterisk-{n}
+astsbindir => /usr/sbin
+
+[options]
+systemname = {n}
+entityid = 02:fc:00:00:{self.ports.sip // 256 % 256:02x}:{self.ports.sip % 256:02x}
+"""
+
+    def _patch(self, name: str, text: str) -> str:
+        p = self.ports
+        if name == "pjsip.conf":
+            text = re.sub(r"(?m)^bind=127\.0\.0\.1:5060$", f"bind=127.0.0.1:{p.sip}", text)
+        elif name == "http.conf":
+            text = re.sub(r"(?m)^bindport=\d+$", f"bindport={p.http}", text)
+        elif name == "manager.conf":
+            text = re.sub(r"(?m)^port=\d+$", f"port={p.ami}", text)
+            text = re.sub(r"(?m)^secret=.*$", f"secret={AMI_SECRET}", text)
+        elif name == "ari.conf":
+            text = re.sub(r"(?m)^password=.*$", f"password={ARI_PASSWORD}", text)
+        elif name == "extensions.conf":
+            text += self._extra_dialplan()
+        return text
+
+    def _extra_dialplan(self) -> str:
+        """Contexts the tests use beside the sample's from-internal."""
+        lines = ["", "; ---- added by the test rig", "[rig-apps]"]
+        for i, app in enumerate(self.app_names):
+            lines.append(f"exten => {9000 + i},1,Stasis({app},${{TARGET}},${{OPTIONS}})")
+            lines.append(" same => n,Set(CDR(userfield)=${PUSH_STATUS})")
+            lines.append(" same => n,Hangup()")
+        lines += [
+            "[rig-echo]",
+            "exten => _X.,1,Answer()",
+            " same => n,Echo()",
+            "",
+        ]
+        return "\n".join(lines)
+
+    def _test_endpoints(self) -> str:
+        out = ["; test endpoints: push AORs a test can take for itself"]
+        for aor in range(TEST_AOR_FIRST, TEST_AOR_FIRST + TEST_AOR_COUNT):
+            out += [f"[{aor}](phone-endpoint)", f"aors={aor}", f"[{aor}](push-aor)", "minimum_expiration=1", ""]
+        return "\n".join(out)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self, timeout: float = 60.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self._check_ports_free()
+        mount_proc(self.root)
+        self.console_log.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.console_log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            ["chroot", str(self.root), "/usr/sbin/asterisk", "-f", "-C", self.conf, "-vvv"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AsteriskError(f"asterisk {self.name} exited with {self.proc.returncode}; see {self.console_log}")
+            if self.cli("core waitfullybooted", timeout=5, check=False).returncode == 0 and self._ari_up():
+                return
+            time.sleep(0.2)
+        raise AsteriskError(f"asterisk {self.name} not ready within {timeout:.0f}s; see {self.console_log}")
+
+    def _ari_up(self) -> bool:
+        try:
+            self.ari("GET", "/ari/asterisk/info", timeout=2)
+        except (OSError, urllib.error.URLError):
+            return False
+        return True
+
+    def _check_ports_free(self) -> None:
+        import socket
+
+        for port, kind in ((self.ports.http, socket.SOCK_STREAM), (self.ports.ami, socket.SOCK_STREAM),
+                           (self.ports.sip, socket.SOCK_DGRAM)):
+            s = socket.socket(socket.AF_INET, kind)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Asterisk does: TIME_WAIT is fine
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError as exc:
+                raise AsteriskError(f"port {port} for asterisk {self.name} is in use: {exc}") from None
+            finally:
+                s.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop through the control socket; SIGKILL by PID (never by name) as the last resort."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.cli("core stop now", timeout=5, check=False)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        """Crash the instance (SIGKILL), as a fault test wants."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # ---------------------------------------------------------------- control
+
+    def cli(self, command: str, timeout: float = 10.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["chroot", str(self.root), "/usr/sbin/asterisk", "-C", self.conf, "-rx", command],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )
+        if check and proc.returncode != 0:
+            raise AsteriskError(f"asterisk -rx {command!r} failed: {proc.stderr or proc.stdout}")
+        return proc
+
+    def ari(self, method: str, path: str, body: object = None, timeout: float = 5.0) -> object:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.ari_url}{path}", data=data, method=method)
+        token = base64.b64encode(f"{ARI_USER}:{ARI_PASSWORD}".encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def log_text(self) -> str:
+        try:
+            return self.console_log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def daemon_config(self, redis_url: str = "") -> str:
+        """A ari-push TOML pointing at this instance (used by tests, `make run` and the demo)."""
+        lines = [
+            "[ari]",
+            f'url = "{self.ari_url}"',
+            f'username = "{ARI_USER}"',
+            f'password = "{ARI_PASSWORD}"',
+            "[ami]",
+            f"port = {self.ports.ami}",
+            f'username = "{AMI_USER}"',
+            f'secret = "{AMI_SECRET}"',
+        ]
+        if redis_url:
+            lines += ["[redis]", f'url = "{redis_url}"']
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,175 @@
+"""Provision the test rig: Debian packages and a cached Asterisk 22 root file system.
+
+Stdlib only, so it runs before any virtualenv exists. Every step is idempotent and
+fails fast with a message that says what is missing and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+APT_PACKAGES = {
+    "redis-server": "redis-server",
+    "redis-sentinel": "redis-sentinel",
+    "sipp": "sip-tester",
+    "debootstrap": "debootstrap",
+}
+DEBIAN_MIRROR = os.environ.get("ARI_PUSH_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+SUITE = os.environ.get("ARI_PUSH_DEBIAN_SUITE", "sid")
+
+
+class ProvisionError(RuntimeError):
+    """A provisioning step cannot complete; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ARI_PUSH_CACHE", "/var/cache/ari-push"))
+
+
+def root_dir() -> Path:
+    """The unpacked Asterisk root file system shared by every sandbox instance."""
+    return cache_dir() / "asterisk-root"
+
+
+def _say(msg: str) -> None:
+    print(f"[sandbox] {msg}", file=sys.stderr, flush=True)
+
+
+def _run(cmd: list[str], *, timeout: float, what: str, log: Path | None = None) -> None:
+    _say(f"{what} ...")
+    started = time.monotonic()
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise ProvisionError(
+            f"{what} did not finish within {timeout:.0f}s; is the Debian package registry reachable?"
+            + (f" (log: {log})" if log else "")
+        ) from exc
+    finally:
+        if log:
+            out.close()  # type: ignore[union-attr]
+    if proc.returncode != 0:
+        tail = ""
+        if log and log.exists():
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        raise ProvisionError(f"{what} failed (exit {proc.returncode}).\n{tail}")
+    _say(f"{what}: done in {time.monotonic() - started:.1f}s")
+
+
+def ensure_packages() -> None:
+    """Install the Debian packages the rig needs (redis, SIPp, debootstrap) if absent."""
+    missing = sorted({pkg for binary, pkg in APT_PACKAGES.items() if shutil.which(binary) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise ProvisionError(f"missing {', '.join(missing)}; run as root or `apt-get install {' '.join(missing)}`")
+    env_cmd = ["env", "DEBIAN_FRONTEND=noninteractive"]
+    log = cache_dir() / "apt.log"
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    _run(["apt-get", "update", "-q"], timeout=300, what="apt-get update", log=log)
+    _run(
+        [*env_cmd, "apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+        timeout=600,
+        what=f"apt-get install {' '.join(missing)}",
+        log=log,
+    )
+
+
+def asterisk_version(root: Path) -> str | None:
+    status = root / "var/lib/dpkg/status"
+    if not status.exists():
+        return None
+    block = ""
+    for chunk in status.read_text(errors="replace").split("\n\n"):
+        if chunk.startswith("Package: asterisk\n"):
+            block = chunk
+            break
+    for line in block.splitlines():
+        if line.startswith("Version:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _root_ready(root: Path) -> bool:
+    return (root / "usr/sbin/asterisk").exists() and asterisk_version(root) is not None
+
+
+def ensure_asterisk_root() -> Path:
+    """Unpack the cached root, or build it with debootstrap and cache it as a tarball."""
+    root = root_dir()
+    if _root_ready(root):
+        return root
+    if os.geteuid() != 0:
+        raise ProvisionError("building the Asterisk root needs root (debootstrap, chroot)")
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    tarballs = sorted(cache.glob("asterisk-root-*.tar.gz"), key=lambda p: p.stat().st_mtime)
+    if root.exists():
+        unmount_proc(root)
+        shutil.rmtree(root)
+    if tarballs:
+        root.mkdir(parents=True)
+        _run(["tar", "-xzf", str(tarballs[-1]), "-C", str(root)], timeout=300, what=f"unpack {tarballs[-1].name}")
+    else:
+        if shutil.which("debootstrap") is None:
+            raise ProvisionError("debootstrap is not installed (apt-get install debootstrap)")
+        partial = cache / "asterisk-root.partial"
+        if partial.exists():
+            unmount_proc(partial)
+            shutil.rmtree(partial)
+        _run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=asterisk,asterisk-modules",
+                SUITE,
+                str(partial),
+                DEBIAN_MIRROR,
+            ],
+            timeout=900,
+            what=f"debootstrap Debian {SUITE} with asterisk (about a minute)",
+            log=cache / "debootstrap.log",
+        )
+        version = asterisk_version(partial)
+        if version is None:
+            raise ProvisionError(f"debootstrap finished but asterisk is not installed in {partial}")
+        safe = version.replace("/", "_").replace(":", "_")
+        tarball = cache / f"asterisk-root-{safe}.tar.gz"
+        _run(
+            ["tar", "-czf", str(tarball), "--exclude=./proc/*", "--exclude=./var/cache/apt/archives/*.deb", "-C",
+             str(partial), "."],
+            timeout=600,
+            what=f"cache root as {tarball.name}",
+        )
+        partial.rename(root)
+    if not _root_ready(root):
+        raise ProvisionError(f"{root} has no usable asterisk after unpacking; delete {cache} and retry")
+    return root
+
+
+def mount_proc(root: Path) -> None:
+    proc = root / "proc"
+    proc.mkdir(exist_ok=True)
+    if not (proc / "self").exists():
+        subprocess.run(["mount", "-t", "proc", "proc", str(proc)], check=True)
+
+
+def unmount_proc(root: Path) -> None:
+    proc = root / "proc"
+    if (proc / "self").exists():
+        subprocess.run(["umount", "-l", str(proc)], check=False)
+
+
+def provision() -> Path:
+    started = time.monotonic()
+    ensure_packages()
+    root = ensure_asterisk_root()
+    mount_proc(root)
+    _say(f"ready: Asterisk {asterisk_version(root)} in {root} ({time.monotonic() - started:.1f}s)")
+    return root
