@@ -48,8 +48,9 @@ def to_json(b: Binding) -> str:
             "endpoint": b.endpoint,
             "contact_uri": b.contact_uri,
             "user_agent": b.user_agent,
-            "first_seen": b.first_seen,
-            "last_seen": b.last_seen,
+            # milliseconds: Redis' cjson re-encodes numbers with 14 significant digits
+            "first_seen": round(b.first_seen, 3),
+            "last_seen": round(b.last_seen, 3),
             "provider": p.provider,
             "token": p.token,
             "param": p.param,

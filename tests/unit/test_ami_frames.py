@@ -9,7 +9,8 @@ from ari_push.ami_frames import AmiParser, AmiProtocolError, encode_action
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"
 CONTACT_STATUS = (
     b"Event: ContactStatus\r\nPrivilege: system,all\r\n"
-    b"URI: sip:1001@127.0.0.1:5201;transport=udp;pn-provider=apns;pn-prid=00fc13adff785122b4ad28809a3420982341241421348097878e577c991de8f0;pn-param=ABCD1234.com.example.voip\r\n"
+    b"URI: sip:1001@127.0.0.1:5201;transport=udp;pn-provider=apns;"
+    b"pn-prid=00fc13adff785122b4ad28809a3420982341241421348097878e577c991de8f0;pn-param=ABCD1234.com.example.voip\r\n"
     b"ContactStatus: NonQualified\r\nAOR: 1001\r\nEndpointName: 1001\r\nRoundtripUsec: 0\r\n\r\n"
 )
 

@@ -1,0 +1,162 @@
+"""Token capture: AMI registration events -> device bindings + the "registered" signal.
+
+Feeds (docs/capture.md):
+- ``ContactStatus`` (PJSIP): a new contact URI (NonQualified/Reachable) is parsed and, when it
+  carries push parameters, stored. ``Removed`` never deletes a binding.
+- ``PeerStatus`` ``Registered`` (chan_sip, Asterisk <= 20): the contact is read from astdb
+  ``SIP/Registry/<peer>`` with ``DBGet``.
+- Resynchronisation with ``PJSIPShowContacts`` at start-up and after every AMI reconnect.
+Events are queued by the AMI reader and handled in order by one worker task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from ari_push.ami_frames import AmiMessage
+from ari_push.bindings import BindingStore, StoreUnavailable
+from ari_push.contacts import ContactPolicy, ContactRejected, parse_chan_sip_registry, parse_contact
+from ari_push.metrics import Metrics
+from ari_push.model import Binding, mask
+from ari_push.wakeups import Registration, WakeupHub
+
+log = logging.getLogger("ari_push.capture")
+
+LIVE_STATUSES = frozenset({"nonqualified", "reachable", "created", "updated"})
+QUEUE_LIMIT = 10_000
+
+
+class AmiActions(Protocol):
+    async def action(self, name: str, **params: str) -> AmiMessage: ...
+
+    async def action_list(self, name: str, **params: str) -> list[AmiMessage]: ...
+
+
+class Capture:
+    def __init__(
+        self,
+        store: BindingStore,
+        wakeups: WakeupHub,
+        policy: ContactPolicy,
+        ami: AmiActions,
+        metrics: Metrics,
+        node_id: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.wakeups = wakeups
+        self.policy = policy
+        self.ami = ami
+        self.metrics = metrics
+        self.node_id = node_id
+        self.clock = clock
+        self.queue: asyncio.Queue[AmiMessage] = asyncio.Queue(QUEUE_LIMIT)
+        self.dropped = 0
+
+    # ---------------------------------------------------------------- feeds
+
+    def on_ami_event(self, msg: AmiMessage) -> None:
+        """Called by the AMI reader for every event; must not block."""
+        if msg.event not in ("ContactStatus", "PeerStatus"):
+            return
+        try:
+            self.queue.put_nowait(msg)
+        except asyncio.QueueFull:
+            self.dropped += 1  # the next resync recovers what was dropped
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("capture queue full; %d events dropped so far", self.dropped)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            get = asyncio.ensure_future(self.queue.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({get, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if get not in done:
+                get.cancel()
+                return
+            try:
+                await self.handle(get.result())
+            except Exception:
+                log.exception("capture failed on an AMI event")
+
+    async def handle(self, msg: AmiMessage) -> Binding | None:
+        if msg.event == "ContactStatus":
+            if msg.get("ContactStatus").lower() not in LIVE_STATUSES:
+                return None
+            aor = msg.get("AOR")
+            return await self.capture(aor, msg.get("EndpointName") or aor, msg.get("URI"), "")
+        if msg.event == "PeerStatus" and msg.get("PeerStatus").lower() == "registered":
+            return await self._chan_sip(msg)
+        return None
+
+    async def resync(self) -> int:
+        """Read every registered contact from Asterisk and store what carries push parameters."""
+        contacts = await self.ami.action_list("PJSIPShowContacts")
+        stored = 0
+        for c in contacts:
+            if c.event != "ContactList":
+                continue
+            aor = c.get("Aor") or c.get("ObjectName").partition(";@")[0]
+            if await self.capture(aor, c.get("Endpoint") or aor, c.get("Uri"), c.get("UserAgent"), signal=False):
+                stored += 1
+        log.info("resynchronised %d contacts from Asterisk, %d with push parameters", len(contacts), stored)
+        return stored
+
+    # ---------------------------------------------------------------- core
+
+    async def capture(
+        self, aor: str, endpoint: str, uri: str, user_agent: str, signal: bool = True
+    ) -> Binding | None:
+        """Parse one contact; store its binding; publish the registered signal."""
+        if not aor or not uri:
+            return None
+        now = self.clock()
+        try:
+            push = parse_contact(uri, self.policy)
+        except ContactRejected as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            log.warning("rejected contact of %s: %s", aor, exc)
+            push = None
+            binding = None
+        else:
+            binding = None
+            if push is not None:
+                binding = Binding(aor=aor, endpoint=endpoint, push=push, contact_uri=uri, user_agent=user_agent,
+                                  first_seen=now, last_seen=now)
+                try:
+                    binding = await self.store.upsert(binding)
+                    self.metrics.registrations.labels(push.dialect.value).inc()
+                    log.info("captured %s device %s of %s (token %s)", push.provider, binding.device_id, aor,
+                             mask(push.token))
+                except StoreUnavailable as exc:
+                    self.metrics.store_errors.inc()
+                    log.warning("could not store the binding of %s: %s", aor, exc)
+        if signal:
+            await self.wakeups.publish(Registration(
+                aor=aor, contact_uri=uri, device_id=push.device_id if push else "", at=now, origin=self.node_id))
+        return binding
+
+    async def _chan_sip(self, msg: AmiMessage) -> Binding | None:
+        peer = msg.get("Peer").removeprefix("SIP/")
+        if not peer:
+            return None
+        try:
+            replies = await self.ami.action_list("DBGet", Family="SIP/Registry", Key=peer)
+        except Exception as exc:
+            log.warning("could not read SIP/Registry/%s: %s", peer, exc)
+            return None
+        values = [r.get("Val") for r in replies if r.event == "DBGetResponse"]
+        if not values:
+            return None
+        try:
+            reg = parse_chan_sip_registry(values[0])
+        except ContactRejected as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            log.warning("rejected SIP/Registry/%s: %s", peer, exc)
+            return None
+        return await self.capture(peer, peer, reg.contact, "")

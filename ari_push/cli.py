@@ -1,0 +1,185 @@
+"""``ari-push``: run the daemon, check a config, inspect contacts, manage stored tokens."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from ari_push import __version__
+from ari_push.bindings import BindingStore, MemoryStore, RedisStore, StoreUnavailable
+from ari_push.contacts import ContactPolicy, ContactRejected, parse_contact
+from ari_push.logs import configure
+from ari_push.model import Binding, mask
+from ari_push.redis_keys import Keys
+from ari_push.settings import Settings, SettingsError, load, to_display
+
+DEFAULT_CONFIG = "/etc/ari-push/ari-push.toml"
+EXIT_CONFIG = 2
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    path: str | None = args.config or os.environ.get("ARI_PUSH_CONFIG")
+    if path is None and Path(DEFAULT_CONFIG).exists():
+        path = DEFAULT_CONFIG
+    return path
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    try:
+        return load(_config_path(args))
+    except SettingsError as exc:
+        print(f"ari-push: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    configure(settings.log.level, settings.log.format)
+    from ari_push.service import Daemon
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Daemon(settings).run(stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    print(json.dumps(to_display(settings), indent=2))
+    print("configuration OK", file=sys.stderr)
+    return 0
+
+
+def cmd_version(_: argparse.Namespace) -> int:
+    print(f"ari-push {__version__}")
+    return 0
+
+
+def binding_view(b: Binding, reveal: bool) -> dict[str, object]:
+    push = asdict(b.push)
+    push["token"] = b.push.token if reveal else mask(b.push.token)
+    push["extra_tokens"] = [[k, v if reveal else mask(v)] for k, v in b.push.extra_tokens]
+    push["options"] = [list(o) for o in b.push.options]
+    return {
+        "aor": b.aor, "endpoint": b.endpoint, "device_id": b.device_id, "push": push,
+        "contact_uri": b.contact_uri if reveal else b.contact_uri.replace(b.push.token, mask(b.push.token)),
+        "user_agent": b.user_agent, "first_seen": b.first_seen, "last_seen": b.last_seen,
+    }
+
+
+def cmd_inspect_contact(args: argparse.Namespace) -> int:
+    settings = _load(args) if _config_path(args) else Settings()
+    policy = ContactPolicy.from_settings(settings.capture)
+    try:
+        push = parse_contact(args.uri, policy)
+    except ContactRejected as exc:
+        print(json.dumps({"accepted": False, "reason": exc.reason, "field": exc.field, "message": str(exc)}, indent=2))
+        return 2
+    if push is None:
+        print(json.dumps({"accepted": False, "reason": "no-push-parameters",
+                          "message": "this contact carries no push parameters (a desk phone?)"}, indent=2))
+        return 2
+    binding = Binding(aor=args.aor, endpoint=args.aor, push=push, contact_uri=args.uri)
+    print(json.dumps({"accepted": True, "binding": binding_view(binding, args.reveal)}, indent=2))
+    return 0
+
+
+async def _with_store(settings: Settings, action: str, args: argparse.Namespace) -> int:
+    store: BindingStore
+    client = None
+    if settings.redis.embedded:
+        print("ari-push: no [redis] configured: the embedded store lives inside the running daemon "
+              "and cannot be read from here", file=sys.stderr)
+        store = MemoryStore()
+    else:
+        from ari_push.service import make_redis
+
+        client = make_redis(settings.redis)
+        store = RedisStore(client, Keys(settings.redis.key_prefix), settings.capture.retention_days * 86400)
+    try:
+        if action == "list":
+            aors = [args.aor] if args.aor else await store.aors()
+            for aor in aors:
+                for b in await store.bindings_for(aor):
+                    v = binding_view(b, args.reveal)
+                    print(f"{aor}\t{b.device_id}\t{b.push.provider}\t{v['push']['token']}\t"  # type: ignore[index]
+                          f"{b.push.param}\t{b.user_agent}")
+        elif action == "show":
+            print(json.dumps([binding_view(b, args.reveal) for b in await store.bindings_for(args.aor)], indent=2))
+        elif action == "forget":
+            n = await store.forget(args.aor, args.device)
+            print(f"forgot {n} device(s) of {args.aor}")
+    except StoreUnavailable as exc:
+        print(f"ari-push: store unavailable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    return asyncio.run(_with_store(settings, args.tokens_cmd, args))
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ari-push", description="Mobile push notifications for Asterisk.")
+    p.add_argument("-c", "--config", help=f"TOML settings file (default $ARI_PUSH_CONFIG or {DEFAULT_CONFIG})")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("run", help="run the daemon").set_defaults(func=cmd_run)
+    sub.add_parser("check-config", help="validate the settings and print them, secrets masked").set_defaults(
+        func=cmd_check_config)
+    sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
+
+    ic = sub.add_parser("inspect-contact", help="show the binding a contact URI gives, or why it is refused")
+    ic.add_argument("uri", help="a contact URI as Asterisk reports it")
+    ic.add_argument("--aor", default="(aor)", help="AOR to show in the binding")
+    ic.add_argument("--reveal", action="store_true", help="show tokens in full")
+    ic.set_defaults(func=cmd_inspect_contact)
+
+    tk = sub.add_parser("tokens", help="list, show or forget stored device bindings")
+    tsub = tk.add_subparsers(dest="tokens_cmd", required=True)
+    tl = tsub.add_parser("list", help="one line per device")
+    tl.add_argument("aor", nargs="?")
+    ts = tsub.add_parser("show", help="every stored field of an AOR's devices, as JSON")
+    ts.add_argument("aor")
+    tf = tsub.add_parser("forget", help="delete an AOR's devices (or one device)")
+    tf.add_argument("aor")
+    tf.add_argument("device", nargs="?", help="device id (from tokens list); all devices when left out")
+    for t in (tl, ts):
+        t.add_argument("--reveal", action="store_true", help="show tokens in full")
+    tf.set_defaults(reveal=False)
+    tk.set_defaults(func=cmd_tokens)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
