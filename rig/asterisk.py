@@ -342,8 +342,9 @@ entityid = 02:fc:00:00:{self.ports.sip // 256 % 256:02x}:{self.ports.sip % 256:0
         return json.loads(raw) if raw else None
 
     def log_text(self) -> str:
+        """messages.log: verbose(3) lines, e.g. the dialplan's NoOp() output."""
         try:
-            return self.console_log.read_text(errors="replace")
+            return self.host_path(f"/var/log/asterisk-{self.name}/messages.log").read_text(errors="replace")
         except OSError:
             return ""
 

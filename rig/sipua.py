@@ -179,7 +179,7 @@ class SipUA:
     async def _request(self, method: str, uri: str, headers: list[tuple[str, str]], body: str = "",
                        timeout: float = 5.0) -> SipMessage:
         branch = _tag()
-        key = f"{branch}"
+        key = f"{branch}:{method}"
         fut: asyncio.Future[SipMessage] = asyncio.get_running_loop().create_future()
         self._waiters[key] = fut
         self.send(build(f"{method} {uri} SIP/2.0", [("Via", self._via(branch)), ("Max-Forwards", "70"), *headers],
@@ -215,13 +215,18 @@ class SipUA:
         self.log.append(msg)
         if not msg.is_request:
             branch = re.search(r"branch=z9hG4bK([^;,\s]+)", msg.header("Via"))
-            fut = self._waiters.get(branch.group(1)) if branch else None
+            fut = self._waiters.get(f"{branch.group(1)}:{msg.method}") if branch else None
             if fut is not None and not fut.done() and msg.status >= 200:
                 fut.set_result(msg)
             elif fut is not None and not fut.done() and 100 < msg.status < 200:
                 self.dialog.setdefault("early_to", msg.header("To"))
             return
         if msg.method == "INVITE":
+            push_call = msg.header("X-Ari-Push-Call-Id")
+            if push_call and push_call == self.dialog.get("push_call"):
+                # a second INVITE for a call this phone already took (a leg sent while it slept)
+                self.send(self._response(msg, 486, "Busy Here", _tag()))
+                return
             self.invites.put_nowait(msg)
             asyncio.get_running_loop().create_task(self._answer(msg))
         elif msg.method == "BYE":
@@ -245,6 +250,7 @@ class SipUA:
 
     async def _answer(self, invite: SipMessage) -> None:
         tag = _tag()
+        self.dialog["push_call"] = invite.header("X-Ari-Push-Call-Id")
         self.send(self._response(invite, 180, "Ringing", tag))
         if self.answer_delay:
             await asyncio.sleep(self.answer_delay)
@@ -256,7 +262,8 @@ class SipUA:
         remote = _sdp_media(invite.body)
         if remote:
             self.rtp.remote = remote
-        self.dialog = {"call_id": invite.header("Call-ID"), "from": invite.header("From"),
+        self.dialog = {"push_call": invite.header("X-Ari-Push-Call-Id"),
+                       "call_id": invite.header("Call-ID"), "from": invite.header("From"),
                        "to": invite.header("To") + f";tag={tag}", "remote_target":
                        re.sub(r"^.*<([^>]+)>.*$", r"\1", invite.header("Contact")), "role": "uas"}
         self.send(self._response(invite, 200, "OK", tag, [
@@ -291,7 +298,7 @@ class SipUA:
         self._invite_branch = _tag()
         branch = self._invite_branch
         fut: asyncio.Future[SipMessage] = asyncio.get_running_loop().create_future()
-        self._waiters[branch] = fut
+        self._waiters[f"{branch}:INVITE"] = fut
         self.send(build(f"INVITE {uri} SIP/2.0", [
             ("Via", self._via(branch)), ("Max-Forwards", "70"), ("From", from_h), ("To", f"<{uri}>"),
             ("Call-ID", call_id), ("CSeq", f"{cseq} INVITE"),
@@ -301,7 +308,7 @@ class SipUA:
             async with asyncio.timeout(timeout):
                 resp = await fut
         finally:
-            self._waiters.pop(branch, None)
+            self._waiters.pop(f"{branch}:INVITE", None)
         ack_to = resp.header("To")
         ack_uri = re.sub(r"^.*<([^>]+)>.*$", r"\1", resp.header("Contact")) if resp.status < 300 else uri
         self.send(build(f"ACK {ack_uri} SIP/2.0", [

@@ -1,0 +1,226 @@
+"""APNs VoIP provider over HTTP/2 (httpx), for one iOS app.
+
+One long-lived client per environment (production, sandbox), created lazily: Apple asks
+providers to keep connections open, and HTTP/2 multiplexes every push on one of them.
+
+Token auth signs an ES256 JWT with the app's .p8 key and reuses it for ``jwt_lifetime``
+seconds (Apple refuses tokens older than an hour and answers 429 to re-signing more often
+than every 20 minutes). A 403 ExpiredProviderToken re-signs once and retries the push.
+Certificate auth puts ``cert_file`` on the TLS context instead. See docs/providers.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurvePrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from ari_push.model import Binding, PushMessage, PushOutcome, PushResult
+from ari_push.push.common import (
+    USER_AGENT,
+    Clock,
+    call_fields,
+    closed_result,
+    describe,
+    network_result,
+    retry_after,
+    tls_context,
+)
+from ari_push.settings import ApnsApp, SettingsError
+
+log = logging.getLogger(__name__)
+
+MAX_PAYLOAD = 5120  # bytes, VoIP pushes
+MAX_COLLAPSE_ID = 64  # bytes
+TOKEN_RE = re.compile(r"[0-9A-Fa-f]{64}")
+DEAD_TOKEN_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic"})
+GONE_REASONS = frozenset({"Unregistered", "ExpiredToken"})
+
+
+def load_p8(pem: str, where: str = "apns.key") -> EllipticCurvePrivateKey:
+    """Load an APNs auth key (.p8, PKCS#8 PEM, P-256). Errors never show the key."""
+    try:
+        key = load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError):
+        raise SettingsError(where, "is not a PEM private key (.p8 file from Apple)") from None
+    if not isinstance(key, EllipticCurvePrivateKey) or not isinstance(key.curve, SECP256R1):
+        raise SettingsError(where, "is not a P-256 (ES256) key")
+    return key
+
+
+class ApnsProvider:
+    """Sends VoIP pushes for one configured app (its topics, its key or certificate)."""
+
+    name = "apns"
+
+    def __init__(self, app: ApnsApp, *, clock: Clock = time.time) -> None:
+        self.app = app
+        self._clock = clock
+        self._key = load_p8(app.key, f"apns[{app.name}].key") if app.key else None
+        self._clients: dict[bool, httpx.AsyncClient] = {}
+        self._closed = False
+        self._jwt = ""
+        self._jwt_signed_at = 0.0
+        self.jwt_signings = 0
+
+    def serves(self, binding: Binding) -> bool:
+        return binding.push.provider == "apns" and binding.push.param in self.app.topics
+
+    async def aclose(self) -> None:
+        self._closed = True
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+    # ------------------------------------------------------------ sending
+
+    async def send(self, binding: Binding, message: PushMessage) -> PushResult:
+        if self._closed:
+            return closed_result()
+        topic = binding.push.param
+        token = binding.push.token
+        if topic not in self.app.topics:
+            return PushResult(PushOutcome.FAILED, f"topic {topic!r} is not configured for app {self.app.name}")
+        if not topic.endswith(".voip"):
+            return PushResult(PushOutcome.FAILED, f"topic {topic!r} is not a VoIP topic (<bundle>.voip)")
+        if not TOKEN_RE.fullmatch(token):
+            return PushResult(PushOutcome.FAILED, "device token is not 64 hex digits")
+        payload = self.build_payload(message)
+        if isinstance(payload, PushResult):
+            return payload
+        headers = self.build_headers(topic, message)
+        base = self.app.sandbox_url if binding.push.sandbox else self.app.production_url
+        url = f"{base.rstrip('/')}/3/device/{token}"
+        client = self._http(binding.push.sandbox)
+        stale: str | None = None
+        try:
+            for _attempt in range(2):
+                if self._key is not None:
+                    headers["authorization"] = f"bearer {self.provider_token(stale)}"
+                response = await client.post(url, content=payload, headers=headers)
+                reason, timestamp = _apns_error(response)
+                if (
+                    response.status_code == 403
+                    and reason == "ExpiredProviderToken"
+                    and self._key is not None
+                    and stale is None
+                ):
+                    log.info("apns %s: provider token expired for Apple, re-signing", self.app.name)
+                    stale = headers["authorization"].removeprefix("bearer ")
+                    continue
+                break
+        except httpx.HTTPError as exc:
+            return network_result(exc)
+        result = self._result(response, reason, timestamp)
+        if result.outcome is not PushOutcome.DELIVERED:
+            log.debug("apns %s: %s -> %s %s", self.app.name, describe(binding), result.outcome, result.reason)
+        return result
+
+    def build_payload(self, message: PushMessage) -> bytes | PushResult:
+        """The JSON payload: an empty ``aps`` plus the call fields (deadline as a number)."""
+        body: dict[str, Any] = {"aps": {}}
+        for key, value in call_fields(message).items():
+            body[key] = value
+        body["deadline"] = int(message.deadline)
+        for key, value in message.extra:
+            if key not in body and key != "collapse_id":
+                body[key] = value
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(payload) > MAX_PAYLOAD:
+            body = {k: body[k] for k in ("aps", *call_fields(message))}
+            body["deadline"] = int(message.deadline)
+            payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            if len(payload) > MAX_PAYLOAD:
+                return PushResult(PushOutcome.FAILED, f"payload exceeds {MAX_PAYLOAD} bytes")
+        return payload
+
+    def build_headers(self, topic: str, message: PushMessage) -> dict[str, str]:
+        headers = {
+            "apns-push-type": "voip",
+            "apns-topic": topic,
+            "apns-priority": "10",
+            # Apple keeps the push until the ring deadline and no longer.
+            "apns-expiration": str(max(0, int(message.deadline))),
+            "apns-id": str(uuid.uuid4()),
+            "content-type": "application/json",
+        }
+        collapse = dict(message.extra).get("collapse_id", "")
+        if collapse and len(collapse.encode()) <= MAX_COLLAPSE_ID:
+            headers["apns-collapse-id"] = collapse
+        return headers
+
+    def _result(self, response: httpx.Response, reason: str, timestamp: float | None) -> PushResult:
+        status = response.status_code
+        if status == 200:
+            return PushResult(PushOutcome.DELIVERED, response.headers.get("apns-id", ""), status)
+        label = reason or f"HTTP {status}"
+        if status == 410 or reason in GONE_REASONS:
+            return PushResult(PushOutcome.TOKEN_DEAD, label, status, dead_since=timestamp)
+        if status == 400 and reason in DEAD_TOKEN_REASONS:
+            return PushResult(PushOutcome.TOKEN_DEAD, label, status)
+        if status == 429 or status >= 500:
+            wait = retry_after(response.headers.get("retry-after"), self._clock())
+            return PushResult(PushOutcome.RETRY, label, status, retry_after=wait)
+        if status == 403:
+            log.error("apns %s: Apple refused our credentials: %s", self.app.name, label)
+        return PushResult(PushOutcome.FAILED, label, status)
+
+    # ------------------------------------------------------------ credentials
+
+    def provider_token(self, stale: str | None = None) -> str:
+        """The ES256 provider JWT, reused for ``jwt_lifetime`` seconds. ``stale`` is one Apple
+        called expired: re-sign unless another push already did. No await inside, so
+        concurrent pushes share one signature."""
+        assert self._key is not None
+        now = self._clock()
+        if self._jwt and self._jwt != stale and now - self._jwt_signed_at < self.app.jwt_lifetime:
+            return self._jwt
+        self._jwt = jwt.encode(
+            {"iss": self.app.team_id, "iat": int(now)},
+            self._key,
+            algorithm="ES256",
+            headers={"kid": self.app.key_id},
+        )
+        self._jwt_signed_at = now
+        self.jwt_signings += 1
+        return self._jwt
+
+    def _http(self, sandbox: bool) -> httpx.AsyncClient:
+        client = self._clients.get(sandbox)
+        if client is None:
+            client = httpx.AsyncClient(
+                http1=False,  # APNs speaks HTTP/2 only; fail loudly rather than fall back
+                http2=True,
+                verify=tls_context(self.app.ca_file, self.app.cert_file),
+                timeout=httpx.Timeout(self.app.timeout),
+                limits=httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=3600),
+                follow_redirects=False,
+                trust_env=False,
+                headers={"user-agent": USER_AGENT},
+            )
+            self._clients[sandbox] = client
+        return client
+
+
+def _apns_error(response: httpx.Response) -> tuple[str, float | None]:
+    """(reason, timestamp in Unix seconds) from an APNs error body; ('', None) on 200."""
+    if response.status_code == 200 or not response.content:
+        return "", None
+    try:
+        body = response.json()
+    except ValueError:
+        return "", None
+    if not isinstance(body, dict):
+        return "", None
+    reason = str(body.get("reason", ""))[:100]
+    stamp = body.get("timestamp")
+    timestamp = stamp / 1000.0 if isinstance(stamp, int | float) and not isinstance(stamp, bool) else None
+    return reason, timestamp

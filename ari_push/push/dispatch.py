@@ -1,0 +1,162 @@
+"""Picks the provider for a binding, retries what is worth retrying, never past the deadline.
+
+Retry policy (docs/providers.md): a RETRY answer is tried again after a capped exponential
+backoff with full jitter (``uniform(0, min(cap, base * 2**n))``), or after the provider's
+Retry-After when that is longer. A retry that could not start before ``message.deadline``
+is not made: the last RETRY result is returned with a reason saying so. Each provider call
+is bounded by ``asyncio.timeout(min(call_timeout, time left))``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
+
+from ari_push.model import Binding, PushMessage, PushOutcome, PushResult, mask
+from ari_push.push.base import PushProvider
+from ari_push.push.common import Clock, describe
+
+log = logging.getLogger(__name__)
+
+TokenDeadHandler = Callable[[Binding, PushResult], Awaitable[None]]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class PushDispatcher:
+    """Sends pushes through the first provider that serves each binding.
+
+    ``counters`` counts final results per ``(provider, outcome)``; ``attempt_counters``
+    counts every provider answer (retries included). SKIPPED is counted under the
+    binding's provider name.
+    """
+
+    def __init__(
+        self,
+        providers: Sequence[PushProvider],
+        on_token_dead: TokenDeadHandler,
+        clock: Clock = time.time,
+        sleep: Sleep = asyncio.sleep,
+        *,
+        call_timeout: float = 10.0,
+        max_attempts: int = 6,
+        backoff_base: float = 0.25,
+        backoff_cap: float = 4.0,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.providers = list(providers)
+        self._on_token_dead = on_token_dead
+        self._clock = clock
+        self._sleep = sleep
+        self.call_timeout = call_timeout
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self._jitter = jitter
+        self._unserved: set[tuple[str, str]] = set()
+        self._final: Counter[tuple[str, str]] = Counter()
+        self._attempts: Counter[tuple[str, str]] = Counter()
+
+    @property
+    def counters(self) -> dict[tuple[str, str], int]:
+        return dict(self._final)
+
+    @property
+    def attempt_counters(self) -> dict[tuple[str, str], int]:
+        return dict(self._attempts)
+
+    def provider_for(self, binding: Binding) -> PushProvider | None:
+        for provider in self.providers:
+            if provider.serves(binding):
+                return provider
+        return None
+
+    def backoff(self, attempt: int) -> float:
+        """Full-jitter delay before retry number ``attempt`` (1-based)."""
+        return self._jitter() * min(self.backoff_cap, self.backoff_base * 2.0 ** (attempt - 1))
+
+    async def send(self, binding: Binding, message: PushMessage) -> PushResult:
+        """Send one push; never raises for a provider's failure (CancelledError passes)."""
+        provider = self.provider_for(binding)
+        if provider is None:
+            key = (binding.push.provider, binding.push.param)
+            if key not in self._unserved:
+                self._unserved.add(key)
+                log.warning("no push credentials for %s/%s: pushes to such devices are skipped",
+                            key[0], key[1] or "-")
+            result = PushResult(PushOutcome.SKIPPED, f"no credentials for {key[0]}/{key[1]}")
+            self._final[(binding.push.provider, str(result.outcome))] += 1
+            return result
+        result = await self._send_with_retries(provider, binding, message)
+        self._final[(provider.name, str(result.outcome))] += 1
+        if result.outcome is PushOutcome.TOKEN_DEAD:
+            log.info("push %s: token dead (%s), call %s", describe(binding), result.reason, message.call_id)
+            try:
+                await self._on_token_dead(binding, result)
+            except Exception:
+                log.exception("token-dead handler failed for device %s", binding.device_id)
+        elif result.outcome is not PushOutcome.DELIVERED:
+            log.warning("push %s via %s: %s (%s), call %s", describe(binding), provider.name,
+                        result.outcome, result.reason, message.call_id)
+        return result
+
+    async def _send_with_retries(
+        self, provider: PushProvider, binding: Binding, message: PushMessage
+    ) -> PushResult:
+        attempt = 0
+        last: PushResult | None = None
+        while True:
+            left = message.deadline - self._clock()
+            if left <= 0:
+                if last is None:
+                    return PushResult(PushOutcome.FAILED, "deadline passed before the first attempt")
+                return replace(last, reason=f"{last.reason}; deadline reached")
+            attempt += 1
+            result = await self._attempt(provider, binding, message, min(self.call_timeout, left))
+            self._attempts[(provider.name, str(result.outcome))] += 1
+            if result.outcome is not PushOutcome.RETRY:
+                return result
+            last = result
+            if attempt >= self.max_attempts:
+                return replace(result, reason=f"{result.reason}; gave up after {attempt} attempts")
+            delay = self.backoff(attempt)
+            if result.retry_after is not None:
+                delay = max(delay, result.retry_after)
+            if self._clock() + delay >= message.deadline:
+                return replace(result, reason=f"{result.reason}; deadline reached before retry")
+            log.debug("push %s: %s, retry %d in %.2fs", describe(binding), result.reason, attempt, delay)
+            await self._sleep(delay)
+
+    async def _attempt(
+        self, provider: PushProvider, binding: Binding, message: PushMessage, timeout: float
+    ) -> PushResult:
+        try:
+            async with asyncio.timeout(timeout):
+                return await provider.send(binding, message)
+        except TimeoutError:
+            return PushResult(PushOutcome.RETRY, f"no answer within {timeout:.1f}s")
+        except Exception as exc:  # a provider bug must not take the call down
+            log.exception("provider %s raised on %s", provider.name, describe(binding))
+            return PushResult(PushOutcome.FAILED, f"provider error ({type(exc).__name__})")
+
+    async def send_many(self, bindings: Iterable[Binding], message: PushMessage) -> dict[str, PushResult]:
+        """Push every binding at once; results by device_id (one per device)."""
+        unique = {b.device_id: b for b in bindings}
+        tasks: dict[str, asyncio.Task[PushResult]] = {}
+        async with asyncio.TaskGroup() as group:
+            for device_id, binding in unique.items():
+                tasks[device_id] = group.create_task(self.send(binding, message),
+                                                     name=f"push-{mask(device_id)}")
+        return {device_id: task.result() for device_id, task in tasks.items()}
+
+    async def aclose(self) -> None:
+        """Close every provider's client."""
+        for provider in self.providers:
+            try:
+                await provider.aclose()
+            except Exception:
+                log.exception("closing provider %s", provider.name)

@@ -1,0 +1,304 @@
+"""FCM HTTP v1 provider: one Firebase project, OAuth2 from its service-account key.
+
+The access token comes from the key's ``token_uri`` with an RS256 JWT assertion we sign
+ourselves (pyjwt): no google-auth, no blocking I/O. It is cached, refreshed a few minutes
+before it expires and after a 401, one refresh at a time.
+
+Calls go out as data-only messages (the app decides how to ring). See docs/providers.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult
+from ari_push.push.common import (
+    USER_AGENT,
+    Clock,
+    call_fields,
+    closed_result,
+    describe,
+    network_result,
+    retry_after,
+    tls_context,
+)
+from ari_push.settings import FcmProject, SettingsError
+
+log = logging.getLogger(__name__)
+
+SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+ASSERTION_LIFETIME = 3600  # Google's maximum
+REFRESH_EARLY = 300.0  # refresh the access token this long before it expires
+MAX_DATA_BYTES = 4096  # keys plus values, UTF-8
+RESERVED_DATA_KEYS = frozenset({"from", "notification", "message_type"})
+RESERVED_DATA_PREFIXES = ("google.", "gcm.")
+RETRY_CODES = frozenset({"QUOTA_EXCEEDED", "UNAVAILABLE", "INTERNAL"})
+#: Kinds sent at high priority: each one must reach a dozing phone now (ring, or stop ringing).
+HIGH_PRIORITY = frozenset({PushKind.CALL, PushKind.CANCEL, PushKind.ANSWERED_ELSEWHERE})
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceAccount:
+    """The fields of a service-account JSON key that we use. The key never shows in repr."""
+
+    client_email: str
+    token_uri: str
+    project_id: str
+    private_key_id: str
+    private_key: RSAPrivateKey = field(repr=False)
+
+    @classmethod
+    def parse(cls, text: str, where: str = "fcm.service_account") -> ServiceAccount:
+        """Parse the JSON text; errors name the field, never show the key."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise SettingsError(where, "is not valid JSON (expected a service-account key file)") from None
+        if not isinstance(data, dict):
+            raise SettingsError(where, "is not a JSON object")
+        for name in ("client_email", "private_key", "token_uri"):
+            if not isinstance(data.get(name), str) or not data[name]:
+                raise SettingsError(where, f"has no {name!r}")
+        if data.get("type", "service_account") != "service_account":
+            raise SettingsError(where, f"type is {data.get('type')!r}, not 'service_account'")
+        try:
+            key = load_pem_private_key(data["private_key"].encode(), password=None)
+        except (ValueError, TypeError):
+            raise SettingsError(where, "private_key is not a PEM private key") from None
+        if not isinstance(key, RSAPrivateKey):
+            raise SettingsError(where, "private_key is not an RSA key")
+        return cls(
+            client_email=data["client_email"],
+            token_uri=data["token_uri"],
+            project_id=str(data.get("project_id", "")),
+            private_key_id=str(data.get("private_key_id", "")),
+            private_key=key,
+        )
+
+
+class _AuthFailure(Exception):
+    """The token endpoint refused or failed; carries the result to hand back."""
+
+    def __init__(self, result: PushResult) -> None:
+        super().__init__(result.reason)
+        self.result = result
+
+
+class FcmProvider:
+    """Sends to one FCM project. ``default=True`` also serves FCM bindings that name no
+    project (set by the factory when exactly one project is configured).
+
+    The HTTP client is created lazily on first use (so this may be built outside a loop)
+    and lives until :meth:`aclose`.
+    """
+
+    name = "fcm"
+
+    def __init__(
+        self,
+        project: FcmProject,
+        *,
+        default: bool = False,
+        clock: Clock = time.time,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.project = project
+        self.default = default
+        self.account = ServiceAccount.parse(project.service_account, f"fcm[{project.project_id}].service_account")
+        self._clock = clock
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._closed = False
+        self._lock = asyncio.Lock()
+        self._access_token = ""
+        self._refresh_at = 0.0
+        self._send_url = (
+            f"{project.api_url.rstrip('/')}/v1/projects/{quote(project.project_id, safe='')}/messages:send"
+        )
+        self.token_fetches = 0
+
+    def serves(self, binding: Binding) -> bool:
+        push = binding.push
+        if push.provider != "fcm":
+            return False
+        return push.param == self.project.project_id or (not push.param and self.default)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # ------------------------------------------------------------ sending
+
+    async def send(self, binding: Binding, message: PushMessage) -> PushResult:
+        if self._closed:
+            return closed_result()
+        body = self.build_body(binding, message)
+        if isinstance(body, PushResult):
+            return body
+        try:
+            token = await self._token()
+            response = await self._post(token, body)
+            if response.status_code == 401 and _fcm_error(response)[0] != "THIRD_PARTY_AUTH_ERROR":
+                # Our access token was refused (revoked, or the clock lied): get a new one, once.
+                log.info("fcm %s: access token refused, refreshing", self.project.project_id)
+                token = await self._token(stale=token)
+                response = await self._post(token, body)
+        except _AuthFailure as exc:
+            return exc.result
+        except httpx.HTTPError as exc:
+            return network_result(exc)
+        result = self._result(response)
+        if result.outcome is not PushOutcome.DELIVERED:
+            log.debug("fcm %s: %s -> %s %s", self.project.project_id, describe(binding), result.outcome,
+                      result.reason)
+        return result
+
+    def build_body(self, binding: Binding, message: PushMessage) -> bytes | PushResult:
+        """The messages:send request body, or a FAILED result when it cannot be valid."""
+        data = call_fields(message)
+        for key, value in message.extra:
+            if key in data or key in RESERVED_DATA_KEYS or key.startswith(RESERVED_DATA_PREFIXES):
+                continue
+            data[key] = value
+        if _data_size(data) > MAX_DATA_BYTES:
+            data = call_fields(message)  # drop the extras first
+            if _data_size(data) > MAX_DATA_BYTES:
+                return PushResult(PushOutcome.FAILED, f"data exceeds {MAX_DATA_BYTES} bytes")
+        ttl = max(0, math.floor(message.deadline - self._clock()))
+        android: dict[str, Any] = {
+            "priority": "high" if message.kind in HIGH_PRIORITY else "normal",
+            "ttl": f"{ttl}s",
+        }
+        body = {"message": {"token": binding.push.token, "data": data, "android": android}}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    async def _post(self, access_token: str, body: bytes) -> httpx.Response:
+        return await self._http().post(
+            self._send_url,
+            content=body,
+            headers={"authorization": f"Bearer {access_token}", "content-type": "application/json"},
+        )
+
+    def _result(self, response: httpx.Response) -> PushResult:
+        status = response.status_code
+        if status == 200:
+            return PushResult(PushOutcome.DELIVERED, status=status)
+        code, grpc_status, text = _fcm_error(response)
+        label = code or grpc_status or f"HTTP {status}"
+        reason = f"{label}: {text}" if text else label
+        if code == "UNREGISTERED":
+            return PushResult(PushOutcome.TOKEN_DEAD, reason, status=status)
+        if status == 429 or status >= 500 or code in RETRY_CODES:
+            wait = retry_after(response.headers.get("retry-after"), self._clock())
+            return PushResult(PushOutcome.RETRY, reason, status=status, retry_after=wait)
+        return PushResult(PushOutcome.FAILED, reason, status=status)
+
+    # ------------------------------------------------------------ OAuth2
+
+    async def _token(self, stale: str | None = None) -> str:
+        """A valid access token. ``stale`` is one the API just refused: never hand it back."""
+        if self._fresh(stale):
+            return self._access_token
+        async with self._lock:
+            if self._fresh(stale):  # another task refreshed while we waited
+                return self._access_token
+            self._access_token, self._refresh_at = await self._fetch_token()
+            return self._access_token
+
+    def _fresh(self, stale: str | None) -> bool:
+        return bool(self._access_token) and self._access_token != stale and self._clock() < self._refresh_at
+
+    def assertion(self) -> str:
+        """The signed JWT we trade for an access token (RFC 7523 jwt-bearer grant)."""
+        now = int(self._clock())
+        claims = {
+            "iss": self.account.client_email,
+            "scope": SCOPE,
+            "aud": self.account.token_uri,
+            "iat": now,
+            "exp": now + ASSERTION_LIFETIME,
+        }
+        headers = {"kid": self.account.private_key_id} if self.account.private_key_id else None
+        return jwt.encode(claims, self.account.private_key, algorithm="RS256", headers=headers)
+
+    async def _fetch_token(self) -> tuple[str, float]:
+        self.token_fetches += 1
+        started = self._clock()
+        response = await self._http().post(
+            self.account.token_uri, data={"grant_type": GRANT_TYPE, "assertion": self.assertion()}
+        )
+        where = f"oauth token endpoint HTTP {response.status_code}"
+        if response.status_code != 200:
+            try:
+                body = response.json()
+                error = f"{body.get('error', '')}: {str(body.get('error_description', ''))[:200]}"
+            except (ValueError, AttributeError):
+                error = ""
+            reason = f"{where} {error}".strip()
+            if response.status_code == 429 or response.status_code >= 500:
+                wait = retry_after(response.headers.get("retry-after"), started)
+                raise _AuthFailure(PushResult(PushOutcome.RETRY, reason, response.status_code, wait))
+            log.error("fcm %s: cannot get an access token: %s", self.project.project_id, reason)
+            raise _AuthFailure(PushResult(PushOutcome.FAILED, reason, response.status_code))
+        try:
+            body = response.json()
+            token = body["access_token"]
+            lifetime = float(body.get("expires_in", 3600))
+            if not isinstance(token, str) or not token:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise _AuthFailure(PushResult(PushOutcome.RETRY, f"{where}: malformed token response")) from None
+        # Refresh REFRESH_EARLY before expiry, or half-way for (test) tokens shorter than that.
+        margin = min(REFRESH_EARLY, lifetime / 2)
+        return token, started + lifetime - margin
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                http2=True,
+                verify=tls_context(self.project.ca_file),
+                timeout=httpx.Timeout(self.project.timeout),
+                limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
+                follow_redirects=False,
+                trust_env=False,
+                headers={"user-agent": USER_AGENT},
+                transport=self._transport,
+            )
+        return self._client
+
+
+def _data_size(data: dict[str, str]) -> int:
+    return sum(len(k.encode()) + len(v.encode()) for k, v in data.items())
+
+
+def _fcm_error(response: httpx.Response) -> tuple[str, str, str]:
+    """(FcmError errorCode, google.rpc status, message) from an error body; blanks if absent."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return "", "", ""
+    if not isinstance(error, dict):
+        return "", "", ""
+    code = ""
+    details = error.get("details")
+    if isinstance(details, list):
+        for detail in details:
+            if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("FcmError"):
+                code = str(detail.get("errorCode", ""))
+                break
+    return code, str(error.get("status", "")), str(error.get("message", ""))[:200]

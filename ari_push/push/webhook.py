@@ -1,0 +1,118 @@
+"""Generic webhook: every push for the configured providers becomes a signed JSON POST to the
+admin's own relay (``[webhook]``).
+
+Signature: ``X-Ari-Push-Signature: sha256=<hex HMAC-SHA256 of the exact body bytes>`` with
+the shared secret. ``X-Ari-Push-Timestamp`` repeats the body's ``timestamp`` field, so the
+signature covers it and a receiver can refuse replays (e.g. older than 5 minutes).
+
+Answers: 2xx delivered; 410 the device token is dead; 429/5xx retry (Retry-After honoured);
+anything else (404 included: most likely a wrong URL, not a dead device) failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import httpx
+
+from ari_push.model import Binding, PushMessage, PushOutcome, PushResult
+from ari_push.push.common import (
+    USER_AGENT,
+    Clock,
+    call_fields,
+    closed_result,
+    network_result,
+    retry_after,
+    tls_context,
+)
+from ari_push.settings import WebhookSettings
+
+SIGNATURE_HEADER = "X-Ari-Push-Signature"
+TIMESTAMP_HEADER = "X-Ari-Push-Timestamp"
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The signature header value for ``body``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, header: str) -> bool:
+    """What a receiver does (used by our tests; documented for relay authors)."""
+    return hmac.compare_digest(sign(secret, body), header)
+
+
+class WebhookProvider:
+    """Relays pushes whose provider is listed in ``webhook.providers``."""
+
+    name = "webhook"
+
+    def __init__(self, settings: WebhookSettings, *, clock: Clock = time.time) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._client: httpx.AsyncClient | None = None
+        self._closed = False
+
+    def serves(self, binding: Binding) -> bool:
+        return bool(self.settings.url) and binding.push.provider in self.settings.providers
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def build_body(self, binding: Binding, message: PushMessage, now: float) -> bytes:
+        fields = call_fields(message)
+        body: dict[str, Any] = {"event": fields.pop("type"), **fields, "timestamp": int(now)}
+        body["extra"] = dict(message.extra)
+        body["device"] = {
+            "provider": binding.push.provider,
+            "token": binding.push.token,
+            "param": binding.push.param,
+            "sandbox": binding.push.sandbox,
+            "aor": binding.aor,
+            "device_id": binding.device_id,
+        }
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    async def send(self, binding: Binding, message: PushMessage) -> PushResult:
+        if self._closed:
+            return closed_result()
+        now = self._clock()
+        body = self.build_body(binding, message, now)
+        headers = {
+            "content-type": "application/json",
+            SIGNATURE_HEADER: sign(self.settings.secret, body),
+            TIMESTAMP_HEADER: str(int(now)),
+        }
+        try:
+            response = await self._http().post(self.settings.url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return network_result(exc)
+        status = response.status_code
+        if 200 <= status < 300:
+            return PushResult(PushOutcome.DELIVERED, status=status)
+        if status == 410:
+            return PushResult(PushOutcome.TOKEN_DEAD, "HTTP 410 (relay says the token is dead)", status)
+        if status == 429 or status >= 500:
+            wait = retry_after(response.headers.get("retry-after"), now)
+            return PushResult(PushOutcome.RETRY, f"HTTP {status}", status, retry_after=wait)
+        if 300 <= status < 400:
+            return PushResult(PushOutcome.FAILED, "redirect refused", status)
+        return PushResult(PushOutcome.FAILED, f"HTTP {status}", status)
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                http2=True,
+                verify=tls_context(self.settings.ca_file),
+                timeout=httpx.Timeout(self.settings.timeout),
+                follow_redirects=False,
+                trust_env=False,
+                headers={"user-agent": USER_AGENT},
+            )
+        return self._client

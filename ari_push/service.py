@@ -1,0 +1,194 @@
+"""The composition root: builds every part from Settings, runs them, shuts them down.
+
+Nothing else constructs connections. Every long-running task is owned by the TaskGroup in
+``run``; a stop event (set by SIGTERM/SIGINT in the CLI, or by a test) ends it: stop taking
+calls, drain waiting calls within ``shutdown_timeout``, close the links.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from ari_push.ami import AmiClient
+from ari_push.ami_frames import AmiMessage
+from ari_push.ari import AriClient
+from ari_push.bindings import BindingStore, MemoryStore, RedisStore, StoreUnavailable
+from ari_push.calls import CallManager
+from ari_push.capture import Capture
+from ari_push.contacts import ContactPolicy
+from ari_push.health import HealthServer
+from ari_push.links import LinkState
+from ari_push.metrics import Metrics
+from ari_push.model import Binding, PushResult, mask
+from ari_push.push.dispatch import PushDispatcher
+from ari_push.push.factory import build_providers
+from ari_push.redis_keys import Keys
+from ari_push.settings import RedisSettings, Settings
+from ari_push.wakeups import RedisWakeups, WakeupHub
+
+log = logging.getLogger("ari_push.service")
+
+
+def make_redis(settings: RedisSettings) -> aioredis.Redis:
+    """One Redis client, every command bounded: one retry, then StoreUnavailable upstream."""
+    common: dict[str, Any] = {
+        "password": str(settings.password) or None,
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.socket_timeout,
+        "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 1),
+        "health_check_interval": 15,
+    }
+    if settings.sentinels:
+        from redis.asyncio.sentinel import Sentinel
+
+        hosts = [(h.rpartition(":")[0], int(h.rpartition(":")[2])) for h in settings.sentinels]
+        sentinel = Sentinel(hosts, socket_timeout=settings.socket_timeout, sentinel_kwargs={
+            "socket_timeout": settings.socket_timeout})  # type: ignore[no-untyped-call]
+        master: aioredis.Redis = sentinel.master_for(settings.sentinel_service, **common)
+        return master
+    if settings.tls_ca_file:
+        common["ssl_ca_certs"] = settings.tls_ca_file
+    return aioredis.Redis.from_url(settings.url, **common)
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.metrics = Metrics()
+        self.redis: aioredis.Redis | None = None
+        self.redis_link = LinkState("redis")
+        self.store: BindingStore
+        self.wakeups: WakeupHub
+        if settings.redis.embedded:
+            self.store = MemoryStore()
+            self.wakeups = WakeupHub(self.node_id)
+        else:
+            self.redis = make_redis(settings.redis)
+            keys = Keys(settings.redis.key_prefix)
+            self.store = RedisStore(self.redis, keys, settings.capture.retention_days * 86400)
+            self.wakeups = RedisWakeups(self.redis, keys, self.node_id, self.redis_link)
+        self.ami = AmiClient(settings.ami, on_event=self._on_ami_event, on_connect=self._on_ami_connect)
+        self.ari = AriClient(settings.ari, on_event=self._on_ari_event, on_connect=self._on_ari_connect)
+        self.policy = ContactPolicy.from_settings(settings.capture)
+        self.capture = Capture(self.store, self.wakeups, self.policy, self.ami, self.metrics, self.node_id)
+        self.dispatcher: PushDispatcher | None = None
+        self.calls: CallManager | None = None
+        links = [self.ami.link, self.ari.link] + ([self.redis_link] if self.redis is not None else [])
+        self.health = HealthServer(settings.http.listen, links, self.metrics)
+        self.started = asyncio.Event()
+
+    # ---------------------------------------------------------------- wiring
+
+    def _on_ami_event(self, msg: AmiMessage) -> None:
+        self.capture.on_ami_event(msg)
+
+    async def _on_ami_connect(self) -> None:
+        try:
+            await self.capture.resync()
+        except Exception as exc:  # resync is best effort; events keep flowing
+            log.warning("contact resync failed: %s", exc)
+
+    def _on_ari_event(self, event: dict[str, Any]) -> None:
+        if self.calls is not None:
+            self.calls.on_event(event)
+
+    async def _on_ari_connect(self) -> None:
+        if self.calls is not None:
+            await self.calls.reconcile()
+
+    async def _on_token_dead(self, binding: Binding, result: PushResult) -> None:
+        since = result.dead_since if result.dead_since is not None else time.time()
+        try:
+            gone = await self.store.forget_if_stale(binding.aor, binding.device_id, since)
+        except StoreUnavailable as exc:
+            log.warning("could not drop the dead token of %s: %s", binding.aor, exc)
+            return
+        if gone:
+            log.info("dropped device %s of %s: provider says token %s is dead (%s)", binding.device_id,
+                     binding.aor, mask(binding.push.token), result.reason)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("ari-push starting as node %s (store: %s)", self.node_id,
+                 "embedded" if self.redis is None else "redis")
+        providers = build_providers(self.settings)
+        self.dispatcher = PushDispatcher(providers, on_token_dead=self._on_token_dead)
+        self.calls = CallManager(self.settings, self.ari, self.ami, self.store, self.wakeups, self.dispatcher,
+                                 self.metrics, self.policy, self.node_id)
+        if self.settings.http.enabled:
+            await self.health.start()
+        inner_stop = asyncio.Event()  # links stop after the calls have drained
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.ami.run(inner_stop), name="ami")
+                tg.create_task(self.ari.run(inner_stop), name="ari")
+                tg.create_task(self.capture.run(inner_stop), name="capture")
+                tg.create_task(self.calls.run(inner_stop), name="calls")
+                tg.create_task(self._sweeper(inner_stop), name="sweeper")
+                if isinstance(self.wakeups, RedisWakeups):
+                    tg.create_task(self.wakeups.run(inner_stop), name="wakeups")
+                    tg.create_task(self._redis_monitor(inner_stop), name="redis-monitor")
+                self.started.set()
+                await stop.wait()
+                log.info("stopping: no new calls; draining waiting calls (up to %.0fs)",
+                         self.settings.shutdown_timeout)
+                self.health.draining = True
+                await self.calls.drain(self.settings.shutdown_timeout)
+                inner_stop.set()
+        finally:
+            await self._close(providers)
+            log.info("ari-push stopped")
+
+    async def _close(self, providers: list[Any]) -> None:
+        for provider in providers:
+            with contextlib.suppress(Exception):
+                await provider.aclose()
+        await self.ari.aclose()
+        await self.health.stop()
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+
+    async def _redis_monitor(self, stop: asyncio.Event) -> None:
+        assert self.redis is not None
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(self.settings.redis.socket_timeout + 1):
+                    await self.redis.ping()
+                self.redis_link.set_up(self.settings.redis.url or "sentinel")
+            except (aioredis.RedisError, OSError, TimeoutError) as exc:
+                self.redis_link.set_down(f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0 if not self.redis_link.up else 5.0):
+                    await stop.wait()
+
+    async def _sweeper(self, stop: asyncio.Event) -> None:
+        """Retention: drop bindings whose device has not registered for retention_days."""
+        retention = self.settings.capture.retention_days * 86400
+        while not stop.is_set():
+            try:
+                n = await self.store.sweep(time.time() - retention)
+                if n:
+                    log.info("retention: dropped %d bindings not seen for %.0f days", n,
+                             self.settings.capture.retention_days)
+            except StoreUnavailable:
+                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(600):
+                    await stop.wait()
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    await Daemon(settings).run(stop)

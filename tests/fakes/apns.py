@@ -1,0 +1,360 @@
+"""A strict local APNs: raw ``h2`` over TLS (ALPN h2 only), answering like Apple does.
+
+On 200 it sends headers only (``:status``, ``apns-id``), no DATA frame at all; on an error
+a JSON body ``{"reason": ...}`` (plus ``timestamp`` in ms for 410). It checks what Apple
+checks: method, path and token, the ES256 provider JWT (known kid, team, signature, age,
+not re-signed more often than every 20 minutes), or a client certificate; push type, topic
+(``.voip`` for voip, allowed for the team), priority, expiration, apns-id, collapse-id,
+payload size. It counts TLS handshakes so tests can assert connection reuse.
+
+Usage (pytest or a plain script)::
+
+    fake = FakeApns(pki)                  # tests.fakes.keys.make_pki(dir)
+    await fake.start()
+    p8_pem = fake.add_key("TEAM123456", "KEY1234567", ["com.example.phone.voip"])
+    fake.script(token, ApnsAnswer(410, "Unregistered", timestamp_ms=...))
+    ...
+    await fake.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tests.fakes.keys import Pki, ec_key, private_pem
+
+PATH_RE = re.compile(r"^/3/device/([^/?]+)$")
+TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+PUSH_TYPES = {"alert", "background", "location", "voip", "complication", "fileprovider", "mdm",
+              "liveactivity", "pushtotalk", "widgets", "controls"}
+MAX_PAYLOAD = {"voip": 5120}
+DEFAULT_MAX_PAYLOAD = 4096
+MIN_REFRESH = 1200.0  # Apple: refresh provider tokens no more than once every 20 minutes
+
+
+@dataclass
+class ApnsAnswer:
+    """A canned answer for one push. ``stall`` never answers."""
+
+    status: int = 200
+    reason: str = ""
+    timestamp_ms: int | None = None
+    retry_after: str | None = None
+    stall: bool = False
+
+
+@dataclass
+class ApnsRequest:
+    token: str
+    headers: dict[str, str]
+    payload: dict[str, Any]
+    connection: int
+    answer: int = 0
+
+
+@dataclass
+class _Key:
+    team_id: str
+    key_id: str
+    public: ec.EllipticCurvePublicKey
+    topics: set[str]
+    current: str = ""
+    current_since: float = -1e18
+    known: set[str] = field(default_factory=set)
+    expired: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Stream:
+    headers: list[tuple[str, str]]
+    body: bytearray = field(default_factory=bytearray)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, server: FakeApns) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        self.streams: dict[int, _Stream] = {}
+        self.number = 0
+        self.peer_cn: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.server.handshakes += 1
+        self.number = self.server.handshakes
+        self.server._protocols.add(self)
+        if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+            self.server.refused_connections += 1
+            transport.close()
+            return
+        peer = ssl_object.getpeercert()
+        if peer:
+            for rdn in peer.get("subject", ()):
+                for name, value in rdn:
+                    if name == "commonName":
+                        self.peer_cn = value
+        self.conn.initiate_connection()
+        self.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._protocols.discard(self)
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.flush()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self.streams[event.stream_id] = _Stream([(str(k), str(v)) for k, v in event.headers or ()])
+            elif isinstance(event, h2.events.DataReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None and event.data:
+                    stream.body.extend(event.data)
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                stream = self.streams.pop(event.stream_id, None)
+                if stream is not None:
+                    self.answer(event.stream_id, stream)
+            elif isinstance(event, h2.events.StreamReset):
+                self.streams.pop(event.stream_id, None)
+            elif isinstance(event, h2.events.ConnectionTerminated) and self.transport is not None:
+                self.flush()
+                self.transport.close()
+                return
+        self.flush()
+
+    def answer(self, stream_id: int, stream: _Stream) -> None:
+        apns_id, answer = self.server.evaluate(stream.headers, bytes(stream.body), self.peer_cn, self.number)
+        if answer.stall:
+            return
+        headers = [(":status", str(answer.status)), ("apns-id", apns_id)]
+        if answer.retry_after:
+            headers.append(("retry-after", answer.retry_after))
+        if answer.status == 200:
+            self.conn.send_headers(stream_id, headers, end_stream=True)  # no DATA frame, like Apple
+            return
+        body: dict[str, Any] = {"reason": answer.reason}
+        if answer.timestamp_ms is not None:
+            body["timestamp"] = answer.timestamp_ms
+        data = json.dumps(body).encode()
+        headers += [("content-type", "application/json; charset=utf-8"), ("content-length", str(len(data)))]
+        self.conn.send_headers(stream_id, headers)
+        self.conn.send_data(stream_id, data, end_stream=True)
+
+
+class FakeApns:
+    """The fake server. ``clock`` is Apple's clock for the JWT checks."""
+
+    def __init__(self, pki: Pki, *, clock: Callable[[], float] = time.time, max_token_age: float = 3600.0,
+                 cert_topics: dict[str, set[str]] | None = None) -> None:
+        self.pki = pki
+        self.clock = clock
+        self.max_token_age = max_token_age
+        #: client-certificate common name -> topics it may push to (certificate auth)
+        self.cert_topics = cert_topics or {}
+        self.handshakes = 0
+        self.refused_connections = 0
+        self.requests: list[ApnsRequest] = []
+        self.answers: list[tuple[int, str]] = []
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._keys: dict[str, _Key] = {}
+        self._scripts: dict[str, deque[ApnsAnswer]] = {}
+        self._server: asyncio.Server | None = None
+        self._protocols: set[_Protocol] = set()
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._protocols)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> FakeApns:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.pki.server_cert, self.pki.server_key)
+        ctx.load_verify_locations(self.pki.ca_file)
+        ctx.verify_mode = ssl.CERT_OPTIONAL  # certificate auth clients present one; token auth ones don't
+        ctx.set_alpn_protocols(["h2"])
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Protocol(self), host, port, ssl=ctx)
+        self.host, self.port = self._server.sockets[0].getsockname()[:2]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for proto in list(self._protocols):
+                if proto.transport is not None:
+                    proto.transport.abort()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> FakeApns:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------ control
+
+    def add_key(self, team_id: str, key_id: str, topics: list[str] | set[str],
+                key: ec.EllipticCurvePrivateKey | None = None) -> str:
+        """Register a signing key for a team and its topics; returns the .p8 PEM text."""
+        key = key or ec_key()
+        self._keys[key_id] = _Key(team_id, key_id, key.public_key(), set(topics))
+        return private_pem(key)
+
+    def script(self, token: str, *answers: ApnsAnswer) -> None:
+        self._scripts.setdefault(token.lower(), deque()).extend(answers)
+
+    def expire_provider_tokens(self) -> None:
+        """Apple now calls every provider token seen so far expired."""
+        for key in self._keys.values():
+            key.expired |= key.known
+
+    def provider_tokens_seen(self, key_id: str) -> int:
+        return len(self._keys[key_id].known)
+
+    def drop_connections(self) -> None:
+        for proto in list(self._protocols):
+            if proto.transport is not None:
+                proto.transport.abort()
+
+    # ------------------------------------------------------------ the checks
+
+    def evaluate(self, header_list: list[tuple[str, str]], body: bytes, peer_cn: str | None,
+                 connection: int) -> tuple[str, ApnsAnswer]:
+        headers: dict[str, str] = {}
+        duplicate = False
+        for name, value in header_list:
+            duplicate |= name in headers
+            headers[name] = value
+        apns_id = headers.get("apns-id") or str(uuid.uuid4()).upper()
+        answer = self._check(headers, body, peer_cn, duplicate)
+        if answer is None:
+            token = PATH_RE.match(headers[":path"]).group(1).lower()  # type: ignore[union-attr]
+            self.requests.append(ApnsRequest(token, headers, json.loads(body), connection))
+            queue = self._scripts.get(token)
+            answer = queue.popleft() if queue else ApnsAnswer()
+        self.answers.append((answer.status, answer.reason))
+        return apns_id, answer
+
+    def _check(self, h: dict[str, str], body: bytes, peer_cn: str | None, duplicate: bool) -> ApnsAnswer | None:
+        def bad(status: int, reason: str) -> ApnsAnswer:
+            return ApnsAnswer(status, reason)
+
+        if duplicate:
+            return bad(400, "DuplicateHeaders")
+        if h.get(":method") != "POST":
+            return bad(405, "MethodNotAllowed")
+        match = PATH_RE.match(h.get(":path", ""))
+        if match is None:
+            return bad(404, "BadPath")
+        if not TOKEN_RE.match(match.group(1)):
+            return bad(400, "BadDeviceToken")
+        topic = h.get("apns-topic")
+        # authentication: provider token, or else a client certificate
+        auth = h.get("authorization")
+        if auth is not None:
+            allowed, problem = self._check_jwt(auth)
+            if problem is not None:
+                return problem
+        elif peer_cn is not None and peer_cn in self.cert_topics:
+            allowed = self.cert_topics[peer_cn]
+        else:
+            return bad(403, "MissingProviderToken")
+        push_type = h.get("apns-push-type")
+        if push_type is None or push_type not in PUSH_TYPES:
+            return bad(400, "InvalidPushType")
+        if not topic:
+            return bad(400, "MissingTopic")
+        if push_type == "voip" and not topic.endswith(".voip"):
+            return bad(400, "BadTopic")
+        if topic not in allowed:
+            return bad(400, "TopicDisallowed")
+        if "apns-priority" in h and h["apns-priority"] not in ("1", "5", "10"):
+            return bad(400, "BadPriority")
+        if "apns-expiration" in h and not h["apns-expiration"].isdigit():
+            return bad(400, "BadExpirationDate")
+        if "apns-id" in h and not UUID_RE.match(h["apns-id"]):
+            return bad(400, "BadMessageId")
+        if "apns-collapse-id" in h and len(h["apns-collapse-id"].encode()) > 64:
+            return bad(400, "BadCollapseId")
+        if not body:
+            return bad(400, "PayloadEmpty")
+        if len(body) > MAX_PAYLOAD.get(push_type, DEFAULT_MAX_PAYLOAD):
+            return bad(413, "PayloadTooLarge")
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return bad(400, "BadPayload")
+        if not isinstance(payload, dict):
+            return bad(400, "BadPayload")
+        return None
+
+    def _check_jwt(self, auth: str) -> tuple[set[str], ApnsAnswer | None]:
+        def bad(status: int, reason: str) -> tuple[set[str], ApnsAnswer]:
+            return set(), ApnsAnswer(status, reason)
+
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return bad(403, "MissingProviderToken")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            return bad(403, "InvalidProviderToken")
+        key = self._keys.get(str(header.get("kid")))
+        if header.get("alg") != "ES256" or key is None:
+            return bad(403, "InvalidProviderToken")
+        try:
+            claims = jwt.decode(token, key.public, algorithms=["ES256"],
+                                options={"require": ["iss", "iat"], "verify_iat": False, "verify_exp": False})
+        except jwt.PyJWTError:
+            return bad(403, "InvalidProviderToken")
+        iat = claims.get("iat")
+        if claims.get("iss") != key.team_id or not isinstance(iat, int):
+            return bad(403, "InvalidProviderToken")
+        now = self.clock()
+        if iat > now + 60:
+            return bad(403, "InvalidProviderToken")
+        if now - iat > self.max_token_age or token in key.expired:
+            return bad(403, "ExpiredProviderToken")
+        if token not in key.known:
+            if key.current and key.current not in key.expired and now - key.current_since < MIN_REFRESH:
+                return bad(429, "TooManyProviderTokenUpdates")
+            key.known.add(token)
+            key.current, key.current_since = token, now
+        return key.topics, None

@@ -1,0 +1,26 @@
+"""Builders for the domain objects push tests need (bindings, messages)."""
+
+from __future__ import annotations
+
+import time
+
+from ari_push.model import Binding, Dialect, PushKind, PushMessage, PushParams
+
+
+def binding(provider: str, token: str, param: str = "", *, sandbox: bool = False, aor: str = "alice") -> Binding:
+    dialect = Dialect.ZOIPER if provider == "vendor" else Dialect.RFC8599
+    push = PushParams(provider=provider, token=token, param=param, sandbox=sandbox, dialect=dialect)
+    return Binding(aor=aor, endpoint=aor, push=push, contact_uri=f"sip:{aor}@192.0.2.10:5060",
+                   user_agent="test-phone", first_seen=1.0, last_seen=1.0)
+
+
+def message(kind: PushKind = PushKind.CALL, *, deadline: float | None = None, ring: float = 30.0,
+            call_id: str = "call-1", caller_number: str = "+15551230000", caller_name: str = "Bob",
+            callee: str = "alice", extra: tuple[tuple[str, str], ...] = ()) -> PushMessage:
+    return PushMessage(kind=kind, call_id=call_id, caller_number=caller_number, caller_name=caller_name,
+                       callee=callee, deadline=time.time() + ring if deadline is None else deadline, extra=extra)
+
+
+def apns_token(n: int) -> str:
+    """A well-formed APNs device token (64 hex digits), distinct for each n."""
+    return f"{n:064x}"

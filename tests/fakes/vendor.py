@@ -1,0 +1,104 @@
+"""A tiny HTTP endpoint that records POSTs: a Zoiper-style push URL, or a webhook relay.
+
+Answers are scripted per path: a status, a redirect, a huge body (declared or chunked),
+or a stall (never answers until the fake stops). Unscripted paths answer 200 "ok".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+
+@dataclass
+class VendorAnswer:
+    status: int = 200
+    body: bytes = b"ok"
+    headers: dict[str, str] = field(default_factory=dict)
+    redirect_to: str | None = None
+    huge: int = 0  # send this many bytes of body instead
+    declare_length: bool = True  # with ``huge``: Content-Length, or chunked without it
+    stall: bool = False
+
+
+@dataclass
+class VendorRequest:
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class FakeVendor:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context
+        self.requests: list[VendorRequest] = []
+        self.default = VendorAnswer()
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._scripts: dict[str, deque[VendorAnswer]] = {}
+        self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> FakeVendor:
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=self.ssl_context)
+        await site.start()
+        self.host, self.port = self._runner.addresses[0][:2]
+        return self
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeVendor:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def script(self, path: str, *answers: VendorAnswer) -> None:
+        self._scripts.setdefault(path, deque()).extend(answers)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append(VendorRequest(request.path, request.query_string, dict(request.headers), body))
+        queue = self._scripts.get(request.path)
+        answer = queue.popleft() if queue else self.default
+        if answer.stall:
+            await self._stopping.wait()
+            return web.Response(status=503)
+        if answer.redirect_to:
+            return web.Response(status=answer.status if 300 <= answer.status < 400 else 302,
+                                headers={"Location": answer.redirect_to})
+        if answer.huge:
+            response = web.StreamResponse(status=answer.status, headers=answer.headers)
+            if answer.declare_length:
+                response.content_length = answer.huge
+            else:
+                response.enable_chunked_encoding()
+            await response.prepare(request)
+            chunk = b"x" * 65536
+            sent = 0
+            try:
+                while sent < answer.huge:
+                    part = chunk[: answer.huge - sent]
+                    await response.write(part)
+                    sent += len(part)
+            except (ConnectionError, RuntimeError):
+                pass  # the client hung up, as it should
+            return response
+        return web.Response(status=answer.status, body=answer.body, headers=answer.headers)

@@ -1,0 +1,34 @@
+"""Stasis(ari-push,<target>[,options]) argument parsing and contact ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from ari_push.calls import contact_object_id, parse_args
+
+
+def test_target_and_default_timeout() -> None:
+    opts = parse_args(["1001"], 30, 120)
+    assert (opts.target, opts.timeout) == ("1001", 30)
+
+
+def test_timeout_option_in_one_or_several_args() -> None:
+    assert parse_args(["1001", "timeout=25"], 30, 120).timeout == 25
+    assert parse_args(["1001", "x=1,timeout=7.5"], 30, 120).timeout == 7.5
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [([], "missing target"), (["10 01"], "bad or missing"), (["1001;evil"], "bad or missing"),
+     (["1001", "timeout=abc"], "not a number"), (["1001", "timeout=0"], "outside"),
+     (["1001", "timeout=500"], "outside")],
+)
+def test_bad_arguments_are_refused_with_a_reason(args: list[str], why: str) -> None:
+    with pytest.raises(ValueError, match=why.split()[0]):
+        parse_args(args, 30, 120)
+
+
+def test_contact_object_id_matches_asterisk() -> None:
+    # measured on Asterisk 22.10 (shared notes, section 1.8)
+    uri = "sip:1001@127.0.0.1:5401;transport=udp;pn-provider=apns;pn-prid=TOKA;pn-param=ABCD1234.com.example.voip"
+    assert contact_object_id("1001", uri) == "1001;@84f144c75c7c3bd5d179f4e1f4508456"
