@@ -157,28 +157,26 @@ class AriClient:
             heartbeat=self.settings.heartbeat,
             timeout=aiohttp.ClientWSTimeout(ws_close=self.settings.request_timeout),
         )
-        stop_wait = asyncio.create_task(stop.wait(), name="ari-stop-wait")
+        closer = asyncio.create_task(self._close_on(stop, ws), name="ari-ws-closer")
         try:
             self.link.set_up(f"{self.settings.url}, app {self.settings.app}")
             if self.on_connect is not None:
                 await self.on_connect()
-            while not stop.is_set():
-                receive = asyncio.ensure_future(ws.receive())
-                done, _ = await asyncio.wait({receive, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if receive not in done:
-                    receive.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await receive
-                    return
-                msg = receive.result()
+            async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     self._dispatch(msg.data)
-                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                                  aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR):
-                    raise ConnectionResetError(f"event websocket closed ({msg.type.name})")
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    break
+            if not stop.is_set():
+                raise ConnectionResetError("event websocket closed")
         finally:
-            stop_wait.cancel()
+            closer.cancel()
             await ws.close()
+
+    @staticmethod
+    async def _close_on(stop: asyncio.Event, ws: aiohttp.ClientWebSocketResponse) -> None:
+        await stop.wait()
+        await ws.close()
 
     def _dispatch(self, text: str) -> None:
         try:

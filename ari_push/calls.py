@@ -356,7 +356,7 @@ class CallManager:
                     declined = True
 
     async def _on_registration(self, call: Call, reg: Registration) -> None:
-        if reg is GAP or reg.device_id == "GAP":
+        if reg is GAP:
             contacts = await self._live_contacts(call.options.target) or []
             regs = [Registration(call.options.target, uri, self._device_of(uri)) for uri in contacts]
         else:

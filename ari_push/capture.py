@@ -71,18 +71,21 @@ class Capture:
                 log.warning("capture queue full; %d events dropped so far", self.dropped)
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            get = asyncio.ensure_future(self.queue.get())
-            stopper = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait({get, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        """Handle queued events in order until ``stop``; a bad event is logged, never fatal."""
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                get = asyncio.ensure_future(self.queue.get())
+                await asyncio.wait({get, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    return
+                try:
+                    await self.handle(get.result())
+                except Exception:
+                    log.exception("capture failed on an AMI event")
+        finally:
             stopper.cancel()
-            if get not in done:
-                get.cancel()
-                return
-            try:
-                await self.handle(get.result())
-            except Exception:
-                log.exception("capture failed on an AMI event")
 
     async def handle(self, msg: AmiMessage) -> Binding | None:
         if msg.event == "ContactStatus":

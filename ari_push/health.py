@@ -34,10 +34,8 @@ class HealthServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        if self.port == 0 and site._server is not None:
-            sockets = getattr(site._server, "sockets", None) or []
-            if sockets:
-                self.port = sockets[0].getsockname()[1]
+        if self.port == 0 and self._runner.addresses:
+            self.port = int(self._runner.addresses[0][1])
         log.info("health and metrics on http://%s:%d/", self.host, self.port)
 
     async def stop(self) -> None:

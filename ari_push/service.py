@@ -77,7 +77,7 @@ class Daemon:
             self.redis = make_redis(settings.redis)
             keys = Keys(settings.redis.key_prefix)
             self.store = RedisStore(self.redis, keys, settings.capture.retention_days * 86400)
-            self.wakeups = RedisWakeups(self.redis, keys, self.node_id, self.redis_link)
+            self.wakeups = RedisWakeups(self.redis, keys, self.node_id)
         self.ami = AmiClient(settings.ami, on_event=self._on_ami_event, on_connect=self._on_ami_connect)
         self.ari = AriClient(settings.ari, on_event=self._on_ari_event, on_connect=self._on_ari_connect)
         self.policy = ContactPolicy.from_settings(settings.capture)

@@ -23,7 +23,6 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ari_push.backoff import Backoff
-from ari_push.links import LinkState
 from ari_push.redis_keys import Keys
 
 log = logging.getLogger("ari_push.wakeups")
@@ -48,17 +47,6 @@ class Watch:
     def __init__(self, aor: str, queue: asyncio.Queue[Any] | None = None) -> None:
         self.aor = aor
         self.queue: asyncio.Queue[Any] = queue if queue is not None else asyncio.Queue()
-
-    async def next(self, timeout: float) -> Registration | None:
-        """The next registration (or GAP), or None after ``timeout`` seconds."""
-        if timeout <= 0:
-            return self.queue.get_nowait() if not self.queue.empty() else None
-        try:
-            async with asyncio.timeout(timeout):
-                item: Registration = await self.queue.get()
-                return item
-        except TimeoutError:
-            return None
 
 
 class WakeupHub:
@@ -90,10 +78,6 @@ class WakeupHub:
             for w in watches:
                 w.queue.put_nowait(GAP)
 
-    @property
-    def watched(self) -> int:
-        return sum(len(w) for w in self._watches.values())
-
     async def publish(self, reg: Registration) -> None:
         self.deliver(reg)
 
@@ -101,11 +85,10 @@ class WakeupHub:
 class RedisWakeups(WakeupHub):
     """The hub plus Redis pub/sub, for several daemons sharing one Redis."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, node_id: str, link: LinkState) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keys, node_id: str) -> None:
         super().__init__(node_id)
         self.redis = client
         self.keys = keys
-        self.link = link
         self.backoff = Backoff(base=0.2, cap=10.0)
 
     async def publish(self, reg: Registration) -> None:

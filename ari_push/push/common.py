@@ -78,3 +78,46 @@ def network_result(exc: Exception) -> PushResult:
 
 def closed_result() -> PushResult:
     return PushResult(PushOutcome.FAILED, "provider closed")
+
+
+class LazyClient:
+    """One long-lived httpx client per provider: made on first use (inside the running loop),
+    closed once. Never follows redirects and never uses an environment proxy, so the checks a
+    provider makes on a URL hold for the request that goes out."""
+
+    def __init__(
+        self,
+        *,
+        http2: bool,
+        ca_file: str,
+        timeout: float,
+        limits: httpx.Limits | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.http2 = http2
+        self.ca_file = ca_file
+        self.timeout = timeout
+        self.limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        self.transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self.closed = False
+
+    def get(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                http2=self.http2,
+                verify=tls_context(self.ca_file),
+                timeout=httpx.Timeout(self.timeout),
+                limits=self.limits,
+                follow_redirects=False,
+                trust_env=False,
+                headers={"user-agent": USER_AGENT},
+                transport=self.transport,
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        self.closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()

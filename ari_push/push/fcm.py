@@ -25,14 +25,13 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult
 from ari_push.push.common import (
-    USER_AGENT,
     Clock,
+    LazyClient,
     call_fields,
     closed_result,
     describe,
     network_result,
     retry_after,
-    tls_context,
 )
 from ari_push.settings import FcmProject, SettingsError
 
@@ -119,9 +118,9 @@ class FcmProvider:
         self.default = default
         self.account = ServiceAccount.parse(project.service_account, f"fcm[{project.project_id}].service_account")
         self._clock = clock
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
-        self._closed = False
+        self._http = LazyClient(http2=True, ca_file=project.ca_file, timeout=project.timeout,
+                                limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
+                                transport=transport)
         self._lock = asyncio.Lock()
         self._access_token = ""
         self._refresh_at = 0.0
@@ -137,15 +136,12 @@ class FcmProvider:
         return push.param == self.project.project_id or (not push.param and self.default)
 
     async def aclose(self) -> None:
-        self._closed = True
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._http.aclose()
 
     # ------------------------------------------------------------ sending
 
     async def send(self, binding: Binding, message: PushMessage) -> PushResult:
-        if self._closed:
+        if self._http.closed:
             return closed_result()
         body = self.build_body(binding, message)
         if isinstance(body, PushResult):
@@ -188,7 +184,7 @@ class FcmProvider:
         return json.dumps(body, separators=(",", ":")).encode()
 
     async def _post(self, access_token: str, body: bytes) -> httpx.Response:
-        return await self._http().post(
+        return await self._http.get().post(
             self._send_url,
             content=body,
             headers={"authorization": f"Bearer {access_token}", "content-type": "application/json"},
@@ -239,7 +235,7 @@ class FcmProvider:
     async def _fetch_token(self) -> tuple[str, float]:
         self.token_fetches += 1
         started = self._clock()
-        response = await self._http().post(
+        response = await self._http.get().post(
             self.account.token_uri, data={"grant_type": GRANT_TYPE, "assertion": self.assertion()}
         )
         where = f"oauth token endpoint HTTP {response.status_code}"
@@ -266,20 +262,6 @@ class FcmProvider:
         # Refresh REFRESH_EARLY before expiry, or half-way for (test) tokens shorter than that.
         margin = min(REFRESH_EARLY, lifetime / 2)
         return token, started + lifetime - margin
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                http2=True,
-                verify=tls_context(self.project.ca_file),
-                timeout=httpx.Timeout(self.project.timeout),
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
-                follow_redirects=False,
-                trust_env=False,
-                headers={"user-agent": USER_AGENT},
-                transport=self._transport,
-            )
-        return self._client
 
 
 def _data_size(data: dict[str, str]) -> int:

@@ -30,12 +30,11 @@ import httpx
 
 from ari_push.model import Binding, PushMessage, PushOutcome, PushResult
 from ari_push.push.common import (
-    USER_AGENT,
+    LazyClient,
     call_fields,
     closed_result,
     network_result,
     retry_after,
-    tls_context,
 )
 from ari_push.settings import VendorSettings
 
@@ -201,20 +200,18 @@ class VendorProvider:
         self.settings = settings
         self.allowed_hosts = tuple(h.lower() for h in allowed_hosts)
         self._resolve = resolve
-        self._client: httpx.AsyncClient | None = None
-        self._closed = False
+        self._http = LazyClient(http2=False, ca_file=settings.ca_file, timeout=settings.timeout,
+                                limits=httpx.Limits(max_connections=50, max_keepalive_connections=10,
+                                                    keepalive_expiry=30))
 
     def serves(self, binding: Binding) -> bool:
         return binding.push.provider == "vendor"
 
     async def aclose(self) -> None:
-        self._closed = True
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._http.aclose()
 
     async def send(self, binding: Binding, message: PushMessage) -> PushResult:
-        if self._closed:
+        if self._http.closed:
             return closed_result()
         url = binding.push.token
         try:
@@ -232,14 +229,14 @@ class VendorProvider:
         target = await check_url(url, self.allowed_hosts, self._resolve)
         body = render_body(self.settings.body_template, message, self.settings.content_type)
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-        request = self._http().build_request(
+        request = self._http.get().build_request(
             "POST",
             target.url,
             content=body,
             headers={"host": target.host_header, "content-type": self.settings.content_type},
             extensions=extensions,
         )
-        response = await self._http().send(request, stream=True)
+        response = await self._http.get().send(request, stream=True)
         try:
             status = response.status_code
             if 300 <= status < 400:
@@ -263,16 +260,3 @@ class VendorProvider:
             wait = retry_after(response.headers.get("retry-after"), time.time())
             return PushResult(PushOutcome.RETRY, f"HTTP {status}", status, retry_after=wait)
         return PushResult(PushOutcome.FAILED, f"HTTP {status}", status)
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                http2=False,
-                verify=tls_context(self.settings.ca_file),
-                timeout=httpx.Timeout(self.settings.timeout),
-                limits=httpx.Limits(max_connections=50, max_keepalive_connections=10, keepalive_expiry=30),
-                follow_redirects=False,
-                trust_env=False,  # never through an environment proxy: the checks must hold
-                headers={"user-agent": USER_AGENT},
-            )
-        return self._client

@@ -21,13 +21,12 @@ import httpx
 
 from ari_push.model import Binding, PushMessage, PushOutcome, PushResult
 from ari_push.push.common import (
-    USER_AGENT,
     Clock,
+    LazyClient,
     call_fields,
     closed_result,
     network_result,
     retry_after,
-    tls_context,
 )
 from ari_push.settings import WebhookSettings
 
@@ -53,17 +52,13 @@ class WebhookProvider:
     def __init__(self, settings: WebhookSettings, *, clock: Clock = time.time) -> None:
         self.settings = settings
         self._clock = clock
-        self._client: httpx.AsyncClient | None = None
-        self._closed = False
+        self._http = LazyClient(http2=True, ca_file=settings.ca_file, timeout=settings.timeout)
 
     def serves(self, binding: Binding) -> bool:
         return bool(self.settings.url) and binding.push.provider in self.settings.providers
 
     async def aclose(self) -> None:
-        self._closed = True
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._http.aclose()
 
     def build_body(self, binding: Binding, message: PushMessage, now: float) -> bytes:
         fields = call_fields(message)
@@ -80,7 +75,7 @@ class WebhookProvider:
         return json.dumps(body, separators=(",", ":")).encode()
 
     async def send(self, binding: Binding, message: PushMessage) -> PushResult:
-        if self._closed:
+        if self._http.closed:
             return closed_result()
         now = self._clock()
         body = self.build_body(binding, message, now)
@@ -90,7 +85,7 @@ class WebhookProvider:
             TIMESTAMP_HEADER: str(int(now)),
         }
         try:
-            response = await self._http().post(self.settings.url, content=body, headers=headers)
+            response = await self._http.get().post(self.settings.url, content=body, headers=headers)
         except httpx.HTTPError as exc:
             return network_result(exc)
         status = response.status_code
@@ -104,15 +99,3 @@ class WebhookProvider:
         if 300 <= status < 400:
             return PushResult(PushOutcome.FAILED, "redirect refused", status)
         return PushResult(PushOutcome.FAILED, f"HTTP {status}", status)
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                http2=True,
-                verify=tls_context(self.settings.ca_file),
-                timeout=httpx.Timeout(self.settings.timeout),
-                follow_redirects=False,
-                trust_env=False,
-                headers={"user-agent": USER_AGENT},
-            )
-        return self._client
