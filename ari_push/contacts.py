@@ -193,7 +193,9 @@ class ContactPolicy:
 
     @classmethod
     def from_settings(cls, capture: CaptureSettings) -> ContactPolicy:
-        return cls(vendor_allowed_hosts=capture.vendor_allowed_hosts, extra_providers=capture.extra_providers)
+        webpush = capture.webpush_allowed_hosts
+        return cls(vendor_allowed_hosts=capture.vendor_allowed_hosts, extra_providers=capture.extra_providers,
+                   webpush_allowed_hosts=DEFAULT_WEBPUSH_HOSTS if webpush is None else webpush)
 
     def token_limit(self, provider: str) -> int:
         limits = dict(self.max_token_length)

@@ -42,7 +42,9 @@ class PushParams:
     @property
     def device_id(self) -> str:
         """Stable identity of the device: Asterisk drops +sip.instance, so the token is it."""
-        digest = hashlib.sha256(f"{self.provider}\x00{self.token}".encode()).hexdigest()
+        # APNs tokens are hex: the same device may be sent in either case.
+        token = self.token.lower() if self.provider == "apns" else self.token
+        digest = hashlib.sha256(f"{self.provider}\x00{token}".encode()).hexdigest()
         return digest[:20]
 
 

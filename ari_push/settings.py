@@ -85,6 +85,7 @@ class CaptureSettings:
     vendor_allowed_hosts: tuple[str, ...] = ()
     extra_providers: tuple[str, ...] = ()
     resync_interval: float = 300.0
+    webpush_allowed_hosts: tuple[str, ...] | None = None  # None: the public push services
 
 
 @dataclass(frozen=True)
@@ -384,11 +385,14 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         vendor_allowed_hosts=tuple(h.lower() for h in cap_s.strings("vendor_allowed_hosts")),
         extra_providers=tuple(p.lower() for p in cap_s.strings("extra_providers")),
         resync_interval=cap_s.positive("resync_interval", CaptureSettings.resync_interval),
+        webpush_allowed_hosts=(tuple(h.lower() for h in cap_s.strings("webpush_allowed_hosts"))
+                               if "webpush_allowed_hosts" in cap_s.data else None),
     )
     cap_s.done()
-    for host in cap.vendor_allowed_hosts:
+    for host in (*cap.vendor_allowed_hosts, *(cap.webpush_allowed_hosts or ())):
         if not host or "/" in host or "@" in host or ":" in host.removeprefix("*."):
-            raise SettingsError("capture.vendor_allowed_hosts", f"{host!r} is not a host name or *.domain")
+            raise SettingsError("capture.vendor_allowed_hosts" if host in cap.vendor_allowed_hosts
+                                else "capture.webpush_allowed_hosts", f"{host!r} is not a host name or *.domain")
     for name in cap.extra_providers:
         if name in KNOWN_PROVIDERS or not name.replace("-", "").replace(".", "").isalnum():
             raise SettingsError("capture.extra_providers", f"{name!r} is built in or not a plain name")

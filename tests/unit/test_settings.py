@@ -100,3 +100,15 @@ def test_check_config_cli(tmp_path: Path) -> None:
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2
     assert "calls.max_timeout: must be a positive number" in bad.stderr
+
+
+def test_webpush_hosts_default_to_public_services_and_can_be_set(tmp_path: Path) -> None:
+    from ari_push.contacts import DEFAULT_WEBPUSH_HOSTS, ContactPolicy
+
+    default = load(write(tmp_path, GOOD), environ={})
+    assert ContactPolicy.from_settings(default.capture).webpush_allowed_hosts == DEFAULT_WEBPUSH_HOSTS
+    own = load(write(tmp_path, GOOD + "[capture]\nwebpush_allowed_hosts = ['push.example.org']\n"), environ={})
+    assert ContactPolicy.from_settings(own.capture).webpush_allowed_hosts == ("push.example.org",)
+    with pytest.raises(SettingsError) as err:
+        load(write(tmp_path, GOOD + "[capture]\nwebpush_allowed_hosts = ['https://x/y']\n"), environ={})
+    assert err.value.key == "capture.webpush_allowed_hosts"
