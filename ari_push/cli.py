@@ -40,6 +40,10 @@ def _load(args: argparse.Namespace) -> Settings:
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def _json(value: object) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -61,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args)
-    print(json.dumps(to_display(settings), indent=2, ensure_ascii=False))
+    print(_json(to_display(settings)))
     print("configuration OK", file=sys.stderr)
     return 0
 
@@ -89,14 +93,14 @@ def cmd_inspect_contact(args: argparse.Namespace) -> int:
     try:
         push = parse_contact(args.uri, policy)
     except ContactRejected as exc:
-        print(json.dumps({"accepted": False, "reason": exc.reason, "field": exc.field, "message": str(exc)}, indent=2, ensure_ascii=False))
+        print(_json({"accepted": False, "reason": exc.reason, "field": exc.field, "message": str(exc)}))
         return 2
     if push is None:
-        print(json.dumps({"accepted": False, "reason": "no-push-parameters",
-                          "message": "this contact carries no push parameters (a desk phone?)"}, indent=2, ensure_ascii=False))
+        print(_json({"accepted": False, "reason": "no-push-parameters",
+                          "message": "this contact carries no push parameters (a desk phone?)"}))
         return 2
     binding = Binding(aor=args.aor, endpoint=args.aor, push=push, contact_uri=args.uri)
-    print(json.dumps({"accepted": True, "binding": binding_view(binding, args.reveal)}, indent=2, ensure_ascii=False))
+    print(_json({"accepted": True, "binding": binding_view(binding, args.reveal)}))
     return 0
 
 
@@ -121,7 +125,7 @@ async def _with_store(settings: Settings, action: str, args: argparse.Namespace)
                     print(f"{aor}\t{b.device_id}\t{b.push.provider}\t{v['push']['token']}\t"  # type: ignore[index]
                           f"{b.push.param}\t{b.user_agent}")
         elif action == "show":
-            print(json.dumps([binding_view(b, args.reveal) for b in await store.bindings_for(args.aor)], indent=2, ensure_ascii=False))
+            print(_json([binding_view(b, args.reveal) for b in await store.bindings_for(args.aor)]))
         elif action == "forget":
             n = await store.forget(args.aor, args.device)
             print(f"forgot {n} device(s) of {args.aor}")

@@ -8,7 +8,8 @@ from ari_push.model import PushParams, mask
 def test_apns_device_id_ignores_hex_case_other_providers_do_not() -> None:
     token = "00FC13ADFF785122B4AD28809A3420982341241421348097878E577C991DE8F0"
     assert PushParams("apns", token).device_id == PushParams("apns", token.lower()).device_id
-    assert PushParams("fcm", "AbC:def-123456789012345").device_id != PushParams("fcm", "abc:def-123456789012345").device_id
+    fcm = "AbC:def-123456789012345"
+    assert PushParams("fcm", fcm).device_id != PushParams("fcm", fcm.lower()).device_id
     assert PushParams("fcm", "x" * 30).device_id != PushParams("apns", "x" * 30).device_id
 
 
