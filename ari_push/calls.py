@@ -299,7 +299,9 @@ class CallManager:
         if not bindings and not call.legs:
             return Status.PUSH_FAILED if not store_ok else Status.NO_DEVICES
         try:
-            return await self._event_loop(call, deadline, push_task)
+            status = await self._event_loop(call, deadline, push_task)
+            # Nobody answered and the devices could not be pushed (store down): say so.
+            return Status.PUSH_FAILED if status is Status.TIMEOUT and not store_ok else status
         finally:
             if push_task is not None and not push_task.done():
                 push_task.cancel()

@@ -32,6 +32,7 @@ from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushResult, mask
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
+from ari_push.push.ratelimit import build_rate_limiter
 from ari_push.redis_keys import Keys
 from ari_push.settings import RedisSettings, Settings
 from ari_push.wakeups import RedisWakeups, WakeupHub
@@ -40,25 +41,50 @@ log = logging.getLogger("ari_push.service")
 
 
 def make_redis(settings: RedisSettings) -> aioredis.Redis:
-    """One Redis client, every command bounded: one retry, then StoreUnavailable upstream."""
+    """One Redis client, every command bounded: one retry, then StoreUnavailable upstream.
+
+    Standalone (``url``: redis://, rediss://, unix://) or Sentinel (``sentinels``): with Sentinel
+    every new connection asks the sentinels for the current master, and a connection that finds
+    its master demoted (READONLY) is dropped, so the retry goes to the new master. ``tls`` (or a
+    rediss:// URL) turns TLS on for the server and, with Sentinel, for the sentinels too. The
+    Sentinel pool re-reads the master's address every second (redis_client.FollowMasterPool).
+    Credentials go in keyword arguments only: nothing here puts a password into a URL, a repr
+    or an error message.
+    """
     common: dict[str, Any] = {
+        "username": settings.username or None,
         "password": str(settings.password) or None,
         "socket_timeout": settings.socket_timeout,
         "socket_connect_timeout": settings.socket_timeout,
         "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 1),
         "health_check_interval": 15,
     }
+    tls: dict[str, Any] = {}
+    if settings.tls or settings.url.startswith("rediss://"):
+        tls = {"ssl_ca_certs": settings.tls_ca_file or None, "ssl_certfile": settings.tls_cert_file or None,
+               "ssl_keyfile": settings.tls_key_file or None}
     if settings.sentinels:
         from redis.asyncio.sentinel import Sentinel
 
-        hosts = [(h.rpartition(":")[0], int(h.rpartition(":")[2])) for h in settings.sentinels]
-        sentinel = Sentinel(hosts, socket_timeout=settings.socket_timeout, sentinel_kwargs={
-            "socket_timeout": settings.socket_timeout})  # type: ignore[no-untyped-call]
-        master: aioredis.Redis = sentinel.master_for(settings.sentinel_service, **common)
+        from ari_push.redis_client import FollowMasterPool, SentinelRedis
+
+        hosts = []
+        for h in settings.sentinels:
+            host, _, port = h.rpartition(":")
+            hosts.append((host.strip("[]"), int(port)))
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": settings.socket_timeout,
+            "socket_connect_timeout": settings.socket_timeout,
+            "password": str(settings.sentinel_password) or None,
+        }
+        if tls:
+            sentinel_kwargs.update(tls, ssl=True)
+        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        master: aioredis.Redis = sentinel.master_for(
+            settings.sentinel_service, redis_class=SentinelRedis, connection_pool_class=FollowMasterPool,
+            **common, **tls, ssl=bool(tls))
         return master
-    if settings.tls_ca_file:
-        common["ssl_ca_certs"] = settings.tls_ca_file
-    return aioredis.Redis.from_url(settings.url, **common)
+    return aioredis.Redis.from_url(settings.url, **common, **tls)
 
 
 class Daemon:
@@ -124,7 +150,10 @@ class Daemon:
         log.info("ari-push starting as node %s (store: %s)", self.node_id,
                  "embedded" if self.redis is None else "redis")
         providers = build_providers(self.settings)
-        self.dispatcher = PushDispatcher(providers, on_token_dead=self._on_token_dead)
+        for provider in providers:
+            provider.warm()
+        limiter = build_rate_limiter(self.settings.push, self.redis, self.settings.redis.key_prefix)
+        self.dispatcher = PushDispatcher(providers, on_token_dead=self._on_token_dead, rate_limiter=limiter)
         self.calls = CallManager(self.settings, self.ari, self.ami, self.store, self.wakeups, self.dispatcher,
                                  self.metrics, self.policy, self.node_id)
         if self.settings.http.enabled:
@@ -171,7 +200,7 @@ class Daemon:
             except (aioredis.RedisError, OSError, TimeoutError) as exc:
                 self.redis_link.set_down(f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0 if not self.redis_link.up else 5.0):
+                async with asyncio.timeout(1.0):  # also how soon a Sentinel fail-over is noticed
                     await stop.wait()
 
     async def _sweeper(self, stop: asyncio.Event) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ari_push.model import mask
 
@@ -64,15 +64,23 @@ class AmiSettings:
 
 @dataclass(frozen=True)
 class RedisSettings:
-    """``url`` empty means the embedded single-node store (no Redis at all)."""
+    """``url`` empty and no ``sentinels`` means the embedded single-node store (no Redis at all).
+
+    Credentials never stay in ``url``: a ``redis://user:pw@host`` URL is split at load time into
+    ``username`` and ``password`` so that logs and check-config show the URL safely."""
 
     url: str = ""
+    username: str = ""
     password: Secret = Secret("")
     key_prefix: str = "ari-push:"
     socket_timeout: float = 2.0
     sentinels: tuple[str, ...] = ()
     sentinel_service: str = "mymaster"
+    sentinel_password: Secret = Secret("")
+    tls: bool = False  # rediss:// implies it; with sentinels, TLS to the sentinels and the master
     tls_ca_file: str = ""
+    tls_cert_file: str = ""  # client certificate (tls-auth-clients yes), PEM
+    tls_key_file: str = ""
 
     @property
     def embedded(self) -> bool:
@@ -97,6 +105,15 @@ class CallSettings:
     missed_call_push: bool = True
     continue_context: str = ""
     dial_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class PushSettings:
+    """Per-device push rate limit (push/ratelimit.py): ``burst`` call pushes at once, then
+    ``rate_per_minute``; 0 turns the limit off. Shared through Redis when Redis is configured."""
+
+    rate_per_minute: float = 10.0
+    burst: int = 5
 
 
 @dataclass(frozen=True)
@@ -168,6 +185,7 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     capture: CaptureSettings = field(default_factory=CaptureSettings)
     calls: CallSettings = field(default_factory=CallSettings)
+    push: PushSettings = field(default_factory=PushSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)
     apns: tuple[ApnsApp, ...] = ()
@@ -297,6 +315,89 @@ def _host_port(sec: _Section, name: str, default: str) -> str:
     return value
 
 
+def _redis(s: _Section) -> RedisSettings:
+    url = s.text("url")
+    username = s.text("username")
+    password = s.secret("password")
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise SettingsError(s.key("url"), f"must be a redis/rediss/unix URL, got {_without_userinfo(url)!r}")
+        if parts.scheme == "unix" and not parts.path:
+            raise SettingsError(s.key("url"), "a unix:// URL needs the socket path, e.g. unix:///run/redis/redis.sock")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise SettingsError(s.key("url"), f"must be a redis/rediss URL with a host, got {_without_userinfo(url)!r}")
+        if parts.password is not None or parts.username:
+            # move credentials out of the URL: the URL is logged and shown, they must not be
+            if parts.password is not None and password:
+                raise SettingsError(s.key("password"), "the url has a password too; give it once")
+            if parts.username and username and unquote(parts.username) != username:
+                raise SettingsError(s.key("username"), "the url names another user")
+            username = username or unquote(parts.username or "")
+            password = password or Secret(unquote(parts.password or ""))
+            url = _without_userinfo(url)
+    sentinels = s.strings("sentinels")
+    for entry in sentinels:
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingsError(s.key("sentinels"), f"each sentinel is HOST:PORT, got {entry!r}")
+    if url and sentinels:
+        raise SettingsError(s.key("sentinels"), "give url (one server) or sentinels, not both")
+    red = RedisSettings(
+        url=url,
+        username=username,
+        password=password,
+        key_prefix=s.text("key_prefix", RedisSettings.key_prefix),
+        socket_timeout=s.positive("socket_timeout", RedisSettings.socket_timeout),
+        sentinels=sentinels,
+        sentinel_service=s.text("sentinel_service", RedisSettings.sentinel_service),
+        sentinel_password=s.secret("sentinel_password"),
+        tls=s.flag("tls", url.startswith("rediss://")),
+        tls_ca_file=s.file("tls_ca_file"),
+        tls_cert_file=s.file("tls_cert_file"),
+        tls_key_file=s.file("tls_key_file"),
+    )
+    s.done()
+    if red.tls and url and not url.startswith("rediss://"):
+        raise SettingsError(s.key("tls"), "TLS to one server: use a rediss:// url")
+    if not red.tls and url.startswith("rediss://"):
+        raise SettingsError(s.key("tls"), "a rediss:// url always uses TLS")
+    if (red.tls_ca_file or red.tls_cert_file) and not red.tls:
+        raise SettingsError(s.key("tls_ca_file" if red.tls_ca_file else "tls_cert_file"),
+                            "only used with TLS (a rediss:// url, or tls = true with sentinels)")
+    if red.tls_key_file and not red.tls_cert_file:
+        raise SettingsError(s.key("tls_key_file"), "a key without a client certificate (tls_cert_file)")
+    if red.tls_cert_file and not red.tls_key_file and not _pem_has_key(red.tls_cert_file):
+        raise SettingsError(s.key("tls_key_file"), "the client certificate needs its key (tls_key_file)")
+    return red
+
+
+def _push(s: _Section) -> PushSettings:
+    rate = s._get("rate_per_minute", lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+                  "a number", PushSettings.rate_per_minute)
+    if not rate >= 0:
+        raise SettingsError(s.key("rate_per_minute"), f"must be 0 (no limit) or more, got {rate!r}")
+    burst = s._get("burst", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer",
+                   PushSettings.burst)
+    if burst < 1:
+        raise SettingsError(s.key("burst"), f"must be at least 1, got {burst}")
+    s.done()
+    return PushSettings(rate_per_minute=float(rate), burst=burst)
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=host).geturl()
+
+
+def _pem_has_key(path: str) -> bool:
+    try:
+        return bool(path) and "PRIVATE KEY-----" in Path(path).read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def _apns(data: Mapping[str, Any], where: str, base: Path | None) -> ApnsApp:
     s = _Section(data, where, base)
     topics = s.strings("topics")
@@ -367,17 +468,7 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
     )
     ami_s.done()
 
-    red_s = _Section(top.table("redis"), "redis", base)
-    red = RedisSettings(
-        url=red_s.url("url", "", ("redis", "rediss", "unix")),
-        password=red_s.secret("password"),
-        key_prefix=red_s.text("key_prefix", RedisSettings.key_prefix),
-        socket_timeout=red_s.positive("socket_timeout", RedisSettings.socket_timeout),
-        sentinels=red_s.strings("sentinels"),
-        sentinel_service=red_s.text("sentinel_service", RedisSettings.sentinel_service),
-        tls_ca_file=red_s.file("tls_ca_file"),
-    )
-    red_s.done()
+    red = _redis(_Section(top.table("redis"), "redis", base))
 
     cap_s = _Section(top.table("capture"), "capture", base)
     cap = CaptureSettings(
@@ -410,6 +501,8 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
     call_s.done()
     if calls.default_timeout > calls.max_timeout:
         raise SettingsError("calls.default_timeout", f"exceeds calls.max_timeout ({calls.max_timeout})")
+
+    push = _push(_Section(top.table("push"), "push", base))
 
     http_s = _Section(top.table("http"), "http", base)
     http = HttpSettings(listen=_host_port(http_s, "listen", HttpSettings.listen),
@@ -468,7 +561,7 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
             raise SettingsError("webhook.providers", f"unknown provider {name!r}")
 
     settings = Settings(
-        ari=ari, ami=ami, redis=red, capture=cap, calls=calls, http=http, log=log,
+        ari=ari, ami=ami, redis=red, capture=cap, calls=calls, push=push, http=http, log=log,
         apns=apns, fcm=fcm, vendor=vendor, webhook=hook,
         node_id=top.text("node_id"),
         shutdown_timeout=top.positive("shutdown_timeout", Settings.shutdown_timeout),

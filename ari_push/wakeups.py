@@ -99,23 +99,42 @@ class RedisWakeups(WakeupHub):
             log.debug("could not publish registration of %s: %s", reg.aor, exc)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Hold one pattern subscription; feed the hub; mark a GAP after every outage."""
-        first = True
+        """Hold one pattern subscription; feed the hub; mark a GAP after every outage, and when
+        the subscription moves to another server (a Sentinel fail-over re-subscribes silently)."""
+        outage = False  # messages may have been lost since the last confirmed subscription
+        warned = False
         while not stop.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub()
+            where: tuple[str, int] | None = None
+            confirmed = False
             try:
                 await pubsub.psubscribe(self.keys.registered_pattern())
-                if not first:
-                    self.gap()
-                first = False
-                self.backoff.reset()
                 while not stop.is_set():
                     msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None:
-                        self._on_message(msg.get("data"))
+                    kind = msg.get("type") if msg else None
+                    if kind == "psubscribe":
+                        # A second confirmation on the same pubsub: redis-py reconnected and
+                        # re-subscribed by itself; what was published meanwhile is lost.
+                        if outage or confirmed:
+                            self.gap()
+                            log.info("registration signals subscribed again")
+                        outage = warned = False
+                        confirmed = True
+                        self.backoff.reset()
+                    elif kind == "pmessage":
+                        self._on_message(msg.get("data") if msg else None)
+                    conn = pubsub.connection
+                    now_at = (str(conn.host), int(conn.port)) if conn is not None else None
+                    if where is not None and now_at is not None and now_at != where:
+                        self.gap()
+                        log.info("registration signals moved to %s:%d", *now_at)
+                    where = now_at or where
             except (aioredis.RedisError, OSError) as exc:
-                log.debug("registration subscription lost: %s", exc)
-                first = False
+                outage = True
+                if not warned:  # once per outage, not once per retry
+                    log.warning("registration signals unavailable (calls fall back to re-reading "
+                                "contacts): %s", exc)
+                    warned = True
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -168,6 +168,11 @@ class SipUA:
 
     # ---------------------------------------------------------------- helpers
 
+    def _new_rtp(self) -> None:
+        if self.rtp is not None:
+            self.rtp.close()
+        self.rtp = RtpPeer()
+
     @property
     def contact_uri(self) -> str:
         params = f";{self.contact_params}" if self.contact_params else ""
@@ -223,14 +228,16 @@ class SipUA:
             return
         if msg.method == "INVITE":
             push_call = msg.header("X-Ari-Push-Call-Id")
-            if push_call and push_call == self.dialog.get("push_call"):
-                # a second INVITE for a call this phone already took (a leg sent while it slept)
+            if (push_call and push_call == self.dialog.get("push_call")) or self.dialog.get("call_id"):
+                # a second INVITE for a call this phone already took (a leg sent while it slept),
+                # or another call while it is on one: one line, busy
                 self.send(self._response(msg, 486, "Busy Here", _tag()))
                 return
             self.invites.put_nowait(msg)
             asyncio.get_running_loop().create_task(self._answer(msg))
         elif msg.method == "BYE":
             self.send(self._response(msg, 200, "OK"))
+            self.dialog = {}
             self.byes.put_nowait(msg)
         elif msg.method == "CANCEL":
             self.send(self._response(msg, 200, "OK"))
@@ -250,14 +257,16 @@ class SipUA:
 
     async def _answer(self, invite: SipMessage) -> None:
         tag = _tag()
-        self.dialog["push_call"] = invite.header("X-Ari-Push-Call-Id")
+        self.dialog = {"push_call": invite.header("X-Ari-Push-Call-Id"), "call_id": invite.header("Call-ID")}
         self.send(self._response(invite, 180, "Ringing", tag))
         if self.answer_delay:
             await asyncio.sleep(self.answer_delay)
         if self.answer_code != 200:
             self.send(self._response(invite, self.answer_code, "Declined" if self.answer_code == 603 else "Busy", tag))
+            self.dialog = {}
             return
-        self.rtp = RtpPeer()
+        self._new_rtp()
+        assert self.rtp is not None
         await self.rtp.open()
         remote = _sdp_media(invite.body)
         if remote:
@@ -280,13 +289,15 @@ class SipUA:
             from_h, to_h = d["from"], d["to"]
         resp = await self._request("BYE", d["remote_target"], [
             ("From", from_h), ("To", to_h), ("Call-ID", d["call_id"]), ("CSeq", f"{self.cseq} BYE")])
+        self.dialog = {}
         return resp.status
 
     # ---------------------------------------------------------------- calls (UAC)
 
     async def call(self, target: str, timeout: float = 60.0) -> SipMessage:
         """INVITE ``target`` via Asterisk; return the final response (ACKed when 2xx)."""
-        self.rtp = RtpPeer()
+        self._new_rtp()
+        assert self.rtp is not None
         await self.rtp.open()
         call_id = f"{uuid.uuid4().hex}@caller"
         tag = _tag()

@@ -74,6 +74,10 @@ class ApnsProvider:
     def serves(self, binding: Binding) -> bool:
         return binding.push.provider == "apns" and binding.push.param in self.app.topics
 
+    def warm(self) -> None:
+        self._http(False)
+        self._http(True)
+
     async def aclose(self) -> None:
         self._closed = True
         clients, self._clients = list(self._clients.values()), {}

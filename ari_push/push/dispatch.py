@@ -17,9 +17,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 
-from ari_push.model import Binding, PushMessage, PushOutcome, PushResult, mask
+from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult, mask
 from ari_push.push.base import PushProvider
 from ari_push.push.common import Clock, describe
+from ari_push.push.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class PushDispatcher:
         backoff_base: float = 0.25,
         backoff_cap: float = 4.0,
         jitter: Callable[[], float] = random.random,
+        rate_limiter: RateLimiter | None = None,
+        monotonic: Clock = time.monotonic,
     ) -> None:
         self.providers = list(providers)
         self._on_token_dead = on_token_dead
@@ -60,6 +63,14 @@ class PushDispatcher:
         self._unserved: set[tuple[str, str]] = set()
         self._final: Counter[tuple[str, str]] = Counter()
         self._attempts: Counter[tuple[str, str]] = Counter()
+        self.rate_limiter = rate_limiter
+        self._monotonic = monotonic
+        # (call_id, device_id) of CALL pushes while a limiter is set -> (forget after, was pushed)
+        self._calls: dict[tuple[str, str], tuple[float, bool]] = {}
+        self._calls_prune_at = 1024
+        self.rate_limited: Counter[str] = Counter()  # by push kind
+        self._last_limit_log = float("-inf")
+        self._limited_since_log = 0
 
     @property
     def counters(self) -> dict[tuple[str, str], int]:
@@ -91,6 +102,10 @@ class PushDispatcher:
             result = PushResult(PushOutcome.SKIPPED, f"no credentials for {key[0]}/{key[1]}")
             self._final[(binding.push.provider, str(result.outcome))] += 1
             return result
+        limited = await self._rate_limited(binding, message)
+        if limited is not None:
+            self._final[(provider.name, str(limited.outcome))] += 1
+            return limited
         result = await self._send_with_retries(provider, binding, message)
         self._final[(provider.name, str(result.outcome))] += 1
         if result.outcome is PushOutcome.TOKEN_DEAD:
@@ -103,6 +118,37 @@ class PushDispatcher:
             log.warning("push %s via %s: %s (%s), call %s", describe(binding), provider.name,
                         result.outcome, result.reason, message.call_id)
         return result
+
+    async def _rate_limited(self, binding: Binding, message: PushMessage) -> PushResult | None:
+        """SKIPPED when this push may not go out under the rate limit, else None."""
+        if self.rate_limiter is None:
+            return None
+        key = (message.call_id, binding.device_id)
+        now = self._monotonic()
+        if message.kind is not PushKind.CALL:
+            state = self._calls.get(key)
+            if state is not None and not state[1]:
+                self.rate_limited[str(message.kind)] += 1
+                return PushResult(PushOutcome.SKIPPED, "rate limited (so was the call push)")
+            return None  # the phone was pushed for this call: it must hear the end of it
+        allowed = await self.rate_limiter.acquire(binding.device_id)
+        # follow-ups come when the call ends: by its deadline, plus the cancel/missed-call margin
+        expires = now + max(0.0, message.deadline - self._clock()) + 300.0
+        self._calls[key] = (expires, allowed or self._calls.get(key, (0.0, False))[1])
+        if len(self._calls) > self._calls_prune_at:
+            self._calls = {k: v for k, v in self._calls.items() if v[0] > now}
+            while len(self._calls) > 100_000:  # a flood of calls: keep the newest
+                del self._calls[next(iter(self._calls))]
+            self._calls_prune_at = max(1024, 2 * len(self._calls))
+        if allowed:
+            return None
+        self.rate_limited[str(message.kind)] += 1
+        self._limited_since_log += 1
+        if now - self._last_limit_log >= 60.0:  # a flood must not become a log storm either
+            log.warning("push %s rate limited, call %s (%d since the last such line); its follow-ups are "
+                        "skipped too", describe(binding), message.call_id, self._limited_since_log)
+            self._last_limit_log, self._limited_since_log = now, 0
+        return PushResult(PushOutcome.SKIPPED, "rate limited")
 
     async def _send_with_retries(
         self, provider: PushProvider, binding: Binding, message: PushMessage

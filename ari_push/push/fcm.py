@@ -135,6 +135,9 @@ class FcmProvider:
             return False
         return push.param == self.project.project_id or (not push.param and self.default)
 
+    def warm(self) -> None:
+        self._http.get()
+
     async def aclose(self) -> None:
         await self._http.aclose()
 

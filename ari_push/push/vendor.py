@@ -207,6 +207,9 @@ class VendorProvider:
     def serves(self, binding: Binding) -> bool:
         return binding.push.provider == "vendor"
 
+    def warm(self) -> None:
+        self._http.get()
+
     async def aclose(self) -> None:
         await self._http.aclose()
 

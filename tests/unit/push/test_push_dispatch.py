@@ -35,6 +35,9 @@ class ScriptedProvider:
     def serves(self, binding: Binding) -> bool:
         return binding.push.provider == self._serves
 
+    def warm(self) -> None:
+        self.warmed = True
+
     async def send(self, binding: Binding, message: PushMessage) -> PushResult:
         self.calls.append((binding, message))
         return self.answers.popleft() if self.answers else PushResult(PushOutcome.DELIVERED)

@@ -1,0 +1,226 @@
+"""Call take-over: the SIPp caller, and the faults of issue 5 (Redis down, a hanging provider,
+the ARI websocket dropping mid-call, two calls to one callee)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from rig.asterisk import AsteriskInstance
+from rig.redis import RedisServer, free_port
+from rig.sipua import SipUA
+from rig.tcpproxy import TcpProxy
+from tests.conftest import daemon_config, wait_for
+from tests.integration.test_calls import (
+    PushEndpoint,
+    no_channels,
+    push_endpoint,  # noqa: F401  (fixture)
+    sleeping_phone,
+    wake_on_push,
+)
+
+SCENARIO = Path(__file__).parent / "sipp" / "caller.xml"
+def extra(timeout: float = 6) -> str:
+    return ('[capture]\nvendor_allowed_hosts = ["127.0.0.1"]\n'
+            f'[calls]\ndefault_timeout = {timeout}\n'
+            '[vendor]\ntimeout = 1\n'
+            'body_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')
+
+
+EXTRA = extra()
+
+
+async def test_sipp_caller_rtp_echo_and_caller_hangs_up(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
+        push_endpoint: PushEndpoint, aor: str) -> None:  # noqa: F811
+    rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url, EXTRA))
+    phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, rd.daemon.store)
+    sipp = await asyncio.create_subprocess_exec(
+        "sipp", f"127.0.0.1:{ensure_asterisk.ports.sip}", "-sf", str(SCENARIO), "-s", aor,
+        "-i", "127.0.0.1", "-p", str(free_port()), "-mi", "127.0.0.1", "-mp", str(free_port()), "-rtp_echo",
+        "-m", "1", "-l", "1", "-nostdin", "-trace_err",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=tmp_path)  # a full pipe stalls SIPp
+    try:
+        try:
+            await wake_on_push(phone, push_endpoint, same_port=False)
+        except TimeoutError:
+            pytest.fail("no push; SIPp errors: " + _sipp_errors(tmp_path))
+        await asyncio.wait_for(phone.invites.get(), 5)
+        await wait_for(lambda: phone.rtp is not None and phone.rtp.remote is not None, 5, "phone answered")
+        assert phone.rtp is not None
+        await phone.rtp.send_for(1.0)  # SIPp echoes it back through the bridge
+        assert phone.rtp.received > 10, "RTP did not come back from the SIPp caller"
+        try:
+            bye = await asyncio.wait_for(phone.byes.get(), 10)  # caller's BYE reaches the phone
+        except TimeoutError:
+            pytest.fail("no BYE at the phone; SIPp errors: " + _sipp_errors(tmp_path))
+        assert bye.method == "BYE"
+        assert await asyncio.wait_for(sipp.wait(), 15) == 0, _sipp_errors(tmp_path)
+    finally:
+        if sipp.returncode is None:
+            sipp.kill()
+            await sipp.wait()
+        phone.close()
+    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+
+
+async def test_redis_down_dials_live_contacts_and_reports_push_failed(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, start_daemon, aor: str) -> None:
+    redis = RedisServer()
+    redis.start()
+    try:
+        rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, redis.url, EXTRA))
+        await wait_for(lambda: rd.daemon.redis_link.up, 10, "redis up")
+        desk = SipUA(aor, ensure_asterisk.ports.sip)  # an awake phone without push
+        await desk.open()
+        assert await desk.register() == 200
+        redis.stop()
+        await wait_for(lambda: not rd.daemon.redis_link.up, 10, "redis down")
+        caller = SipUA("2000", ensure_asterisk.ports.sip)
+        await caller.open()
+        resp = await asyncio.wait_for(caller.call(aor), 10)
+        assert resp.status == 200  # the live contact was dialled without the store
+        await desk.hangup()
+        await asyncio.wait_for(caller.byes.get(), 5)
+        assert await desk.unregister() == 200
+        desk.close()
+        # only a sleeping contact left, store still down: nobody answers -> PUSH_FAILED
+        sleeper = SipUA(aor, ensure_asterisk.ports.sip)
+        await sleeper.open()
+        assert await sleeper.register("pn-provider=fcm;pn-prid=cAbCdEf123:APA91bHxyz-_AbC_xyz-123;pn-param=p1") == 200
+        sleeper.close()
+        resp = await asyncio.wait_for(caller.call(aor), 12)
+        assert resp.status == 480
+        await wait_for(lambda: "PUSH_STATUS=PUSH_FAILED" in ensure_asterisk.log_text(), 5, "PUSH_FAILED")
+        assert not rd.task.done()
+        caller.close()
+    finally:
+        redis.cleanup()
+    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+
+
+async def test_hanging_provider_does_not_delay_the_timeout(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon, aor: str) -> None:
+    accepted: list[asyncio.BaseTransport] = []
+
+    class Silent(asyncio.Protocol):  # accepts the connection, answers nothing
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.append(transport)
+
+    stalled = await asyncio.get_running_loop().create_server(Silent, "127.0.0.1", 0)
+    port = stalled.sockets[0].getsockname()[1]
+    rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url, EXTRA))
+    try:
+        phone = SipUA(aor, ensure_asterisk.ports.sip)
+        await phone.open()
+        assert await phone.register(f"X-PUSH-URI=http://127.0.0.1:{port}/push") == 200
+        await wait_for(lambda: rd.daemon.store.bindings_for(aor), 5, "stored")
+        phone.close()
+        caller = SipUA("2000", ensure_asterisk.ports.sip)
+        await caller.open()
+        started = time.monotonic()
+        resp = await asyncio.wait_for(caller.call(aor), 15)
+        took = time.monotonic() - started
+        assert resp.status == 480
+        assert took < 6 + 1.5, f"the 6 s timeout took {took:.1f} s"
+        caller.close()
+    finally:
+        await rd.stop()  # no more pushes to the stalled server, then close what it accepted
+        stalled.close()
+        await stalled.wait_closed()
+        for transport in accepted:
+            transport.close()
+    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+
+
+def _sipp_errors(folder: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in folder.glob("*errors.log"))[-2000:]
+
+
+@pytest.fixture
+async def ari_proxy(ensure_asterisk: AsteriskInstance):
+    proxy = TcpProxy(ensure_asterisk.ports.http)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+async def test_ari_websocket_drop_mid_call_is_reconciled(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
+        push_endpoint: PushEndpoint, ari_proxy: TcpProxy, aor: str) -> None:  # noqa: F811
+    config = daemon_config(tmp_path, ensure_asterisk, ensure_redis.url, extra(10))
+    config.write_text(config.read_text().replace(f":{ensure_asterisk.ports.http}", f":{ari_proxy.port}"))
+    rd = await start_daemon(config)
+    phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, rd.daemon.store)
+    caller = SipUA("2000", ensure_asterisk.ports.sip)
+    await caller.open()
+    answer = caller.start_call(aor)
+    await asyncio.wait_for(push_endpoint.on_call.get(), 10)
+    ari_proxy.drop_all()  # the event websocket (and any REST connection) dies mid-call
+    await wait_for(lambda: not rd.daemon.ari.link.up, 5, "ari link down")
+    await wait_for(lambda: rd.daemon.ari.link.up, 10, "ari link back")
+    await phone.open()
+    assert await phone.register() == 200
+    await asyncio.wait_for(phone.invites.get(), 5)
+    resp = await asyncio.wait_for(answer, 10)
+    assert resp.status == 200
+    await phone.hangup()
+    await asyncio.wait_for(caller.byes.get(), 5)
+    phone.close()
+    caller.close()
+    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+
+
+async def test_caller_leaves_during_ari_outage_is_cleaned_up_on_reconnect(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
+        push_endpoint: PushEndpoint, ari_proxy: TcpProxy, aor: str) -> None:  # noqa: F811
+    config = daemon_config(tmp_path, ensure_asterisk, ensure_redis.url, extra(20))
+    config.write_text(config.read_text().replace(f":{ensure_asterisk.ports.http}", f":{ari_proxy.port}"))
+    rd = await start_daemon(config)
+    await sleeping_phone(ensure_asterisk, aor, push_endpoint, rd.daemon.store)
+    caller = SipUA("2000", ensure_asterisk.ports.sip)
+    await caller.open()
+    answer = caller.start_call(aor)
+    await asyncio.wait_for(push_endpoint.on_call.get(), 10)
+    ari_proxy.refusing = True
+    ari_proxy.drop_all()
+    await wait_for(lambda: not rd.daemon.ari.link.up, 5, "ari link down")
+    await caller.cancel()  # the StasisEnd of this is lost with the websocket
+    assert (await asyncio.wait_for(answer, 5)).status == 487
+    await asyncio.sleep(1.0)
+    ari_proxy.refusing = False
+    await wait_for(lambda: rd.daemon.ari.link.up, 15, "ari link back")
+    await wait_for(lambda: "cancel" in push_endpoint.kinds(), 10, "cancel push after reconcile")
+    await wait_for(lambda: not rd.daemon.calls.calls, 5, "call forgotten")
+    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+    caller.close()
+
+
+async def test_two_calls_to_one_callee(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
+        push_endpoint: PushEndpoint, aor: str) -> None:  # noqa: F811
+    rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url, EXTRA))
+    phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, rd.daemon.store)
+    phone.answer_delay = 0.3
+    callers = [SipUA("2000", ensure_asterisk.ports.sip) for _ in range(2)]
+    for c in callers:
+        await c.open()
+    first = callers[0].start_call(aor)
+    await asyncio.wait_for(push_endpoint.on_call.get(), 10)
+    second = callers[1].start_call(aor)
+    await asyncio.wait_for(push_endpoint.on_call.get(), 10)
+    await phone.open()
+    assert await phone.register() == 200  # one wake-up serves both waiting calls
+    phone.answer_code = 200
+    results = await asyncio.wait_for(asyncio.gather(first, second), 15)
+    statuses = sorted(r.status for r in results)
+    # the phone answers the first INVITE; the second finds it busy (one line) -> DECLINED -> Busy()
+    assert statuses == [200, 486], statuses
+    await phone.hangup()
+    for c in callers:
+        c.close()
+    phone.close()
+    await wait_for(lambda: no_channels(ensure_asterisk), 10, "no channels left")

@@ -1,0 +1,468 @@
+"""Redis high availability, for real: Sentinel fail-over (manual and SIGKILL), AOF persistence
+across restarts and crashes, AUTH, TLS and a least-privilege ACL user through ``make_redis``.
+
+Every Redis here is Debian's redis-server / redis-sentinel on free loopback ports (rig/redis.py).
+The measured gaps are printed (``pytest -s``) and bounded by assertions; docs/operations.md
+quotes them.
+
+``DurableRedisStore`` below is the *proposed* write path for ``RedisStore.upsert`` (see
+docs/operations.md, "Durability across fail-over"): the upsert script, the ``seen`` index and
+``WAIT 1`` go out in one pipeline on one connection, so the store learns whether a replica has
+the binding. Replication is asynchronous: a binding the master acknowledged but no replica holds
+is lost when Sentinel promotes the replica. ``test_sentinel_manual_failover_loses_no_binding``
+shows such writes being dropped, every one of them reported by WAIT beforehand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from ari_push.bindings import RedisStore, StoreUnavailable, from_json, to_json
+from ari_push.model import Binding, PushParams
+from ari_push.push.ratelimit import RedisRateLimiter
+from ari_push.redis_keys import Keys
+from ari_push.service import Daemon, make_redis
+from ari_push.settings import RedisSettings, Secret, Settings, load
+from ari_push.wakeups import RedisWakeups, Registration
+from rig.redis import RedisServer, SentinelSet, TlsFiles, command, info
+from tests.fakes.keys import make_pki
+
+Clients = Callable[[RedisSettings], aioredis.Redis]
+PASSWORD = "s3cret-redis-pass-0123"  # a test password, checked never to leak
+
+
+def binding(i: int, aor: str = "") -> Binding:
+    now = time.time()
+    return Binding(aor=aor or f"a{i}", endpoint=aor or f"a{i}",
+                   push=PushParams("fcm", f"token-{i:05d}-{uuid.uuid4().hex}", "proj"),
+                   contact_uri=f"sip:{i}@127.0.0.1:5060", user_agent="test", first_seen=now, last_seen=now)
+
+
+class DurableRedisStore(RedisStore):
+    """RedisStore whose upsert also reports how many replicas acknowledged it (WAIT)."""
+
+    def __init__(self, *args: object, replicas: int = 1, wait_ms: int = 500, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.replicas = replicas
+        self.wait_ms = wait_ms
+
+    async def durable_upsert(self, b: Binding) -> tuple[Binding, int]:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                await self._upsert(keys=[self.keys.bindings(b.aor)],  # queued: returns the pipeline
+                                   args=[b.device_id, to_json(b), repr(b.last_seen), int(self.retention) + 60],
+                                   client=pipe)
+                pipe.zadd(self.keys.seen(), {f"{b.aor}\x00{b.device_id}": b.last_seen})
+                pipe.wait(self.replicas, self.wait_ms)
+                stored, _, acks = await pipe.execute()
+        except (aioredis.RedisError, OSError) as exc:  # the RedisStore contract: one exception type
+            raise StoreUnavailable(f"redis: {exc}") from None
+        return from_json(stored), int(acks)
+
+
+@dataclass
+class Writer:
+    """Upserts one new binding every ``interval`` s, recording what happened to each."""
+
+    store: DurableRedisStore
+    interval: float = 0.01
+    acked: dict[str, Binding] = field(default_factory=dict)  # on at least one replica
+    unconfirmed: dict[str, Binding] = field(default_factory=dict)  # master said OK, WAIT said 0
+    failures: list[tuple[float, str]] = field(default_factory=list)
+    successes: list[float] = field(default_factory=list)
+    started: dict[float, str] = field(default_factory=dict)  # start time -> aor
+    running: bool = True
+
+    async def run(self) -> None:
+        i = 0
+        while self.running:
+            b = binding(i)
+            i += 1
+            at = time.monotonic()
+            self.started[at] = b.aor
+            try:
+                _, acks = await self.store.durable_upsert(b)
+            except StoreUnavailable as exc:
+                self.failures.append((at, str(exc)))
+            else:
+                self.successes.append(at)
+                (self.acked if acks >= 1 else self.unconfirmed)[b.aor] = b
+            await asyncio.sleep(self.interval)
+
+    def gap_after(self, t: float) -> float:
+        """Time from ``t`` to the first successful write started after it."""
+        return next(s for s in self.successes if s >= t) - t
+
+
+async def missing(store: RedisStore, bindings: dict[str, Binding]) -> list[str]:
+    out = []
+    for aor, b in bindings.items():
+        stored = await store.bindings_for(aor)
+        if [s.device_id for s in stored] != [b.device_id]:
+            out.append(aor)
+    return out
+
+
+@pytest.fixture
+def sentinel_set() -> Iterator[SentinelSet]:
+    s = SentinelSet(password=PASSWORD, down_after_ms=1000, failover_timeout_ms=4000)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.cleanup()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Clients]:
+    """make_redis, with every client closed at teardown even when the test fails."""
+    made: list[aioredis.Redis] = []
+
+    def make(settings: RedisSettings) -> aioredis.Redis:
+        made.append(make_redis(settings))
+        return made[-1]
+
+    yield make
+    for client in made:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+
+
+def sentinel_client_settings(s: SentinelSet) -> RedisSettings:
+    return RedisSettings(sentinels=tuple(s.addresses), password=Secret(PASSWORD), socket_timeout=1.0)
+
+
+def no_secret_logged(caplog: pytest.LogCaptureFixture) -> None:
+    for record in caplog.records:
+        assert PASSWORD not in record.getMessage()
+
+
+# ---------------------------------------------------------------- (a) Sentinel fail-over
+
+
+async def test_sentinel_manual_failover_loses_no_binding(
+        clients: Clients, sentinel_set: SentinelSet, caplog: pytest.LogCaptureFixture) -> None:
+    """SENTINEL FAILOVER under a steady write load. Sentinel promotes the replica in ~0.2 s but
+    names it only ~1 s later, and leaves the old master a master until its next 10 s poll: writes
+    that reach the old master meanwhile are thrown away. Every one of them had WAIT = 0."""
+    caplog.set_level(logging.DEBUG)
+    client = clients(sentinel_client_settings(sentinel_set))
+    store = DurableRedisStore(client, Keys("ha:"), 86400, wait_ms=100)
+    writer = Writer(store, interval=0.02)
+    # a pattern subscription on the same client, as RedisWakeups holds one
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    await pubsub.psubscribe("ha:registered:*")
+    published: list[float] = []
+    received: set[float] = set()
+
+    async def publish_and_listen() -> None:
+        while writer.running:
+            t = time.monotonic()
+            with contextlib.suppress(redis.exceptions.RedisError):
+                await client.publish("ha:registered:1001", repr(t))
+                published.append(t)
+            with contextlib.suppress(redis.exceptions.RedisError):
+                while (msg := await pubsub.get_message(timeout=0.05)) is not None:
+                    received.add(float(msg["data"]))
+
+    task = asyncio.create_task(writer.run())
+    signals = asyncio.create_task(publish_and_listen())
+    try:
+        await asyncio.sleep(0.3)
+        assert len(writer.acked) >= 5 and not writer.unconfirmed and not writer.failures, (
+            len(writer.unconfirmed), writer.failures[:3])
+        started = time.monotonic()
+        old = await asyncio.to_thread(sentinel_set.failover)
+        new = await asyncio.to_thread(sentinel_set.wait_new_master, old, 15)
+        switched = time.monotonic() - started
+        await asyncio.sleep(2.5)  # FollowMasterPool re-reads the master every second
+    finally:
+        writer.running = False
+        await task
+        await signals
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert new != old
+    # The subscription followed the master too (without that it stays on the old master, which
+    # gets none of the new master's messages until Sentinel demotes it ~10 s later: measured).
+    late = [t for t in published if t > started + switched + 1.5]
+    assert late and [t for t in late if t not in received] == []
+
+    def on_new_master(b: Binding) -> bool:
+        return command(new, "HEXISTS", Keys("ha:").bindings(b.aor), b.device_id, password=PASSWORD) == 1
+
+    written = {**writer.acked, **writer.unconfirmed}
+    at = {aor: t - started for t, aor in writer.started.items()}
+    astray = sorted(at[aor] for aor, b in written.items() if not on_new_master(b))
+    # writes the old master took after the promotion; none once the client re-read the master
+    window = (astray[0], astray[-1]) if astray else (0.0, 0.0)
+    assert window[1] < switched + 1.5, f"the client kept writing to the old master until {window[1]:.2f}s"
+    assert sum(1 for aor in written if at[aor] > window[1]) >= 3, "no writes after the fail-over"
+
+    lost = await missing(store, writer.acked)
+    assert lost == [], f"bindings a replica acknowledged were lost: {lost}"
+    dropped = await missing(store, writer.unconfirmed)  # the old master's last writes
+    for b in writer.unconfirmed.values():  # the proposed store writes them again
+        await store.upsert(b)
+    assert await missing(store, writer.unconfirmed) == []
+    print(f"\nSENTINEL FAILOVER: sentinels named the new master after {switched:.2f}s; writes went to the "
+          f"old master from {window[0]:.2f}s to {window[1]:.2f}s; {len(writer.failures)} writes failed; "
+          f"{len(writer.acked)} confirmed by WAIT, {len(writer.unconfirmed)} not; {len(dropped)} of those were "
+          f"dropped by the fail-over and written again; 0 lost")
+    no_secret_logged(caplog)
+
+
+async def test_sigkill_master_fails_over_and_replicated_bindings_survive(
+        clients: Clients, sentinel_set: SentinelSet, caplog: pytest.LogCaptureFixture) -> None:
+    """The master crashes: writes fail (StoreUnavailable, never silently) until the sentinels
+    agree it is down (down-after 1 s) and promote the replica; then they go to the new master."""
+    caplog.set_level(logging.DEBUG)
+    client = clients(sentinel_client_settings(sentinel_set))
+    store = DurableRedisStore(client, Keys("ha:"), 86400, wait_ms=200)
+    durable = {}
+    for i in range(50):
+        b = binding(i, f"d{i}")
+        _, acks = await store.durable_upsert(b)
+        assert acks == 1
+        durable[b.aor] = b
+    master = sentinel_set.master()
+    replica = next(s for s in sentinel_set.servers if s is not master)
+    writer = Writer(store, interval=0.02)
+    task = asyncio.create_task(writer.run())
+    try:
+        await asyncio.sleep(0.2)
+        killed_at = time.monotonic()
+        await asyncio.to_thread(master.kill)
+        new = await asyncio.to_thread(sentinel_set.wait_new_master, master.port, 20)
+        promoted = time.monotonic() - killed_at
+        deadline = time.monotonic() + 10
+        while not [s for s in writer.successes if s > killed_at] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+    finally:
+        writer.running = False
+        await task
+    assert new == replica.port
+    gap = writer.gap_after(killed_at)
+    reasons = {why.split(" connecting")[0].split(" : ")[0] for _, why in writer.failures}
+    print(f"\nSIGKILL master: new master after {promoted:.2f}s (down-after 1.0s); first successful write "
+          f"{gap:.2f}s after the kill; {len(writer.failures)} writes refused meanwhile: {sorted(reasons)}; "
+          f"{len(writer.unconfirmed)} writes not confirmed by WAIT (no replica left)")
+    assert gap < 8.0
+    assert writer.failures and all(why.startswith("redis: ") for _, why in writer.failures)
+    assert await missing(store, durable) == []
+    assert await missing(store, writer.acked) == []
+    # after the promotion the new master has no replica: WAIT says so, the writes still stand
+    assert writer.unconfirmed and await missing(store, writer.unconfirmed) == []
+    no_secret_logged(caplog)
+
+
+# ---------------------------------------------------------------- (b) persistence
+
+
+@pytest.mark.parametrize("how", ["restart", "crash"])
+async def test_appendonly_bindings_survive_a_redis_restart(
+        clients: Clients, tmp_path: Path, how: str) -> None:
+    server = RedisServer(workdir=tmp_path / "aof", appendonly=True,
+                         extra_args=["--appendfsync", "everysec"])
+    server.start()
+    try:
+        settings = RedisSettings(url=server.url, socket_timeout=1.0)
+        client = clients(settings)
+        store = RedisStore(client, Keys("aof:"), 86400)
+        written = {f"p{i}": binding(i, f"p{i}") for i in range(20)}
+        for b in written.values():
+            await store.upsert(b)
+        if how == "crash":
+            server.kill()  # no shutdown work: the AOF has what write() put in the page cache
+            server.start()
+        else:
+            server.restart()
+        assert await missing(store, written) == []
+        assert sorted(await store.aors()) == sorted(written)
+    finally:
+        server.cleanup()
+
+
+async def test_without_persistence_a_crash_loses_every_binding(
+        clients: Clients, tmp_path: Path) -> None:
+    """The contrast that makes `appendonly yes` a requirement (docs/operations.md)."""
+    server = RedisServer(workdir=tmp_path / "none", appendonly=False)
+    server.start()
+    try:
+        client = clients(RedisSettings(url=server.url, socket_timeout=1.0))
+        store = RedisStore(client, Keys("none:"), 86400)
+        await store.upsert(binding(1, "gone"))
+        server.kill()
+        server.start()
+        assert await store.bindings_for("gone") == []
+    finally:
+        server.cleanup()
+
+
+# ---------------------------------------------------------------- (c) AUTH and TLS
+
+
+async def test_auth_with_password_file_setting_round_trips(
+        clients: Clients, tmp_path: Path) -> None:
+    server = RedisServer(workdir=tmp_path / "auth", password=PASSWORD)
+    server.start()
+    try:
+        (tmp_path / "redis.secret").write_text(PASSWORD + "\n")
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[ari]\npassword="x"\n[ami]\nsecret="y"\n[redis]\nurl="{server.url}"\n'
+                       'password_file="redis.secret"\n')
+        settings = load(cfg, environ={}).redis
+        client = clients(settings)
+        store = RedisStore(client, Keys("auth:"), 86400)
+        b = binding(1, "auth1")
+        await store.upsert(b)
+        assert [x.device_id for x in await store.bindings_for("auth1")] == [b.device_id]
+
+        # a password inside the URL is moved out of it by the settings loader
+        url_cfg = tmp_path / "u.toml"
+        url_cfg.write_text(f'[ari]\npassword="x"\n[ami]\nsecret="y"\n[redis]\n'
+                           f'url="redis://default:{PASSWORD}@127.0.0.1:{server.port}/0"\n')
+        from_url = load(url_cfg, environ={}).redis
+        assert PASSWORD not in from_url.url and from_url.password == PASSWORD
+        client = clients(from_url)
+        assert await RedisStore(client, Keys("auth:"), 86400).aors() == ["auth1"]
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.parametrize("given", ["wrong", "none"])
+async def test_wrong_password_is_a_clear_error_without_the_password(
+        clients: Clients, tmp_path: Path, given: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    server = RedisServer(workdir=tmp_path / "auth", password=PASSWORD)
+    server.start()
+    wrong = "not-the-" + PASSWORD
+    try:
+        settings = RedisSettings(url=server.url, password=Secret(wrong if given == "wrong" else ""),
+                                 socket_timeout=1.0)
+        client = clients(settings)
+        store = RedisStore(client, Keys("auth:"), 86400)
+        with pytest.raises(StoreUnavailable) as err:
+            await store.bindings_for("x")
+        text = str(err.value)
+        # redis-py 8 speaks RESP3: without a password its HELLO is refused ("... authenticated ...")
+        assert ("invalid username-password" in text) if given == "wrong" else ("authenticated" in text)
+        assert PASSWORD not in text and wrong not in text
+
+        # the daemon's Redis link: down, with the same reason, on /readyz
+        daemon = Daemon(Settings(redis=settings))
+        stop = asyncio.Event()
+        monitor = asyncio.create_task(daemon._redis_monitor(stop))
+        try:
+            async with asyncio.timeout(5):
+                while daemon.redis_link.changes == 0:
+                    await asyncio.sleep(0.02)
+        finally:
+            stop.set()
+            await monitor
+            assert daemon.redis is not None
+            await daemon.redis.aclose()
+            await daemon.ari.aclose()
+        reason = daemon.redis_link.reason
+        assert not daemon.redis_link.up and "AuthenticationError" in reason
+        assert PASSWORD not in reason and wrong not in reason
+        for record in caplog.records:
+            assert PASSWORD not in record.getMessage() and wrong not in record.getMessage()
+    finally:
+        server.cleanup()
+
+
+async def test_tls_with_client_certificate_and_auth(
+        clients: Clients, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki", client_common_name="ari-push")
+    tls = TlsFiles(cert_file=pki.server_cert, key_file=pki.server_key, ca_file=pki.ca_file,
+                   auth_clients="yes", client_file=pki.client_file)
+    server = RedisServer(workdir=tmp_path / "tls", password=PASSWORD, tls=tls)
+    server.start()
+    try:
+        assert server.url.startswith("rediss://")
+        good = RedisSettings(url=server.url, password=Secret(PASSWORD), tls=True, tls_ca_file=str(pki.ca_file),
+                             tls_cert_file=str(pki.client_file), socket_timeout=1.0)
+        client = clients(good)
+        store = RedisStore(client, Keys("tls:"), 86400)
+        b = binding(1, "tls1")
+        await store.upsert(b)
+        assert [x.device_id for x in await store.bindings_for("tls1")] == [b.device_id]
+        assert int(info(server.port, "stats", PASSWORD, tls)["total_connections_received"]) >= 1
+
+        # a server certificate from another CA: refused, and the error says why
+        other = make_pki(tmp_path / "other")
+        client = clients(RedisSettings(url=server.url, password=Secret(PASSWORD), tls=True,
+                                          tls_ca_file=str(other.ca_file), tls_cert_file=str(pki.client_file),
+                                          socket_timeout=1.0))
+        with pytest.raises(StoreUnavailable, match="certificate verify failed"):
+            await RedisStore(client, Keys("tls:"), 86400).aors()
+
+        # no client certificate while the server asks for one (tls-auth-clients yes): refused
+        client = clients(RedisSettings(url=server.url, password=Secret(PASSWORD), tls=True,
+                                          tls_ca_file=str(pki.ca_file), socket_timeout=1.0))
+        with pytest.raises(StoreUnavailable):
+            await RedisStore(client, Keys("tls:"), 86400).aors()
+    finally:
+        server.cleanup()
+
+
+async def test_least_privilege_acl_from_the_security_doc(clients: Clients, tmp_path: Path) -> None:
+    """The ACL user docs/security.md recommends can do all ari-push does (bindings, wake-up
+    signals between daemons, the rate limit, WAIT) and nothing outside its prefix."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    line = next(x.strip() for x in doc.splitlines() if x.strip().startswith("ACL SETUSER ari-push "))
+    rules = line.split()[3:]  # after "ACL SETUSER ari-push"
+    assert ">APP-PASSWORD" in rules
+    server = RedisServer(workdir=tmp_path / "acl", password=PASSWORD)  # the admin's password
+    server.start()
+    try:
+        assert server.command("ACL", "SETUSER", "ari-push", *[">acl-" + PASSWORD if r == ">APP-PASSWORD" else r
+                                                              for r in rules]) == "OK"
+        settings = RedisSettings(url=server.url, username="ari-push", password=Secret("acl-" + PASSWORD))
+        client, other = clients(settings), clients(settings)
+        keys = Keys("ari-push:")
+        store = DurableRedisStore(client, keys, 86400, replicas=0, wait_ms=10)
+        b = binding(1, "1001")
+        await store.durable_upsert(b)
+        assert [x.device_id for x in await store.bindings_for("1001")] == [b.device_id]
+        assert await store.aors() == ["1001"] and await store.sweep(0) == 0
+        assert await store.forget_if_stale("1001", b.device_id, b.last_seen + 1)
+
+        limiter = RedisRateLimiter(client, "ari-push:", 6, 1)
+        assert [await limiter.acquire("dev"), await limiter.acquire("dev")] == [True, False]
+        assert not limiter._degraded
+
+        wakeups, stop = RedisWakeups(client, keys, "node-a"), asyncio.Event()
+        task = asyncio.create_task(wakeups.run(stop))
+        try:
+            with wakeups.watch("1001") as watch:
+                reg = Registration("1001", "sip:1001@192.0.2.1", origin="node-b")
+                async with asyncio.timeout(5):
+                    while watch.queue.empty():  # until the subscription is in place
+                        await RedisWakeups(other, keys, "node-b").publish(reg)
+                        await asyncio.sleep(0.1)
+                assert watch.queue.get_nowait() == reg  # not a GAP: the subscription was allowed
+        finally:
+            stop.set()
+            await task
+
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await client.set("someone-else:key", "x")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await client.execute_command("FLUSHALL")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await client.execute_command("CONFIG", "GET", "requirepass")
+    finally:
+        server.cleanup()
