@@ -48,9 +48,12 @@ OPERATIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "destroy_bridge": ("DELETE", "/bridges/{bridgeId}", (), ()),
     "list_bridges": ("GET", "/bridges", (), ()),
     "get_application": ("GET", "/applications/{applicationName}", (), ()),
+    "list_applications": ("GET", "/applications", (), ()),
     "get_config": ("GET", "/asterisk/config/dynamic/{configClass}/{objectType}/{id}", (), ()),
     "delete_config": ("DELETE", "/asterisk/config/dynamic/{configClass}/{objectType}/{id}", (), ()),
     "claim": ("POST", "/events/claim", ("channelId", "application"), ()),
+    "move": ("POST", "/channels/{channelId}/move", ("app", "appArgs"), ()),
+    "subscribe": ("POST", "/applications/{applicationName}/subscription", ("eventSource",), ()),
 }
 
 
@@ -72,6 +75,7 @@ class AriClient:
         on_connect: ConnectHandler | None = None,
         backoff: Backoff | None = None,
     ) -> None:
+        self.gate: tuple[asyncio.Event, asyncio.Event] | None = None  # (held, lost): lease mode
         self.settings = settings
         self.on_event = on_event
         self.on_connect = on_connect
@@ -132,8 +136,12 @@ class AriClient:
     # ---------------------------------------------------------------- events
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Keep the event websocket up until ``stop`` is set."""
+        """Keep the event websocket up until ``stop`` is set (in lease mode: while the lease is held)."""
         while not stop.is_set():
+            if self.gate is not None and not self.gate[0].is_set():
+                self.link.set_down("standby: another daemon holds the lease")
+                await _first(stop.wait(), self.gate[0].wait())
+                continue
             try:
                 await self._session_loop(stop)
                 self.backoff.reset()
@@ -167,15 +175,17 @@ class AriClient:
                     self._dispatch(msg.data)
                 elif msg.type == aiohttp.WSMsgType.ERROR:
                     break
-            if not stop.is_set():
+            if not stop.is_set() and not (self.gate is not None and self.gate[1].is_set()):
                 raise ConnectionResetError("event websocket closed")
         finally:
             closer.cancel()
             await ws.close()
 
-    @staticmethod
-    async def _close_on(stop: asyncio.Event, ws: aiohttp.ClientWebSocketResponse) -> None:
-        await stop.wait()
+    async def _close_on(self, stop: asyncio.Event, ws: aiohttp.ClientWebSocketResponse) -> None:
+        if self.gate is None:
+            await stop.wait()
+        else:
+            await _first(stop.wait(), self.gate[1].wait())
         await ws.close()
 
     def _dispatch(self, text: str) -> None:
@@ -190,3 +200,13 @@ class AriClient:
             self.on_event(event)
         except Exception:
             log.exception("ARI event handler failed on %s", event.get("type"))
+
+
+async def _first(*aws: Awaitable[Any]) -> None:
+    """Wait until the first of ``aws`` is done; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -22,6 +22,7 @@ from typing import Any
 from ari_push.ami import AmiClient
 from ari_push.ari import AriClient, AriError
 from ari_push.bindings import BindingStore, StoreUnavailable
+from ari_push.cluster import MemoryLedger, PushLedger, channel_role, stasis_args
 from ari_push.contacts import ContactPolicy, ContactRejected, parse_contact
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult
@@ -52,12 +53,22 @@ class Leg:
     uri: str
     device_id: str
     started: float
+    started_wall: float = field(default_factory=time.time)
 
 
 @dataclass
 class CallOptions:
     target: str
     timeout: float
+
+
+CALL_ID_NAMESPACE = uuid.UUID("5b0f3c0e-8a53-4c55-9d3e-3f1c2a7f6a10")
+
+
+def call_id_for(asterisk_id: str, channel_id: str) -> str:
+    """The call id in pushes: the same for one call whichever daemon handles it (after a
+    take-over too), so pushes can be made idempotent across daemons."""
+    return str(uuid.uuid5(CALL_ID_NAMESPACE, f"{asterisk_id}/{channel_id}"))
 
 
 def contact_object_id(aor: str, uri: str) -> str:
@@ -116,6 +127,7 @@ class CallManager:
         metrics: Metrics,
         policy: ContactPolicy,
         node_id: str,
+        ledger: PushLedger | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
@@ -126,6 +138,9 @@ class CallManager:
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.node_id = node_id
+        self.ledger: PushLedger = ledger or MemoryLedger()
+        self.bridge_watch: dict[str, asyncio.Queue[Any]] = {}  # channel id -> adopted bridge's queue
+        self.asterisk_id = ""  # entity id of the Asterisk we serve (learnt on connect)
         self.calls: dict[str, Call] = {}  # caller channel id -> call
         self.leg_owner: dict[str, Call] = {}  # leg channel id -> call
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -146,34 +161,37 @@ class CallManager:
                 if owner is not None:
                     owner.queue.put_nowait(event)
                 else:  # a leg of a call this daemon no longer knows: never leave it in Stasis
-                    self._spawn(self._hangup_quietly(cid), f"orphan-{cid}")
+                    self.spawn(self._hangup_quietly(cid), f"orphan-{cid}")
                 return
             if cid in self.calls:
                 return
-            self._start_call(channel, args)
+            self._start_call(channel, args, str(event.get("asterisk_id", "")))
             return
         call = self.calls.get(cid) or self.leg_owner.get(cid)
         if call is not None:
             call.queue.put_nowait(event)
+        elif cid in self.bridge_watch:
+            self.bridge_watch[cid].put_nowait(event)
 
-    def _start_call(self, channel: dict[str, Any], args: list[str]) -> None:
+    def _start_call(self, channel: dict[str, Any], args: list[str], asterisk_id: str = "") -> None:
         cid = channel["id"]
         caller = channel.get("caller") or {}
         if self.draining:
-            self._spawn(self._continue(cid, Status.SHUTDOWN), f"refuse-{cid}")
+            self.spawn(self._continue(cid, Status.SHUTDOWN), f"refuse-{cid}")
             return
         try:
             options = parse_args(args, self.settings.calls.default_timeout, self.settings.calls.max_timeout)
         except ValueError as exc:
             log.warning("call %s: %s; continuing with NO_DEVICES", cid, exc)
             self.metrics.calls.labels(Status.NO_DEVICES.value).inc()
-            self._spawn(self._continue(cid, Status.NO_DEVICES), f"badargs-{cid}")
+            self.spawn(self._continue(cid, Status.NO_DEVICES), f"badargs-{cid}")
             return
-        call = Call(cid, str(caller.get("number", "")), str(caller.get("name", "")), options)
+        call = Call(cid, str(caller.get("number", "")), str(caller.get("name", "")), options,
+                    call_id=call_id_for(asterisk_id or self.asterisk_id, cid))
         self.calls[cid] = call
-        self._spawn(self._run_call(call), f"call-{cid}")
+        self.spawn(self._run_call(call), f"call-{cid}")
 
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+    def spawn(self, coro: Awaitable[Any], name: str) -> None:
         task = asyncio.ensure_future(coro)
         task.set_name(name)
         self.tasks.add(task)
@@ -214,33 +232,81 @@ class CallManager:
         """After an ARI (re)connect: events during the outage are lost. Check every channel in
         our app: known calls re-check their caller; unknown ones are resumed or hung up."""
         try:
+            info = await self.ari.call("asterisk_info")
+            self.asterisk_id = str((info.get("system") or {}).get("entity_id", "")) or self.asterisk_id
             channels = await self.ari.call("list_channels")
         except AriError as exc:
             log.warning("reconcile: cannot list channels: %s", exc)
             return
         live = {c["id"]: c for c in channels}
-        app = self.settings.ari.app
+        try:
+            ours = set((await self.ari.call("get_application", {"applicationName": self.settings.ari.app}))
+                       .get("channel_ids", []))
+        except AriError as exc:
+            log.warning("reconcile: cannot read application %s: %s", self.settings.ari.app, exc)
+            ours = set()
         for cid, call in list(self.calls.items()):
             if cid not in live:
                 call.queue.put_nowait({"type": "StasisEnd", "channel": {"id": cid}, "reconciled": True})
             for leg_id in list(call.legs):
                 if leg_id not in live:
                     call.queue.put_nowait({"type": "ChannelDestroyed", "channel": {"id": leg_id}, "cause": 16})
-        for cid, ch in live.items():
-            plan = ch.get("dialplan") or {}
-            if plan.get("app_name") != "Stasis" or not str(plan.get("app_data", "")).startswith(f"{app},"):
+        for cid in ours:
+            ch = live.get(cid)
+            if ch is None or cid in self.calls or cid in self.leg_owner or cid in self.bridge_watch:
                 continue
-            if cid in self.calls or cid in self.leg_owner:
-                continue
-            args = str(plan["app_data"]).split(",")[1:]
-            if args and args[0] == DIALED:
-                log.info("reconcile: hanging up leg %s of a call this daemon does not know", cid)
-                self._spawn(self._hangup_quietly(cid), f"orphan-{cid}")
-            elif ch.get("state") == "Up":
-                log.info("reconcile: channel %s is up (a bridged call from before); leaving it", cid)
+            args = stasis_args(ch)
+            kind = channel_role(ch, args)
+            if kind == "caller":
+                log.info("reconcile: resuming call %s to %s", cid, args.split(",")[0])
+                self._start_call(ch, args.split(","))
+            elif kind == "up":
+                await self._adopt_bridge_of(cid)
             else:
-                log.info("reconcile: resuming call %s to %s", cid, args[:1])
-                self._start_call(ch, args)
+                log.info("reconcile: hanging up leg %s of a call this daemon does not know", cid)
+                self.spawn(self._hangup_quietly(cid), f"orphan-{cid}")
+
+    async def _adopt_bridge_of(self, channel_id: str) -> None:
+        """A channel that is up in our app but not ours: a bridged call from before a restart."""
+        try:
+            bridges = await self.ari.call("list_bridges")
+        except AriError as exc:
+            log.warning("reconcile: cannot list bridges: %s", exc)
+            return
+        bridge = next((b for b in bridges if channel_id in b.get("channels", [])), None)
+        if bridge is not None and len(bridge["channels"]) >= 2:
+            await self.adopt_bridge(bridge["id"], list(bridge["channels"]))
+        else:
+            log.info("reconcile: %s is up but alone; hanging it up", channel_id)
+            await self._hangup_quietly(channel_id)
+
+    async def adopt_bridge(self, bridge_id: str, channel_ids: list[str]) -> None:
+        """Carry the hang-up of a bridged call this daemon did not set up (its daemon died or
+        restarted): subscribe to its channels; when one leaves, end the others."""
+        if any(cid in self.bridge_watch for cid in channel_ids):
+            return
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        for cid in channel_ids:
+            self.bridge_watch[cid] = queue
+            await self._safe(self.ari.call("subscribe", {"applicationName": self.settings.ari.app},
+                                           query={"eventSource": f"channel:{cid}"}), "subscribe")
+        self.spawn(self._watch_bridge(bridge_id, channel_ids, queue), f"bridge-{bridge_id}")
+
+    async def _watch_bridge(self, bridge_id: str, channel_ids: list[str], queue: asyncio.Queue[Any]) -> None:
+        try:
+            while True:
+                event = await queue.get()
+                if event.get("type") in ("ChannelHangupRequest", "ChannelDestroyed", "ChannelLeftBridge",
+                                         "StasisEnd"):
+                    break
+            log.info("adopted bridge %s: one side left; ending the others", bridge_id)
+            for cid in channel_ids:
+                await self._hangup_quietly(cid)
+            await self._safe(self.ari.call("destroy_bridge", {"bridgeId": bridge_id}), "destroy bridge",
+                             quiet_404=True)
+        finally:
+            for cid in channel_ids:
+                self.bridge_watch.pop(cid, None)
 
     # ---------------------------------------------------------------- the flow
 
@@ -366,8 +432,10 @@ class CallManager:
         for r in regs:
             if r.contact_uri in call.dialled_uris:
                 stale = next((lg for lg in call.legs.values() if lg.uri == r.contact_uri), None)
-                if stale is None or reg is GAP:
-                    continue  # already rung and over (declined, failed): never ring it twice
+                if stale is None or reg is GAP or r.at <= stale.started_wall:
+                    # already rung and over (declined, failed), or the same registration seen
+                    # again (another daemon's capture): never ring it twice
+                    continue
                 # Same URI registered afresh: the INVITE sent while it slept is lost; replace it.
                 self._drop_leg(call, stale)
                 await self._hangup_quietly(stale.channel_id)
@@ -421,7 +489,7 @@ class CallManager:
         others = [b for b in call.pushed if b.device_id != leg.device_id]
         if others:
             message = self._message(call, PushKind.ANSWERED_ELSEWHERE)
-            self._spawn(self._push_all(others, message), f"elsewhere-{call.call_id}")
+            self.spawn(self._push_all(others, message), f"elsewhere-{call.call_id}")
 
     async def _bridged(self, call: Call) -> None:
         """Asterisk does not carry a hang-up across a Stasis bridge: we do, both ways."""
@@ -499,7 +567,16 @@ class CallManager:
         return True
 
     async def _push_all(self, bindings: list[Binding], message: PushMessage) -> dict[str, PushResult]:
-        results = await self.dispatcher.send_many(bindings, message)
+        # Exactly one push per (call, device, kind), whichever daemon handles the call: a push
+        # another daemon sent for this call (before a take-over) counts as delivered.
+        fresh, earlier = [], {}
+        for b in bindings:
+            if await self.ledger.first(message.call_id, b.device_id, message.kind.value):
+                fresh.append(b)
+            else:
+                earlier[b.device_id] = PushResult(PushOutcome.DELIVERED, "sent earlier for this call")
+        results = {**earlier, **await self.dispatcher.send_many(fresh, message)}
+        bindings = fresh
         for b in bindings:
             r = results.get(b.device_id)
             if r is not None:

@@ -26,3 +26,19 @@ class Keys:
 
     def registered_pattern(self) -> str:
         return f"{self.prefix}registered:*"
+
+    def nodes(self) -> str:
+        """ZSET app name -> last heartbeat (Redis server time, ms): which daemons are alive."""
+        return f"{self.prefix}nodes"
+
+    def adopt(self, channel_id: str) -> str:
+        """STRING node id, NX with a TTL: one daemon adopts a dead daemon's channel."""
+        return f"{self.prefix}adopt:{channel_id}"
+
+    def lease(self, app: str) -> str:
+        """STRING node id, NX + PX: who may connect the shared Stasis app (lease mode)."""
+        return f"{self.prefix}lease:{app}"
+
+    def pushed(self, call_id: str, device_id: str, kind: str) -> str:
+        """STRING, NX with a TTL: this (call, device, kind) push was sent once already."""
+        return f"{self.prefix}pushed:{call_id}:{device_id}:{kind}"

@@ -25,6 +25,7 @@ from ari_push.ari import AriClient
 from ari_push.bindings import BindingStore, MemoryStore, RedisStore, StoreUnavailable
 from ari_push.calls import CallManager
 from ari_push.capture import Capture
+from ari_push.cluster import Cluster, MemoryLedger, PushLedger, RedisLedger
 from ari_push.contacts import ContactPolicy
 from ari_push.health import HealthServer
 from ari_push.links import LinkState
@@ -96,20 +97,29 @@ class Daemon:
         self.redis_link = LinkState("redis")
         self.store: BindingStore
         self.wakeups: WakeupHub
+        self.keys = Keys(settings.redis.key_prefix)
+        self.ledger: PushLedger
         if settings.redis.embedded:
             self.store = MemoryStore()
             self.wakeups = WakeupHub(self.node_id)
+            self.ledger = MemoryLedger()
         else:
             self.redis = make_redis(settings.redis)
-            keys = Keys(settings.redis.key_prefix)
-            self.store = RedisStore(self.redis, keys, settings.capture.retention_days * 86400)
-            self.wakeups = RedisWakeups(self.redis, keys, self.node_id)
+            self.store = RedisStore(self.redis, self.keys, settings.capture.retention_days * 86400)
+            self.wakeups = RedisWakeups(self.redis, self.keys, self.node_id)
+            self.ledger = RedisLedger(self.redis, self.keys)
         self.ami = AmiClient(settings.ami, on_event=self._on_ami_event, on_connect=self._on_ami_connect)
         self.ari = AriClient(settings.ari, on_event=self._on_ari_event, on_connect=self._on_ari_connect)
         self.policy = ContactPolicy.from_settings(settings.capture)
         self.capture = Capture(self.store, self.wakeups, self.policy, self.ami, self.metrics, self.node_id)
         self.dispatcher: PushDispatcher | None = None
         self.calls: CallManager | None = None
+        self.cluster: Cluster | None = None
+        if settings.cluster.mode != "single" and self.redis is not None:
+            self.cluster = Cluster(settings.cluster, settings.ari.app, self.redis, self.keys, self.ari, self.node_id,
+                                   may_take_calls=self._may_take_calls, adopt_bridge=self._adopt_bridge)
+            if settings.cluster.mode == "lease":
+                self.ari.gate = (self.cluster.lease_held, self.cluster.lease_lost)
         links = [self.ami.link, self.ari.link] + ([self.redis_link] if self.redis is not None else [])
         self.health = HealthServer(settings.http.listen, links, self.metrics)
         self.started = asyncio.Event()
@@ -126,8 +136,22 @@ class Daemon:
             log.warning("contact resync failed: %s", exc)
 
     def _on_ari_event(self, event: dict[str, Any]) -> None:
+        if self.calls is None:
+            return
+        if event.get("type") == "CallBroadcast":
+            if self.cluster is not None:
+                self.calls.spawn(self.cluster.claim(event), "claim")
+            return
+        self.calls.on_event(event)
+
+    def _may_take_calls(self) -> bool:
+        """Claim calls only when this daemon can serve them."""
+        store_ok = self.redis is None or self.redis_link.up
+        return self.calls is not None and not self.calls.draining and self.ami.link.up and store_ok
+
+    async def _adopt_bridge(self, bridge_id: str, channel_ids: list[str]) -> None:
         if self.calls is not None:
-            self.calls.on_event(event)
+            await self.calls.adopt_bridge(bridge_id, channel_ids)
 
     async def _on_ari_connect(self) -> None:
         if self.calls is not None:
@@ -155,7 +179,7 @@ class Daemon:
         limiter = build_rate_limiter(self.settings.push, self.redis, self.settings.redis.key_prefix)
         self.dispatcher = PushDispatcher(providers, on_token_dead=self._on_token_dead, rate_limiter=limiter)
         self.calls = CallManager(self.settings, self.ari, self.ami, self.store, self.wakeups, self.dispatcher,
-                                 self.metrics, self.policy, self.node_id)
+                                 self.metrics, self.policy, self.node_id, self.ledger)
         if self.settings.http.enabled:
             await self.health.start()
         inner_stop = asyncio.Event()  # links stop after the calls have drained
@@ -166,6 +190,8 @@ class Daemon:
                 tg.create_task(self.capture.run(inner_stop), name="capture")
                 tg.create_task(self.calls.run(inner_stop), name="calls")
                 tg.create_task(self._sweeper(inner_stop), name="sweeper")
+                if self.cluster is not None:
+                    tg.create_task(self.cluster.run(inner_stop), name="cluster")
                 if isinstance(self.wakeups, RedisWakeups):
                     tg.create_task(self.wakeups.run(inner_stop), name="wakeups")
                     tg.create_task(self._redis_monitor(inner_stop), name="redis-monitor")

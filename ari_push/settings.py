@@ -108,6 +108,20 @@ class CallSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Several daemons (docs/clustering.md). ``single``: one daemon per Asterisk. ``broadcast``:
+    every daemon has its own ``[ari] app`` (``<app_family>-<name>``) and claims calls sent with
+    StasisBroadcast() (Asterisk 20.17+/22.7+). ``lease``: daemons share one app name and only
+    the holder of a Redis lease connects (older Asterisk)."""
+
+    mode: str = "single"  # single | broadcast | lease
+    app_family: str = "ari-push"
+    heartbeat: float = 1.0
+    node_ttl: float = 3.0
+    lease_ttl: float = 5.0
+
+
+@dataclass(frozen=True)
 class PushSettings:
     """Per-device push rate limit (push/ratelimit.py): ``burst`` call pushes at once, then
     ``rate_per_minute``; 0 turns the limit off. Shared through Redis when Redis is configured."""
@@ -186,6 +200,7 @@ class Settings:
     capture: CaptureSettings = field(default_factory=CaptureSettings)
     calls: CallSettings = field(default_factory=CallSettings)
     push: PushSettings = field(default_factory=PushSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     log: LogSettings = field(default_factory=LogSettings)
     apns: tuple[ApnsApp, ...] = ()
@@ -560,8 +575,25 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         if name not in KNOWN_PROVIDERS and name not in cap.extra_providers:
             raise SettingsError("webhook.providers", f"unknown provider {name!r}")
 
+    clu_s = _Section(top.table("cluster"), "cluster", base)
+    cluster = ClusterSettings(
+        mode=clu_s.choice("mode", "single", ("single", "broadcast", "lease")),
+        app_family=clu_s.text("app_family", ClusterSettings.app_family),
+        heartbeat=clu_s.positive("heartbeat", ClusterSettings.heartbeat),
+        node_ttl=clu_s.positive("node_ttl", ClusterSettings.node_ttl),
+        lease_ttl=clu_s.positive("lease_ttl", ClusterSettings.lease_ttl),
+    )
+    clu_s.done()
+    if cluster.mode != "single" and red.embedded:
+        raise SettingsError("cluster.mode", f"{cluster.mode!r} needs [redis] (daemons share state through it)")
+    if cluster.mode == "broadcast" and not ari.app.startswith(cluster.app_family + "-"):
+        raise SettingsError("ari.app", f"in broadcast mode each daemon needs its own app named "
+                                       f"'{cluster.app_family}-<name>', got {ari.app!r}")
+    if cluster.node_ttl <= cluster.heartbeat:
+        raise SettingsError("cluster.node_ttl", "must be longer than cluster.heartbeat")
+
     settings = Settings(
-        ari=ari, ami=ami, redis=red, capture=cap, calls=calls, push=push, http=http, log=log,
+        ari=ari, ami=ami, redis=red, capture=cap, calls=calls, push=push, cluster=cluster, http=http, log=log,
         apns=apns, fcm=fcm, vendor=vendor, webhook=hook,
         node_id=top.text("node_id"),
         shutdown_timeout=top.positive("shutdown_timeout", Settings.shutdown_timeout),

@@ -28,6 +28,7 @@ class SipMessage:
     headers: list[tuple[str, str]]
     body: str = ""
     received: float = field(default_factory=time.monotonic)
+    source: tuple[str, int] | None = None  # where it came from (UDP): responses go back there
 
     def header(self, name: str) -> str:
         n = name.lower()
@@ -80,7 +81,9 @@ class _Udp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if data.strip():
-            self.ua._on_message(parse(data))
+            msg = parse(data)
+            msg.source = addr
+            self.ua._on_message(msg)
 
 
 class SipUA:
@@ -158,9 +161,9 @@ class SipUA:
             self.rtp.close()
             self.rtp = None
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, to: tuple[str, int] | None = None) -> None:
         if self._udp is not None:
-            self._udp.sendto(data, self.server)
+            self._udp.sendto(data, to or self.server)
         elif self._tcp_writer is not None:
             self._tcp_writer.write(data)
         else:
@@ -182,13 +185,13 @@ class SipUA:
         return f"SIP/2.0/{self.transport.upper()} 127.0.0.1:{self.port};rport;branch=z9hG4bK{branch or _tag()}"
 
     async def _request(self, method: str, uri: str, headers: list[tuple[str, str]], body: str = "",
-                       timeout: float = 5.0) -> SipMessage:
+                       timeout: float = 5.0, to: tuple[str, int] | None = None) -> SipMessage:
         branch = _tag()
         key = f"{branch}:{method}"
         fut: asyncio.Future[SipMessage] = asyncio.get_running_loop().create_future()
         self._waiters[key] = fut
         self.send(build(f"{method} {uri} SIP/2.0", [("Via", self._via(branch)), ("Max-Forwards", "70"), *headers],
-                        body))
+                        body), to)
         try:
             async with asyncio.timeout(timeout):
                 return await fut
@@ -231,19 +234,19 @@ class SipUA:
             if (push_call and push_call == self.dialog.get("push_call")) or self.dialog.get("call_id"):
                 # a second INVITE for a call this phone already took (a leg sent while it slept),
                 # or another call while it is on one: one line, busy
-                self.send(self._response(msg, 486, "Busy Here", _tag()))
+                self.send(self._response(msg, 486, "Busy Here", _tag()), msg.source)
                 return
             self.invites.put_nowait(msg)
             asyncio.get_running_loop().create_task(self._answer(msg))
         elif msg.method == "BYE":
-            self.send(self._response(msg, 200, "OK"))
+            self.send(self._response(msg, 200, "OK"), msg.source)
             self.dialog = {}
             self.byes.put_nowait(msg)
         elif msg.method == "CANCEL":
-            self.send(self._response(msg, 200, "OK"))
+            self.send(self._response(msg, 200, "OK"), msg.source)
             self.cancels.put_nowait(msg)
         elif msg.method in ("OPTIONS", "NOTIFY"):
-            self.send(self._response(msg, 200, "OK"))
+            self.send(self._response(msg, 200, "OK"), msg.source)
 
     def _response(self, req: SipMessage, code: int, reason: str, to_tag: str = "",
                   extra: list[tuple[str, str]] | None = None, body: str = "") -> bytes:
@@ -258,11 +261,12 @@ class SipUA:
     async def _answer(self, invite: SipMessage) -> None:
         tag = _tag()
         self.dialog = {"push_call": invite.header("X-Ari-Push-Call-Id"), "call_id": invite.header("Call-ID")}
-        self.send(self._response(invite, 180, "Ringing", tag))
+        self.send(self._response(invite, 180, "Ringing", tag), invite.source)
         if self.answer_delay:
             await asyncio.sleep(self.answer_delay)
         if self.answer_code != 200:
-            self.send(self._response(invite, self.answer_code, "Declined" if self.answer_code == 603 else "Busy", tag))
+            self.send(self._response(invite, self.answer_code, "Declined" if self.answer_code == 603 else "Busy", tag),
+                      invite.source)
             self.dialog = {}
             return
         self._new_rtp()
@@ -273,11 +277,12 @@ class SipUA:
             self.rtp.remote = remote
         self.dialog = {"push_call": invite.header("X-Ari-Push-Call-Id"),
                        "call_id": invite.header("Call-ID"), "from": invite.header("From"),
+                       "peer": f"{invite.source[0]}:{invite.source[1]}" if invite.source else "",
                        "to": invite.header("To") + f";tag={tag}", "remote_target":
                        re.sub(r"^.*<([^>]+)>.*$", r"\1", invite.header("Contact")), "role": "uas"}
         self.send(self._response(invite, 200, "OK", tag, [
             ("Contact", f"<sip:{self.user}@127.0.0.1:{self.port};transport={self.transport}>"),
-            ("Content-Type", "application/sdp")], self.rtp.sdp(self.user)))
+            ("Content-Type", "application/sdp")], self.rtp.sdp(self.user)), invite.source)
 
     async def hangup(self) -> int:
         """BYE on the current dialog (either role)."""
@@ -287,8 +292,10 @@ class SipUA:
             from_h, to_h = d["to"], d["from"]
         else:
             from_h, to_h = d["from"], d["to"]
+        host, _, port = d.get("peer", "").rpartition(":")
         resp = await self._request("BYE", d["remote_target"], [
-            ("From", from_h), ("To", to_h), ("Call-ID", d["call_id"]), ("CSeq", f"{self.cseq} BYE")])
+            ("From", from_h), ("To", to_h), ("Call-ID", d["call_id"]), ("CSeq", f"{self.cseq} BYE")],
+            to=(host, int(port)) if host else None)
         self.dialog = {}
         return resp.status
 
