@@ -14,6 +14,7 @@ import logging
 import re
 import time
 import uuid
+from datetime import datetime
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -69,6 +70,16 @@ def call_id_for(asterisk_id: str, channel_id: str) -> str:
     """The call id in pushes: the same for one call whichever daemon handles it (after a
     take-over too), so pushes can be made idempotent across daemons."""
     return str(uuid.uuid5(CALL_ID_NAMESPACE, f"{asterisk_id}/{channel_id}"))
+
+
+def channel_age(channel: dict[str, Any]) -> float:
+    """Seconds since Asterisk created the channel: a call resumed after a restart or taken over
+    from a dead daemon keeps its original deadline. 0 when unknown or in the future."""
+    try:
+        created = datetime.strptime(str(channel.get("creationtime", "")), "%Y-%m-%dT%H:%M:%S.%f%z")
+    except ValueError:
+        return 0.0
+    return min(max(0.0, time.time() - created.timestamp()), 3600.0)
 
 
 def contact_object_id(aor: str, uri: str) -> str:
@@ -187,7 +198,8 @@ class CallManager:
             self.spawn(self._continue(cid, Status.NO_DEVICES), f"badargs-{cid}")
             return
         call = Call(cid, str(caller.get("number", "")), str(caller.get("name", "")), options,
-                    call_id=call_id_for(asterisk_id or self.asterisk_id, cid))
+                    call_id=call_id_for(asterisk_id or self.asterisk_id, cid),
+                    started=time.monotonic() - channel_age(channel))
         self.calls[cid] = call
         self.spawn(self._run_call(call), f"call-{cid}")
 
@@ -266,6 +278,12 @@ class CallManager:
                 log.info("reconcile: hanging up leg %s of a call this daemon does not know", cid)
                 self.spawn(self._hangup_quietly(cid), f"orphan-{cid}")
 
+    def start_adopted(self, channel: dict[str, Any], args: str) -> None:
+        """A waiting call moved into our app from a dead daemon's (cluster.py)."""
+        if channel["id"] not in self.calls:
+            log.info("resuming adopted call %s to %s", channel["id"], args.split(",")[0])
+            self._start_call(channel, args.split(","))
+
     async def _adopt_bridge_of(self, channel_id: str) -> None:
         """A channel that is up in our app but not ours: a bridged call from before a restart."""
         try:
@@ -334,7 +352,7 @@ class CallManager:
 
     async def _wait_for_answer(self, call: Call) -> Status:
         target = call.options.target
-        deadline = time.monotonic() + call.options.timeout
+        deadline = call.started + call.options.timeout
         await self._safe(self.ari.call("ring", {"channelId": call.channel_id}), "ring")
         contacts = await self._live_contacts(target)
         if contacts is None:

@@ -94,6 +94,7 @@ class Cluster:
         node_id: str,
         may_take_calls: Callable[[], bool],
         adopt_bridge: Callable[[str, list[str]], Awaitable[None]],
+        start_adopted: Callable[[dict[str, Any], str], None],
     ) -> None:
         self.settings = settings
         self.app = app
@@ -103,6 +104,7 @@ class Cluster:
         self.node_id = node_id
         self.may_take_calls = may_take_calls
         self.adopt_bridge = adopt_bridge
+        self.start_adopted = start_adopted
         self._beat = client.register_script(_BEAT)
         self._alive = client.register_script(_ALIVE)
         self._renew = client.register_script(_RENEW)
@@ -183,7 +185,7 @@ class Cluster:
             if app in alive:
                 continue
             cid = ch["id"]
-            if not await self.redis.set(self.keys.adopt(cid), self.node_id, nx=True, ex=60):
+            if not await self.redis.set(self.keys.adopt(cid), self.node_id, nx=True, ex=15):
                 continue  # another daemon adopts it
             n += 1
             self.adopted += 1
@@ -207,6 +209,10 @@ class Cluster:
                     await self.ari.call("move", {"channelId": cid}, query={"app": self.app, "appArgs": args})
                 except AriError as exc:
                     log.warning("could not move %s into %s: %s", cid, self.app, exc)
+                    continue
+                # Do not wait for the StasisStart of the move: out of a dead app it was seen not
+                # to come every time. The channel is ours now; its StasisStart, if any, is ignored.
+                self.start_adopted(ch, args)
         return n
 
     async def _lease(self, stop: asyncio.Event) -> None:

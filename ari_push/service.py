@@ -117,7 +117,8 @@ class Daemon:
         self.cluster: Cluster | None = None
         if settings.cluster.mode != "single" and self.redis is not None:
             self.cluster = Cluster(settings.cluster, settings.ari.app, self.redis, self.keys, self.ari, self.node_id,
-                                   may_take_calls=self._may_take_calls, adopt_bridge=self._adopt_bridge)
+                                   may_take_calls=self._may_take_calls, adopt_bridge=self._adopt_bridge,
+                                   start_adopted=self._start_adopted)
             if settings.cluster.mode == "lease":
                 self.ari.gate = (self.cluster.lease_held, self.cluster.lease_lost)
         links = [self.ami.link, self.ari.link] + ([self.redis_link] if self.redis is not None else [])
@@ -148,6 +149,10 @@ class Daemon:
         """Claim calls only when this daemon can serve them."""
         store_ok = self.redis is None or self.redis_link.up
         return self.calls is not None and not self.calls.draining and self.ami.link.up and store_ok
+
+    def _start_adopted(self, channel: dict[str, Any], args: str) -> None:
+        if self.calls is not None:
+            self.calls.start_adopted(channel, args)
 
     async def _adopt_bridge(self, bridge_id: str, channel_ids: list[str]) -> None:
         if self.calls is not None:

@@ -32,3 +32,17 @@ def test_contact_object_id_matches_asterisk() -> None:
     # measured on Asterisk 22.10 (shared notes, section 1.8)
     uri = "sip:1001@127.0.0.1:5401;transport=udp;pn-provider=apns;pn-prid=TOKA;pn-param=ABCD1234.com.example.voip"
     assert contact_object_id("1001", uri) == "1001;@84f144c75c7c3bd5d179f4e1f4508456"
+
+
+def test_channel_age_from_asterisk_creationtime() -> None:
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from ari_push.calls import channel_age
+
+    ten_ago = (datetime.now(UTC) - timedelta(seconds=10)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "+0000"
+    assert 9.5 < channel_age({"creationtime": ten_ago}) < 11
+    assert channel_age({}) == 0.0
+    assert channel_age({"creationtime": "garbage"}) == 0.0
+    future = time.strftime("%Y-%m-%dT%H:%M:%S.000+0000", time.gmtime(time.time() + 60))
+    assert channel_age({"creationtime": future}) == 0.0

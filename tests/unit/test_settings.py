@@ -112,3 +112,25 @@ def test_webpush_hosts_default_to_public_services_and_can_be_set(tmp_path: Path)
     with pytest.raises(SettingsError) as err:
         load(write(tmp_path, GOOD + "[capture]\nwebpush_allowed_hosts = ['https://x/y']\n"), environ={})
     assert err.value.key == "capture.webpush_allowed_hosts"
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "why"),
+    [
+        ("[cluster]\nmode='broadcast'\n", "cluster.mode", "needs [redis]"),
+        ("[redis]\nurl='redis://127.0.0.1:6379'\n[cluster]\nmode='broadcast'\n", "ari.app", "its own app"),
+        ("[redis]\nurl='redis://127.0.0.1:6379'\n[cluster]\nmode='lease'\nheartbeat=5\nnode_ttl=2\n",
+         "cluster.node_ttl", "longer than"),
+        ("[cluster]\nmode='active'\n", "cluster.mode", "must be one of"),
+    ],
+)
+def test_cluster_settings_are_validated(tmp_path: Path, extra: str, key: str, why: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load(write(tmp_path, GOOD + extra), environ={})
+    assert err.value.key == key and why in str(err.value)
+
+
+def test_broadcast_cluster_settings_load(tmp_path: Path) -> None:
+    s = load(write(tmp_path, GOOD.replace("[ari]", "[ari]\napp='ari-push-pbx1'") +
+                   "[redis]\nurl='redis://127.0.0.1:6379'\n[cluster]\nmode='broadcast'\n"), environ={})
+    assert s.cluster.mode == "broadcast" and s.ari.app == "ari-push-pbx1"
