@@ -43,6 +43,8 @@ OPERATIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "set_variable": ("POST", "/channels/{channelId}/variable", ("variable", "value"), ()),
     "continue": ("POST", "/channels/{channelId}/continue", ("context", "extension", "priority"), ()),
     "moh_start": ("POST", "/channels/{channelId}/moh", ("mohClass",), ()),
+    "moh_stop": ("DELETE", "/channels/{channelId}/moh", (), ()),
+    "progress": ("POST", "/channels/{channelId}/progress", (), ()),
     "create_bridge": ("POST", "/bridges/{bridgeId}", ("type", "name"), ()),
     "add_channel": ("POST", "/bridges/{bridgeId}/addChannel", ("channel",), ()),
     "destroy_bridge": ("DELETE", "/bridges/{bridgeId}", (), ()),

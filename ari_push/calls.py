@@ -353,7 +353,13 @@ class CallManager:
     async def _wait_for_answer(self, call: Call) -> Status:
         target = call.options.target
         deadline = call.started + call.options.timeout
-        await self._safe(self.ari.call("ring", {"channelId": call.channel_id}), "ring")
+        moh = self.settings.calls.moh_class
+        if moh:  # early media: 183 Session Progress, then music while the phone wakes
+            await self._safe(self.ari.call("progress", {"channelId": call.channel_id}), "progress")
+            await self._safe(self.ari.call("moh_start", {"channelId": call.channel_id}, query={"mohClass": moh}),
+                             "music on hold")
+        else:
+            await self._safe(self.ari.call("ring", {"channelId": call.channel_id}), "ring")
         contacts = await self._live_contacts(target)
         if contacts is None:
             log.info("call %s: %s is not a known AOR", call.call_id, target)
@@ -495,6 +501,8 @@ class CallManager:
 
     async def _answer(self, call: Call, leg: Leg) -> None:
         bridge_id = f"ap-br-{uuid.uuid4().hex[:16]}"
+        if self.settings.calls.moh_class:
+            await self._safe(self.ari.call("moh_stop", {"channelId": call.channel_id}), "stop music on hold")
         await self.ari.call("create_bridge", {"bridgeId": bridge_id}, query={"type": "mixing", "name": call.call_id})
         call.bridge_id = bridge_id
         await self.ari.call("add_channel", {"bridgeId": bridge_id},

@@ -110,6 +110,7 @@ class SipUA:
         self.dialog: dict[str, str] = {}
         self.rtp: RtpPeer | None = None
         self.log: list[SipMessage] = []
+        self.provisional: list[int] = []  # 180/183 seen by the caller
 
     # ---------------------------------------------------------------- transport
 
@@ -227,7 +228,7 @@ class SipUA:
             if fut is not None and not fut.done() and msg.status >= 200:
                 fut.set_result(msg)
             elif fut is not None and not fut.done() and 100 < msg.status < 200:
-                self.dialog.setdefault("early_to", msg.header("To"))
+                self.provisional.append(msg.status)
             return
         if msg.method == "INVITE":
             push_call = msg.header("X-Ari-Push-Call-Id")

@@ -224,3 +224,35 @@ async def test_two_calls_to_one_callee(
         c.close()
     phone.close()
     await wait_for(lambda: no_channels(ensure_asterisk), 10, "no channels left")
+
+
+async def test_music_on_hold_as_early_media_while_the_phone_wakes(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
+        push_endpoint: PushEndpoint, aor: str) -> None:  # noqa: F811
+    import math
+    import struct
+
+    moh = ensure_asterisk.host_path("/usr/share/asterisk/moh")
+    moh.mkdir(parents=True, exist_ok=True)
+    tone = b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / 8000))) for i in range(16000))
+    (moh / "ari-push-test-tone.sln").write_bytes(tone)
+    # res_musiconhold declined to load at start-up (no files then): load it now that there are
+    ensure_asterisk.cli("module load res_musiconhold.so", check=False)
+    ensure_asterisk.cli("moh reload", check=False)
+    rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url,
+                                          extra(8).replace("[calls]\n", '[calls]\nmoh_class = "default"\n')))
+    phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, rd.daemon.store)
+    caller = SipUA("2000", ensure_asterisk.ports.sip)
+    await caller.open()
+    answer = caller.start_call(aor)
+    await asyncio.wait_for(push_endpoint.on_call.get(), 10)
+    await wait_for(lambda: caller.rtp is not None and caller.rtp.received > 20, 5, "music before the answer")
+    assert 183 in caller.provisional and not answer.done()
+    await phone.open()
+    assert await phone.register() == 200
+    assert (await asyncio.wait_for(answer, 10)).status == 200
+    await phone.hangup()
+    await asyncio.wait_for(caller.byes.get(), 5)
+    phone.close()
+    caller.close()
+    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
