@@ -14,9 +14,9 @@ import logging
 import re
 import time
 import uuid
-from datetime import datetime
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
