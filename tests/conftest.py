@@ -82,6 +82,15 @@ def aor() -> str:
     return str(n)
 
 
+@pytest.fixture
+def aor2(aor: str) -> str:
+    """A second AOR for tests that need two callees."""
+    n = next(_aors)
+    if n >= TEST_AOR_FIRST + TEST_AOR_COUNT:
+        pytest.fail("out of test AORs: raise TEST_AOR_COUNT in rig/asterisk.py")
+    return str(n)
+
+
 def daemon_config(tmp_path: Path, asterisk: AsteriskInstance, redis_url: str = "", extra: str = "") -> Path:
     prefix = f"t-{uuid.uuid4().hex[:8]}:"
     text = asterisk.daemon_config(redis_url)

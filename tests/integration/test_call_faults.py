@@ -102,8 +102,9 @@ async def test_redis_down_dials_live_contacts_and_reports_push_failed(
     await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
 
 
-async def test_hanging_provider_does_not_delay_the_timeout(
-        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon, aor: str) -> None:
+async def test_hanging_provider_does_not_delay_the_timeout_nor_other_calls(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
+        push_endpoint: PushEndpoint, aor: str, aor2: str) -> None:  # noqa: F811
     accepted: list[asyncio.BaseTransport] = []
 
     class Silent(asyncio.Protocol):  # accepts the connection, answers nothing
@@ -122,11 +123,25 @@ async def test_hanging_provider_does_not_delay_the_timeout(
         caller = SipUA("2000", ensure_asterisk.ports.sip)
         await caller.open()
         started = time.monotonic()
-        resp = await asyncio.wait_for(caller.call(aor), 15)
+        stalled_call = caller.start_call(aor)
+        # meanwhile another callee, whose push service answers, is woken and rung as usual
+        other = await sleeping_phone(ensure_asterisk, aor2, push_endpoint, rd.daemon.store)
+        caller2 = SipUA("2000", ensure_asterisk.ports.sip)
+        await caller2.open()
+        good_call = caller2.start_call(aor2)
+        await asyncio.wait_for(push_endpoint.on_call.get(), 5)
+        await other.open()
+        assert await other.register() == 200
+        assert (await asyncio.wait_for(good_call, 5)).status == 200
+        assert not stalled_call.done()
+        await other.hangup()
+        resp = await asyncio.wait_for(stalled_call, 15)
         took = time.monotonic() - started
         assert resp.status == 480
         assert took < 6 + 1.5, f"the 6 s timeout took {took:.1f} s"
         caller.close()
+        caller2.close()
+        other.close()
     finally:
         await rd.stop()  # no more pushes to the stalled server, then close what it accepted
         stalled.close()
@@ -255,4 +270,37 @@ async def test_music_on_hold_as_early_media_while_the_phone_wakes(
     await asyncio.wait_for(caller.byes.get(), 5)
     phone.close()
     caller.close()
+    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+
+
+async def test_call_in_flight_survives_a_sentinel_failover(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, start_daemon, push_endpoint: PushEndpoint,  # noqa: F811
+        aor: str) -> None:
+    from rig.redis import SentinelSet
+
+    sentinels = SentinelSet()
+    await asyncio.to_thread(sentinels.start)
+    try:
+        config = daemon_config(tmp_path, ensure_asterisk, "", extra(12) + "[redis]\nsentinels = [{}]\n".format(
+            ", ".join(f'"{a}"' for a in sentinels.addresses)))
+        rd = await start_daemon(config)
+        await wait_for(lambda: rd.daemon.redis_link.up, 10, "redis via sentinel")
+        phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, rd.daemon.store)
+        caller = SipUA("2000", ensure_asterisk.ports.sip)
+        await caller.open()
+        answer = caller.start_call(aor)
+        await asyncio.wait_for(push_endpoint.on_call.get(), 10)
+        old = await asyncio.to_thread(sentinels.failover)
+        await asyncio.to_thread(sentinels.wait_new_master, old, 15)
+        await phone.open()
+        assert await phone.register() == 200  # captured and signalled through the new master
+        resp = await asyncio.wait_for(answer, 15)
+        assert resp.status == 200
+        assert [b.device_id for b in await rd.daemon.store.bindings_for(aor)]  # binding not lost
+        await phone.hangup()
+        await asyncio.wait_for(caller.byes.get(), 5)
+        phone.close()
+        caller.close()
+    finally:
+        await asyncio.to_thread(sentinels.cleanup)
     await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
