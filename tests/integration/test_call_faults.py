@@ -16,6 +16,7 @@ from rig.tcpproxy import TcpProxy
 from tests.conftest import daemon_config, wait_for
 from tests.integration.test_calls import (
     PushEndpoint,
+    hang_up_and_check,
     no_channels,
     push_endpoint,  # noqa: F401  (fixture)
     sleeping_phone,
@@ -23,6 +24,8 @@ from tests.integration.test_calls import (
 )
 
 SCENARIO = Path(__file__).parent / "sipp" / "caller.xml"
+
+
 def extra(timeout: float = 6) -> str:
     return ('[capture]\nvendor_allowed_hosts = ["127.0.0.1"]\n'
             f'[calls]\ndefault_timeout = {timeout}\n'
@@ -182,11 +185,7 @@ async def test_ari_websocket_drop_mid_call_is_reconciled(
     await asyncio.wait_for(phone.invites.get(), 5)
     resp = await asyncio.wait_for(answer, 10)
     assert resp.status == 200
-    await phone.hangup()
-    await asyncio.wait_for(caller.byes.get(), 5)
-    phone.close()
-    caller.close()
-    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+    await hang_up_and_check(phone, caller, ensure_asterisk)
 
 
 async def test_caller_leaves_during_ari_outage_is_cleaned_up_on_reconnect(
@@ -266,11 +265,7 @@ async def test_music_on_hold_as_early_media_while_the_phone_wakes(
     await phone.open()
     assert await phone.register() == 200
     assert (await asyncio.wait_for(answer, 10)).status == 200
-    await phone.hangup()
-    await asyncio.wait_for(caller.byes.get(), 5)
-    phone.close()
-    caller.close()
-    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+    await hang_up_and_check(phone, caller, ensure_asterisk)
 
 
 async def test_call_in_flight_survives_a_sentinel_failover(

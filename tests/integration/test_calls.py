@@ -87,6 +87,15 @@ async def wake_on_push(phone: SipUA, ep: PushEndpoint, same_port: bool, delay: f
     return sent
 
 
+async def hang_up_and_check(phone: SipUA, caller: SipUA, asterisk: AsteriskInstance) -> None:
+    """The phone hangs up; the BYE reaches the caller (ari-push carries it); nothing is left."""
+    await phone.hangup()
+    await asyncio.wait_for(caller.byes.get(), 5)
+    phone.close()
+    caller.close()
+    await wait_for(lambda: no_channels(asterisk), 5, "no channels left")
+
+
 def no_channels(asterisk: AsteriskInstance) -> bool:
     channels = asterisk.ari("GET", "/ari/channels")
     return channels == []
@@ -211,11 +220,7 @@ async def test_wake_latency_medians(call_daemon, ensure_asterisk: AsteriskInstan
         invite = await asyncio.wait_for(phone.invites.get(), 5)
         results["same" if same else "new"].append((invite.received - sent) * 1000)
         assert (await asyncio.wait_for(answer, 10)).status == 200
-        await phone.hangup()
-        await asyncio.wait_for(caller.byes.get(), 5)
-        phone.close()
-        caller.close()
-        await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+        await hang_up_and_check(phone, caller, ensure_asterisk)
     with capsys.disabled():
         for k, v in results.items():
             print(f"\nre-REGISTER->INVITE, {k} URI: median {statistics.median(v):.1f} ms over {len(v)}")

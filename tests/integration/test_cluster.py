@@ -18,7 +18,7 @@ from rig.asterisk import AsteriskInstance, Ports
 from rig.redis import RedisServer
 from rig.sipua import SipUA
 from tests.conftest import daemon_config, wait_for
-from tests.integration.test_calls import PushEndpoint, no_channels, push_endpoint, sleeping_phone  # noqa: F401
+from tests.integration.test_calls import PushEndpoint, hang_up_and_check, no_channels, push_endpoint, sleeping_phone  # noqa: F401
 
 VENDOR = ('[capture]\nvendor_allowed_hosts = ["127.0.0.1"]\n[calls]\ndefault_timeout = 20\n[push]\nburst = 50\n'
           '[vendor]\nbody_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')
@@ -84,6 +84,21 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+async def shared_sleeping_phone(asterisk: AsteriskInstance, redis: RedisServer, prefix: str, aor: str,
+                                ep: PushEndpoint) -> SipUA:
+    """A sleeping phone whose binding is seen in the store the cluster's daemons share."""
+    from ari_push.bindings import RedisStore
+    from ari_push.redis_keys import Keys
+    from ari_push.service import make_redis
+    from ari_push.settings import RedisSettings
+
+    client = make_redis(RedisSettings(url=redis.url))
+    try:
+        return await sleeping_phone(asterisk, aor, ep, RedisStore(client, Keys(prefix), 86400))
+    finally:
+        await client.aclose()
+
+
 def stasis_app_of(asterisk: AsteriskInstance, channel_id: str) -> str:
     try:
         ch = asterisk.ari("GET", f"/ari/channels/{channel_id}")
@@ -108,15 +123,7 @@ async def test_broadcast_one_daemon_claims_and_pushes_once(
     for d in (a, b):
         await d.wait_log("ari link up")
         await d.wait_log("ami link up")
-    from ari_push.bindings import RedisStore
-    from ari_push.redis_keys import Keys
-    from ari_push.service import make_redis
-    from ari_push.settings import RedisSettings
-
-    client = make_redis(RedisSettings(url=ensure_redis.url))
-    store = RedisStore(client, Keys(prefix), 86400)
-    phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, store)
-    await client.aclose()
+    phone = await shared_sleeping_phone(ensure_asterisk, ensure_redis, prefix, aor, push_endpoint)
     caller = SipUA("2000", ensure_asterisk.ports.sip)
     await caller.open()
     answer = caller.start_call(f"c{aor}")
@@ -129,11 +136,7 @@ async def test_broadcast_one_daemon_claims_and_pushes_once(
     assert push_endpoint.kinds() == ["call"]  # two daemons, one push
     handled = [d for d in (a, b) if "answered by" in d.text()]
     assert len(handled) == 1
-    await phone.hangup()
-    await asyncio.wait_for(caller.byes.get(), 5)
-    phone.close()
-    caller.close()
-    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+    await hang_up_and_check(phone, caller, ensure_asterisk)
 
 
 @pytest.mark.parametrize("mode", ["broadcast", "lease"])
@@ -145,14 +148,7 @@ async def test_daemon_killed_while_call_waits_another_completes_it(
     a = daemons("a", cluster_config(tmp_path, ensure_asterisk, ensure_redis, "a", mode, apps[0], prefix))
     await a.wait_log("ari link up")
     await a.wait_log("ami link up")
-    from ari_push.bindings import RedisStore
-    from ari_push.redis_keys import Keys
-    from ari_push.service import make_redis
-    from ari_push.settings import RedisSettings
-
-    client = make_redis(RedisSettings(url=ensure_redis.url))
-    phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, RedisStore(client, Keys(prefix), 86400))
-    await client.aclose()
+    phone = await shared_sleeping_phone(ensure_asterisk, ensure_redis, prefix, aor, push_endpoint)
     caller = SipUA("2000", ensure_asterisk.ports.sip)
     await caller.open()
     answer = caller.start_call(f"c{aor}" if mode == "broadcast" else aor)
@@ -196,14 +192,7 @@ async def test_registration_on_another_asterisk_wakes_the_call(
         for d in (a, c):
             await d.wait_log("ari link up")
             await d.wait_log("ami link up")
-        from ari_push.bindings import RedisStore
-        from ari_push.redis_keys import Keys
-        from ari_push.service import make_redis
-        from ari_push.settings import RedisSettings
-
-        client = make_redis(RedisSettings(url=ensure_redis.url))
-        phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, RedisStore(client, Keys(prefix), 86400))
-        await client.aclose()
+        phone = await shared_sleeping_phone(ensure_asterisk, ensure_redis, prefix, aor, push_endpoint)
         caller = SipUA("2000", ensure_asterisk.ports.sip)
         await caller.open()
         answer = caller.start_call(f"c{aor}")
@@ -214,10 +203,6 @@ async def test_registration_on_another_asterisk_wakes_the_call(
         assert await phone.register() == 200
         await asyncio.wait_for(phone.invites.get(), 5)  # sent by the first Asterisk, woken through Redis
         assert (await asyncio.wait_for(answer, 10)).status == 200
-        await phone.hangup()
-        await asyncio.wait_for(caller.byes.get(), 5)
-        phone.close()
-        caller.close()
-        await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+        await hang_up_and_check(phone, caller, ensure_asterisk)
     finally:
         await asyncio.to_thread(other.stop)
