@@ -180,24 +180,50 @@ class RedisStore:
     """Bindings in Redis (layout in docs/storage.md). Raises StoreUnavailable when Redis is
     unreachable; every call is bounded by the client's socket timeout."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, retention: float) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keys, retention: float, wait_replicas: int = 0,
+                 wait_timeout: float = 0.1) -> None:
         self.redis = client
         self.keys = keys
         self.retention = retention
+        self.wait_replicas = wait_replicas
+        self.wait_ms = max(1, int(wait_timeout * 1000))
+        # Written on the master but not (yet) on a replica: a fail-over now would lose them, so
+        # they are written again (idempotently) until a replica confirms. Bounded.
+        self.unconfirmed: dict[tuple[str, str], Binding] = {}
         self._upsert = client.register_script(_UPSERT)
         self._forget_if_older = client.register_script(_FORGET_IF_OLDER)
 
     async def upsert(self, binding: Binding) -> Binding:
         try:
-            stored = await self._upsert(
-                keys=[self.keys.bindings(binding.aor)],
-                args=[binding.device_id, to_json(binding), repr(binding.last_seen), int(self.retention) + 60],
-            )
-            result = from_json(stored)
-            await self.redis.zadd(self.keys.seen(), {_member(binding.aor, binding.device_id): result.last_seen})
+            async with self.redis.pipeline(transaction=False) as pipe:
+                await self._upsert(
+                    keys=[self.keys.bindings(binding.aor)],
+                    args=[binding.device_id, to_json(binding), repr(binding.last_seen), int(self.retention) + 60],
+                    client=pipe,
+                )
+                pipe.zadd(self.keys.seen(), {_member(binding.aor, binding.device_id): binding.last_seen}, gt=True)
+                if self.wait_replicas:
+                    pipe.wait(self.wait_replicas, self.wait_ms)
+                replies = await pipe.execute()
         except (aioredis.RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis: {exc}") from None
-        return result
+        key = (binding.aor, binding.device_id)
+        if self.wait_replicas and int(replies[2]) < self.wait_replicas:
+            if len(self.unconfirmed) < 10_000:
+                self.unconfirmed[key] = binding
+        else:
+            self.unconfirmed.pop(key, None)
+        return from_json(replies[0])
+
+    async def confirm(self) -> int:
+        """Write the unconfirmed bindings again (after a fail-over they may be gone from the new
+        master); returns how many are still unconfirmed. Called every second by the daemon."""
+        for binding in list(self.unconfirmed.values()):
+            try:
+                await self.upsert(binding)
+            except StoreUnavailable:
+                break
+        return len(self.unconfirmed)
 
     async def bindings_for(self, aor: str) -> list[Binding]:
         try:

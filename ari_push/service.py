@@ -105,7 +105,8 @@ class Daemon:
             self.ledger = MemoryLedger()
         else:
             self.redis = make_redis(settings.redis)
-            self.store = RedisStore(self.redis, self.keys, settings.capture.retention_days * 86400)
+            self.store = RedisStore(self.redis, self.keys, settings.capture.retention_days * 86400,
+                                    settings.redis.wait_replicas, settings.redis.wait_timeout)
             self.wakeups = RedisWakeups(self.redis, self.keys, self.node_id)
             self.ledger = RedisLedger(self.redis, self.keys)
         self.ami = AmiClient(settings.ami, on_event=self._on_ami_event, on_connect=self._on_ami_connect)
@@ -228,6 +229,10 @@ class Daemon:
                 async with asyncio.timeout(self.settings.redis.socket_timeout + 1):
                     await self.redis.ping()
                 self.redis_link.set_up(self.settings.redis.url or "sentinel")
+                if isinstance(self.store, RedisStore) and self.store.unconfirmed:
+                    left = await self.store.confirm()
+                    if left:
+                        log.debug("%d binding(s) not yet on a replica; writing them again", left)
             except (aioredis.RedisError, OSError, TimeoutError) as exc:
                 self.redis_link.set_down(f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(TimeoutError):

@@ -81,6 +81,8 @@ class RedisSettings:
     tls_ca_file: str = ""
     tls_cert_file: str = ""  # client certificate (tls-auth-clients yes), PEM
     tls_key_file: str = ""
+    wait_replicas: int = 0  # > 0: WAIT for that many replicas after each binding write
+    wait_timeout: float = 0.1
 
     @property
     def embedded(self) -> bool:
@@ -371,8 +373,13 @@ def _redis(s: _Section) -> RedisSettings:
         tls_ca_file=s.file("tls_ca_file"),
         tls_cert_file=s.file("tls_cert_file"),
         tls_key_file=s.file("tls_key_file"),
+        wait_replicas=s._get("wait_replicas", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 16,
+                             "an integer from 0 to 16", 0),
+        wait_timeout=s.positive("wait_timeout", RedisSettings.wait_timeout),
     )
     s.done()
+    if red.wait_timeout > 1.0:
+        raise SettingsError(s.key("wait_timeout"), "keep it short (at most 1 s): every binding write waits for it")
     if red.tls and url and not url.startswith("rediss://"):
         raise SettingsError(s.key("tls"), "TLS to one server: use a rediss:// url")
     if not red.tls and url.startswith("rediss://"):

@@ -134,3 +134,13 @@ def test_broadcast_cluster_settings_load(tmp_path: Path) -> None:
     s = load(write(tmp_path, GOOD.replace("[ari]", "[ari]\napp='ari-push-pbx1'") +
                    "[redis]\nurl='redis://127.0.0.1:6379'\n[cluster]\nmode='broadcast'\n"), environ={})
     assert s.cluster.mode == "broadcast" and s.ari.app == "ari-push-pbx1"
+
+
+def test_redis_wait_settings(tmp_path: Path) -> None:
+    s = load(write(tmp_path, GOOD + "[redis]\nurl='redis://127.0.0.1:6379'\nwait_replicas=1\nwait_timeout=0.05\n"),
+             environ={})
+    assert (s.redis.wait_replicas, s.redis.wait_timeout) == (1, 0.05)
+    for bad, key in (("wait_replicas=-1", "redis.wait_replicas"), ("wait_timeout=5", "redis.wait_timeout")):
+        with pytest.raises(SettingsError) as err:
+            load(write(tmp_path, GOOD + f"[redis]\nurl='redis://127.0.0.1:6379'\n{bad}\n"), environ={})
+        assert err.value.key == key
