@@ -1,10 +1,11 @@
-# ari-push: `make test` (everything CI runs), `make run` (sandbox + daemon), `make lint`.
+# ari-push: `make demo` (see it work), `make test` (everything CI runs), `make run` (sandbox + daemon),
+# `make lint`, `make bench` (the end-to-end benchmark, not part of the tests).
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: all venv sandbox test unit lint types run clean bench
+.PHONY: all venv sandbox test unit lint types run demo clean bench bench-push bench-deps
 
 all: test
 
@@ -21,7 +22,7 @@ sandbox:
 	$(PY) -m rig provision
 
 lint: venv
-	$(BIN)/ruff check ari_push tests rig
+	$(BIN)/ruff check ari_push tests rig bench
 
 types: venv
 	$(BIN)/mypy ari_push
@@ -37,7 +38,19 @@ test: venv sandbox lint types
 run: venv sandbox
 	$(BIN)/python -m rig run
 
-bench: venv sandbox
+# A sleeping phone woken by a push, rung and bridged; then the Wait(3) recipe (WAKE=4: it fails).
+demo: venv sandbox
+	$(BIN)/python -m rig demo $(if $(WAKE),--wake $(WAKE))
+
+bench-deps: venv
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'
+
+# Real Asterisk + Redis + daemon + local FCM: latency, time to answer, capacity, ingest (docs/performance.md).
+bench: venv sandbox bench-deps
+	$(BIN)/python bench/e2e.py $(BENCH_ARGS)
+
+# PushDispatcher alone against the fake FCM/APNs (no Asterisk).
+bench-push: venv
 	$(BIN)/python bench/push_concurrency.py
 
 clean:

@@ -1,4 +1,4 @@
-"""`python -m rig provision | run`: the sandbox for humans (tests use the fixtures)."""
+"""`python -m rig provision | run | demo`: the sandbox for humans (tests use the fixtures)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,14 @@ def main(argv: list[str]) -> int:
             from rig.run import run_sandbox
 
             return run_sandbox()
+        if cmd == "demo":
+            from rig.demo import main as demo
+
+            return demo(argv[1:])
     except ProvisionError as exc:
         print(f"[sandbox] provisioning failed: {exc}", file=sys.stderr)
         return 1
-    print("usage: python -m rig provision|run", file=sys.stderr)
+    print("usage: python -m rig provision|run|demo", file=sys.stderr)
     return 2
 
 

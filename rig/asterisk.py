@@ -134,11 +134,19 @@ class AsteriskError(RuntimeError):
 class AsteriskInstance:
     """One Asterisk process in the shared root, controlled through its CLI socket."""
 
-    def __init__(self, root: Path, name: str, ports: Ports, app_names: tuple[str, ...] = ("ari-push",)) -> None:
+    def __init__(self, root: Path, name: str, ports: Ports, app_names: tuple[str, ...] = ("ari-push",),
+                 extra_dialplan: str = "", extra_pjsip: str = "",
+                 rtp_ports: tuple[int, int] | None = None) -> None:
+        """``extra_dialplan`` is appended to extensions.conf and ``extra_pjsip`` to pjsip_local.conf
+        (the demo and the benchmark add their contexts and AORs there); ``rtp_ports`` widens the
+        RTP range beyond the instance's 999 ports (the capacity benchmark needs thousands)."""
         self.root = root
         self.name = name
         self.ports = ports
         self.app_names = app_names
+        self.extra_dialplan = extra_dialplan
+        self.extra_pjsip = extra_pjsip
+        self.rtp_ports = rtp_ports or (ports.rtp_start, ports.rtp_end)
         self.etc = f"/etc/asterisk-{name}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -178,7 +186,7 @@ class AsteriskInstance:
         (etc / "modules.conf").write_text(MODULES_CONF)
         (etc / "logger.conf").write_text(LOGGER_CONF)
         (etc / "rtp.conf").write_text(
-            f"[general]\nrtpstart={self.ports.rtp_start}\nrtpend={self.ports.rtp_end}\n"
+            f"[general]\nrtpstart={self.rtp_ports[0]}\nrtpend={self.rtp_ports[1]}\n"
         )
         (etc / "musiconhold.conf").write_text("[general]\n[default]\nmode=files\ndirectory=moh\n")
         (etc / "pjsip_local.conf").write_text(self._test_endpoints())
@@ -233,12 +241,16 @@ entityid = 02:fc:00:00:{self.ports.sip // 256 % 256:02x}:{self.ports.sip % 256:0
             " same => n,Echo()",
             "",
         ]
+        if self.extra_dialplan:
+            lines += ["; ---- extra_dialplan", self.extra_dialplan, ""]
         return "\n".join(lines)
 
     def _test_endpoints(self) -> str:
         out = ["; test endpoints: push AORs a test can take for itself"]
         for aor in range(TEST_AOR_FIRST, TEST_AOR_FIRST + TEST_AOR_COUNT):
             out += [f"[{aor}](phone-endpoint)", f"aors={aor}", f"[{aor}](push-aor)", "minimum_expiration=1", ""]
+        if self.extra_pjsip:
+            out += ["; ---- extra_pjsip", self.extra_pjsip, ""]
         return "\n".join(out)
 
     # ---------------------------------------------------------------- lifecycle

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,12 +41,59 @@ def _say(msg: str) -> None:
     print(f"[sandbox] {msg}", file=sys.stderr, flush=True)
 
 
+class _Progress:
+    """While a long step runs: elapsed seconds and the step's latest log line (debootstrap says
+    which package it is at). On a terminal one line is redrawn every second; otherwise (make's
+    output piped, CI) a line is printed every 15 s."""
+
+    def __init__(self, what: str, log: Path | None) -> None:
+        self.what = what
+        self.log = log
+        self.started = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="provision-progress", daemon=True)
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(2)
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def _last_line(self) -> str:
+        if self.log is None:
+            return ""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+                lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1].strip()[:70] if lines else ""
+
+    def _tick(self) -> None:
+        period = 1.0 if self.tty else 15.0
+        while not self._done.wait(period):
+            text = f"[sandbox]   {self.what}: {time.monotonic() - self.started:4.0f} s  {self._last_line()}"
+            if self.tty:
+                sys.stderr.write("\r\033[K" + text[: shutil.get_terminal_size().columns - 1])
+            else:
+                sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+
 def _run(cmd: list[str], *, timeout: float, what: str, log: Path | None = None) -> None:
     _say(f"{what} ...")
     started = time.monotonic()
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     try:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        with _Progress(what, log):
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:
         raise ProvisionError(
             f"{what} did not finish within {timeout:.0f}s; is the Debian package registry reachable?"
