@@ -36,6 +36,7 @@ log = logging.getLogger("ari_push.calls")
 TARGET_RE = re.compile(r"^[A-Za-z0-9_.+\-]{1,64}$")
 DIALED = "dialed"
 DECLINE_CAUSES = frozenset({17, 21})  # user busy (486), call rejected (603)
+REDIAL_WINDOW = 3.0  # s: a duplicate refusal this soon after a replacement means the phone took the old leg
 
 
 class Status(StrEnum):
@@ -55,6 +56,7 @@ class Leg:
     device_id: str
     started: float
     started_wall: float = field(default_factory=time.time)
+    progressed: bool = False  # the phone answered the INVITE with 180/200: it is awake on this leg
 
 
 @dataclass
@@ -117,6 +119,8 @@ class Call:
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     legs: dict[str, Leg] = field(default_factory=dict)
     dialled_uris: set[str] = field(default_factory=set)
+    failed_at: dict[str, float] = field(default_factory=dict)  # uri -> when its leg failed (not declined)
+    replaced_at: dict[str, float] = field(default_factory=dict)  # device -> when its leg was replaced
     pushed: list[Binding] = field(default_factory=list)
     push_sent_at: float = 0.0
     started: float = field(default_factory=time.monotonic)
@@ -438,14 +442,37 @@ class CallManager:
                 call.answered_by = leg
                 await self._answer(call, leg)
                 return Status.ANSWERED
+            if kind == "ChannelStateChange" and (item.get("channel") or {}).get("state") in ("Ringing", "Up"):
+                leg.progressed = True
             if kind == "ChannelDestroyed":
                 self._drop_leg(call, leg)
                 cause = int(item.get("cause") or 0)
+                device = leg.device_id or leg.uri.split(";")[0]
                 if cause in DECLINE_CAUSES:
-                    log.info("call %s: device %s declined (cause %d)", call.call_id, leg.device_id or leg.uri, cause)
+                    replaced = call.replaced_at.pop(leg.device_id, 0.0) if leg.device_id else 0.0
+                    if time.time() - replaced < REDIAL_WINDOW:
+                        # A retransmission of the INVITE it slept through reached its reopened
+                        # socket first: it answered that leg (which we had replaced and hung up)
+                        # and refused this one as a duplicate. It is free again: ring it once more.
+                        log.info("call %s: %s refused the replacement INVITE; ringing it again", call.call_id,
+                                 device)
+                        call.dialled_uris.discard(leg.uri)
+                        await asyncio.sleep(0.2)  # let the phone finish the dialog we hung up
+                        await self._originate(call, self._endpoint_of(call, leg.device_id), leg.uri, leg.device_id)
+                        continue
+                    if leg.device_id and any(o.device_id == leg.device_id for o in call.legs.values()):
+                        # The phone refused a second INVITE of this call (one sent while it slept,
+                        # retransmitted to its reopened socket) while it takes the other.
+                        log.info("call %s: device %s refused a duplicate INVITE", call.call_id, device)
+                        continue
+                    log.info("call %s: device %s declined (cause %d)", call.call_id, device, cause)
                     if self.settings.calls.on_decline == "busy":
                         return Status.DECLINED
                     declined = True
+                else:
+                    call.failed_at[leg.uri] = time.time()
+                    log.info("call %s: leg to %s ended without an answer (cause %d %s)", call.call_id, device, cause,
+                             item.get("cause_txt", ""))
 
     async def _on_registration(self, call: Call, reg: Registration) -> None:
         if reg is GAP:
@@ -456,22 +483,38 @@ class CallManager:
         for r in regs:
             if r.contact_uri in call.dialled_uris:
                 stale = next((lg for lg in call.legs.values() if lg.uri == r.contact_uri), None)
-                if stale is None or reg is GAP or r.at <= stale.started_wall:
-                    # already rung and over (declined, failed), or the same registration seen
-                    # again (another daemon's capture): never ring it twice
+                if stale is None:
+                    if reg is not GAP and r.at > call.failed_at.get(r.contact_uri, float("inf")):
+                        call.dialled_uris.discard(r.contact_uri)  # its leg failed; it registered since
+                    else:
+                        continue  # rung and over (declined...): never ring it twice
+                elif reg is GAP or r.at <= stale.started_wall or stale.progressed:
+                    continue  # the same registration seen again (another daemon), or it rings already
+                else:
+                    # Same URI registered afresh: the INVITE sent while it slept is lost; replace it.
+                    await self._replace_leg(call, stale)
                     continue
-                # Same URI registered afresh: the INVITE sent while it slept is lost; replace it.
-                self._drop_leg(call, stale)
-                await self._hangup_quietly(stale.channel_id)
-                call.dialled_uris.discard(r.contact_uri)
             if call.push_sent_at and r.device_id and any(b.device_id == r.device_id for b in call.pushed):
                 self.metrics.wake_latency.observe(time.monotonic() - call.push_sent_at)
             for old in [leg for leg in call.legs.values() if r.device_id and leg.device_id == r.device_id]:
                 # The device came back on a new address: the INVITE to the old one is lost.
                 self._drop_leg(call, old)
                 await self._hangup_quietly(old.channel_id)
-            endpoint = next((b.endpoint for b in call.pushed if b.device_id == r.device_id), call.options.target)
+            endpoint = self._endpoint_of(call, r.device_id)
             await self._originate(call, endpoint, r.contact_uri, r.device_id)
+
+    async def _replace_leg(self, call: Call, leg: Leg) -> None:
+        log.info("call %s: %s registered again; replacing the INVITE it slept through", call.call_id,
+                 leg.device_id or leg.uri.split(";")[0])
+        self._drop_leg(call, leg)
+        await self._hangup_quietly(leg.channel_id)
+        call.dialled_uris.discard(leg.uri)
+        if leg.device_id:
+            call.replaced_at[leg.device_id] = time.time()
+        await self._originate(call, self._endpoint_of(call, leg.device_id), leg.uri, leg.device_id)
+
+    def _endpoint_of(self, call: Call, device_id: str) -> str:
+        return next((b.endpoint for b in call.pushed if b.device_id == device_id), call.options.target)
 
     async def _originate(self, call: Call, endpoint: str, uri: str, device_id: str) -> None:
         if uri in call.dialled_uris:
@@ -521,8 +564,14 @@ class CallManager:
         """Asterisk does not carry a hang-up across a Stasis bridge: we do, both ways."""
         leg = call.answered_by
         assert leg is not None
+        limit = self.settings.calls.max_duration
         while True:
-            item = await call.queue.get()
+            try:
+                async with asyncio.timeout(limit - (time.monotonic() - call.started)):
+                    item = await call.queue.get()
+            except TimeoutError:
+                log.warning("call %s: longer than calls.max_duration (%.0f s); ending it", call.call_id, limit)
+                return
             if isinstance(item, Registration):
                 continue
             cid = (item.get("channel") or {}).get("id", "")

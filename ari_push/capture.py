@@ -56,6 +56,7 @@ class Capture:
         self.clock = clock
         self.queue: asyncio.Queue[AmiMessage] = asyncio.Queue(QUEUE_LIMIT)
         self.dropped = 0
+        self.resync_needed = False
 
     # ---------------------------------------------------------------- feeds
 
@@ -66,7 +67,8 @@ class Capture:
         try:
             self.queue.put_nowait(msg)
         except asyncio.QueueFull:
-            self.dropped += 1  # the next resync recovers what was dropped
+            self.dropped += 1
+            self.resync_needed = True  # what was dropped is read back once the queue drains
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("capture queue full; %d events dropped so far", self.dropped)
 
@@ -82,6 +84,10 @@ class Capture:
                     return
                 try:
                     await self.handle(get.result())
+                    if self.resync_needed and self.queue.empty():
+                        self.resync_needed = False
+                        await self.resync()
+                        self.wakeups.gap()  # waiting calls re-read the contacts they may have missed
                 except Exception:
                     log.exception("capture failed on an AMI event")
         finally:
@@ -125,23 +131,23 @@ class Capture:
             self.metrics.rejected.labels(exc.reason).inc()
             log.warning("rejected contact of %s: %s", aor, exc)
             push = None
-            binding = None
-        else:
-            binding = None
-            if push is not None:
-                binding = Binding(aor=aor, endpoint=endpoint, push=push, contact_uri=uri, user_agent=user_agent,
-                                  first_seen=now, last_seen=now)
-                try:
-                    binding = await self.store.upsert(binding)
-                    self.metrics.registrations.labels(push.dialect.value).inc()
-                    log.info("captured %s device %s of %s (token %s)", push.provider, binding.device_id, aor,
-                             mask(push.token))
-                except StoreUnavailable as exc:
-                    self.metrics.store_errors.inc()
-                    log.warning("could not store the binding of %s: %s", aor, exc)
         if signal:
+            # Wake waiting calls first: a call must not wait behind the store write (nor behind
+            # other registrations' writes queued before it).
             await self.wakeups.publish(Registration(
                 aor=aor, contact_uri=uri, device_id=push.device_id if push else "", at=now, origin=self.node_id))
+        if push is None:
+            return None
+        binding = Binding(aor=aor, endpoint=endpoint, push=push, contact_uri=uri, user_agent=user_agent,
+                          first_seen=now, last_seen=now)
+        try:
+            binding = await self.store.upsert(binding)
+        except StoreUnavailable as exc:
+            self.metrics.store_errors.inc()
+            log.warning("could not store the binding of %s: %s", aor, exc)
+            return binding
+        self.metrics.registrations.labels(push.dialect.value).inc()
+        log.info("captured %s device %s of %s (token %s)", push.provider, binding.device_id, aor, mask(push.token))
         return binding
 
     async def _chan_sip(self, msg: AmiMessage) -> Binding | None:

@@ -107,6 +107,7 @@ class CallSettings:
     missed_call_push: bool = True
     continue_context: str = ""
     dial_timeout: float = 60.0
+    max_duration: float = 14400.0  # a bridged call is ended after this (a safety net for lost hang-ups)
 
 
 @dataclass(frozen=True)
@@ -519,6 +520,7 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         missed_call_push=call_s.flag("missed_call_push", CallSettings.missed_call_push),
         continue_context=call_s.text("continue_context"),
         dial_timeout=call_s.positive("dial_timeout", CallSettings.dial_timeout),
+        max_duration=call_s.positive("max_duration", CallSettings.max_duration),
     )
     call_s.done()
     if calls.default_timeout > calls.max_timeout:

@@ -105,6 +105,7 @@ class SipUA:
         self.byes: asyncio.Queue[SipMessage] = asyncio.Queue()
         self.cancels: asyncio.Queue[SipMessage] = asyncio.Queue()
         self.answer_code = 200  # what to answer INVITEs with (486/603 to decline)
+        self.answer_codes: list[int] = []  # answers for the next INVITEs, in order, before answer_code
         self.answer_delay = 0.0
         self.contact_params = ""
         self.dialog: dict[str, str] = {}
@@ -265,8 +266,9 @@ class SipUA:
         self.send(self._response(invite, 180, "Ringing", tag), invite.source)
         if self.answer_delay:
             await asyncio.sleep(self.answer_delay)
-        if self.answer_code != 200:
-            self.send(self._response(invite, self.answer_code, "Declined" if self.answer_code == 603 else "Busy", tag),
+        code = self.answer_codes.pop(0) if self.answer_codes else self.answer_code
+        if code != 200:
+            self.send(self._response(invite, code, {603: "Declined", 486: "Busy Here"}.get(code, "Error"), tag),
                       invite.source)
             self.dialog = {}
             return

@@ -299,3 +299,41 @@ async def test_call_in_flight_survives_a_sentinel_failover(
     finally:
         await asyncio.to_thread(sentinels.cleanup)
     await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+
+
+async def test_phone_refusing_the_replacement_invite_is_rung_again(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
+        push_endpoint: PushEndpoint, aor: str) -> None:  # noqa: F811
+    """Same-URI wake: ari-push replaces the leg the phone slept through. If a retransmission of the
+    old INVITE reached the phone first, it refuses the new one as a duplicate (486); ari-push must
+    ring it again, not end the call busy. Simulated: the woken phone answers its first INVITE 486."""
+    rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url, EXTRA))
+    phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, rd.daemon.store)
+    phone.answer_codes = [486]
+    caller = SipUA("2000", ensure_asterisk.ports.sip)
+    await caller.open()
+    answer = caller.start_call(aor)
+    await wake_on_push(phone, push_endpoint, same_port=True, delay=0.05)
+    first = await asyncio.wait_for(phone.invites.get(), 5)
+    second = await asyncio.wait_for(phone.invites.get(), 5)
+    assert first.header("Call-ID") != second.header("Call-ID")  # a new leg, not a retransmission
+    assert (await asyncio.wait_for(answer, 10)).status == 200
+    await hang_up_and_check(phone, caller, ensure_asterisk)
+
+
+async def test_bridged_call_is_ended_after_max_duration(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
+        push_endpoint: PushEndpoint, aor: str) -> None:  # noqa: F811
+    rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url,
+                                          extra(6).replace("[calls]\n", "[calls]\nmax_duration = 3\n")))
+    phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, rd.daemon.store)
+    caller = SipUA("2000", ensure_asterisk.ports.sip)
+    await caller.open()
+    answer = caller.start_call(aor)
+    await wake_on_push(phone, push_endpoint, same_port=False)
+    assert (await asyncio.wait_for(answer, 10)).status == 200
+    await asyncio.wait_for(caller.byes.get(), 6)  # ari-push ends it: both sides get a BYE
+    await asyncio.wait_for(phone.byes.get(), 2)
+    phone.close()
+    caller.close()
+    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
