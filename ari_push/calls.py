@@ -57,6 +57,7 @@ class Leg:
     started: float
     started_wall: float = field(default_factory=time.time)
     progressed: bool = False  # the phone answered the INVITE with 180/200: it is awake on this leg
+    awake: bool = False  # dialled because the contact registered during this call
 
 
 @dataclass
@@ -389,7 +390,7 @@ class CallManager:
             call.push_sent_at = time.monotonic()
             push_task = asyncio.create_task(self._push_all(bindings, self._message(call, PushKind.CALL)))
         for uri, device in live:  # it may be awake: ring it at once too
-            await self._originate(call, _endpoint_for(bindings, device, target), uri, device)
+            await self._originate(call, _endpoint_for(bindings, device, target), uri, device, awake=False)
         if not bindings and not call.legs:
             return Status.PUSH_FAILED if not store_ok else Status.NO_DEVICES
         try:
@@ -488,8 +489,10 @@ class CallManager:
                         call.dialled_uris.discard(r.contact_uri)  # its leg failed; it registered since
                     else:
                         continue  # rung and over (declined...): never ring it twice
-                elif reg is GAP or r.at <= stale.started_wall or stale.progressed:
-                    continue  # the same registration seen again (another daemon), or it rings already
+                elif reg is GAP or stale.awake or stale.progressed or r.at <= stale.started_wall:
+                    # Rung because it registered during this call (a repeat of that registration,
+                    # e.g. another daemon's capture, changes nothing), or it rings already.
+                    continue
                 else:
                     # Same URI registered afresh: the INVITE sent while it slept is lost; replace it.
                     await self._replace_leg(call, stale)
@@ -516,11 +519,11 @@ class CallManager:
     def _endpoint_of(self, call: Call, device_id: str) -> str:
         return next((b.endpoint for b in call.pushed if b.device_id == device_id), call.options.target)
 
-    async def _originate(self, call: Call, endpoint: str, uri: str, device_id: str) -> None:
+    async def _originate(self, call: Call, endpoint: str, uri: str, device_id: str, awake: bool = True) -> None:
         if uri in call.dialled_uris:
             return
         call.dialled_uris.add(uri)
-        leg = Leg(f"ap-{uuid.uuid4().hex[:20]}", uri, device_id, time.monotonic())
+        leg = Leg(f"ap-{uuid.uuid4().hex[:20]}", uri, device_id, time.monotonic(), awake=awake)
         call.legs[leg.channel_id] = leg
         self.leg_owner[leg.channel_id] = call
         caller_id = f'"{_clean(call.caller_name)}" <{_clean(call.caller_number)}>'

@@ -28,6 +28,7 @@ log = logging.getLogger("ari_push.capture")
 
 LIVE_STATUSES = frozenset({"nonqualified", "reachable", "created", "updated"})
 QUEUE_LIMIT = 10_000
+WORKERS = 4  # events of one AOR always go to the same worker, so they stay in order
 
 
 class AmiActions(Protocol):
@@ -54,37 +55,56 @@ class Capture:
         self.metrics = metrics
         self.node_id = node_id
         self.clock = clock
-        self.queue: asyncio.Queue[AmiMessage] = asyncio.Queue(QUEUE_LIMIT)
+        self.queues: list[asyncio.Queue[AmiMessage]] = [asyncio.Queue(QUEUE_LIMIT) for _ in range(WORKERS)]
         self.dropped = 0
         self.resync_needed = False
 
     # ---------------------------------------------------------------- feeds
 
     def on_ami_event(self, msg: AmiMessage) -> None:
-        """Called by the AMI reader for every event; must not block."""
+        """Called by the AMI reader for every event; must not block. A new contact wakes the
+        calls waiting on this daemon at once, before anything is stored or published."""
         if msg.event not in ("ContactStatus", "PeerStatus"):
             return
+        aor = msg.get("AOR") or msg.get("Peer")
+        if msg.event == "ContactStatus" and msg.get("ContactStatus").lower() in LIVE_STATUSES:
+            self._deliver_now(aor, msg.get("URI"))
         try:
-            self.queue.put_nowait(msg)
+            self.queues[hash(aor) % WORKERS].put_nowait(msg)
         except asyncio.QueueFull:
             self.dropped += 1
             self.resync_needed = True  # what was dropped is read back once the queue drains
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("capture queue full; %d events dropped so far", self.dropped)
 
+    def _deliver_now(self, aor: str, uri: str) -> None:
+        if not aor or not uri:
+            return
+        try:
+            push = parse_contact(uri, self.policy)
+        except ContactRejected:
+            push = None  # counted and logged by the worker
+        self.wakeups.deliver(Registration(aor=aor, contact_uri=uri, device_id=push.device_id if push else "",
+                                          at=self.clock(), origin=self.node_id))
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Handle queued events in order until ``stop``; a bad event is logged, never fatal."""
+        async with asyncio.TaskGroup() as tg:
+            for queue in self.queues:
+                tg.create_task(self._worker(queue, stop))
+
+    async def _worker(self, queue: asyncio.Queue[AmiMessage], stop: asyncio.Event) -> None:
+        """Handle one shard's events in order until ``stop``; a bad event is logged, never fatal."""
         stopper = asyncio.ensure_future(stop.wait())
         try:
             while True:
-                get = asyncio.ensure_future(self.queue.get())
+                get = asyncio.ensure_future(queue.get())
                 await asyncio.wait({get, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if not get.done():
                     get.cancel()
                     return
                 try:
                     await self.handle(get.result())
-                    if self.resync_needed and self.queue.empty():
+                    if self.resync_needed and all(q.empty() for q in self.queues):
                         self.resync_needed = False
                         await self.resync()
                         self.wakeups.gap()  # waiting calls re-read the contacts they may have missed
@@ -98,7 +118,7 @@ class Capture:
             if msg.get("ContactStatus").lower() not in LIVE_STATUSES:
                 return None
             aor = msg.get("AOR")
-            return await self.capture(aor, msg.get("EndpointName") or aor, msg.get("URI"), "")
+            return await self.capture(aor, msg.get("EndpointName") or aor, msg.get("URI"), "", delivered=True)
         if msg.event == "PeerStatus" and msg.get("PeerStatus").lower() == "registered":
             return await self._chan_sip(msg)
         return None
@@ -119,7 +139,7 @@ class Capture:
     # ---------------------------------------------------------------- core
 
     async def capture(
-        self, aor: str, endpoint: str, uri: str, user_agent: str, signal: bool = True
+        self, aor: str, endpoint: str, uri: str, user_agent: str, signal: bool = True, delivered: bool = False
     ) -> Binding | None:
         """Parse one contact; store its binding; publish the registered signal."""
         if not aor or not uri:
@@ -133,9 +153,11 @@ class Capture:
             push = None
         if signal:
             # Wake waiting calls first: a call must not wait behind the store write (nor behind
-            # other registrations' writes queued before it).
-            await self.wakeups.publish(Registration(
-                aor=aor, contact_uri=uri, device_id=push.device_id if push else "", at=now, origin=self.node_id))
+            # other registrations' writes queued before it). Local calls may have been woken
+            # already by on_ami_event; the other daemons learn it through Redis.
+            reg = Registration(aor=aor, contact_uri=uri, device_id=push.device_id if push else "", at=now,
+                               origin=self.node_id)
+            await (self.wakeups.publish_remote(reg) if delivered else self.wakeups.publish(reg))
         if push is None:
             return None
         binding = Binding(aor=aor, endpoint=endpoint, push=push, contact_uri=uri, user_agent=user_agent,

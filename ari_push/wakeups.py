@@ -81,6 +81,9 @@ class WakeupHub:
     async def publish(self, reg: Registration) -> None:
         self.deliver(reg)
 
+    async def publish_remote(self, reg: Registration) -> None:
+        """Tell the other daemons only (this one delivered it already). Nobody else here."""
+
 
 class RedisWakeups(WakeupHub):
     """The hub plus Redis pub/sub, for several daemons sharing one Redis."""
@@ -93,6 +96,9 @@ class RedisWakeups(WakeupHub):
 
     async def publish(self, reg: Registration) -> None:
         self.deliver(reg)  # local waiters first: no round trip through Redis
+        await self.publish_remote(reg)
+
+    async def publish_remote(self, reg: Registration) -> None:
         try:
             await self.redis.publish(self.keys.registered_channel(reg.aor), json.dumps(asdict(reg)))
         except (aioredis.RedisError, OSError) as exc:
