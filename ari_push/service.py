@@ -180,8 +180,6 @@ class Daemon:
         log.info("ari-push starting as node %s (store: %s)", self.node_id,
                  "embedded" if self.redis is None else "redis")
         providers = build_providers(self.settings)
-        for provider in providers:
-            provider.warm()
         limiter = build_rate_limiter(self.settings.push, self.redis, self.settings.redis.key_prefix)
         self.dispatcher = PushDispatcher(providers, on_token_dead=self._on_token_dead, rate_limiter=limiter)
         self.calls = CallManager(self.settings, self.ari, self.ami, self.store, self.wakeups, self.dispatcher,
@@ -201,6 +199,7 @@ class Daemon:
                 if isinstance(self.wakeups, RedisWakeups):
                     tg.create_task(self.wakeups.run(inner_stop), name="wakeups")
                     tg.create_task(self._redis_monitor(inner_stop), name="redis-monitor")
+                tg.create_task(self._warm(providers), name="warm-providers")
                 self.started.set()
                 await stop.wait()
                 log.info("stopping: no new calls; draining waiting calls (up to %.0fs)",
@@ -211,6 +210,11 @@ class Daemon:
         finally:
             await self._close(providers)
             log.info("ari-push stopped")
+
+    async def _warm(self, providers: list[Any]) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await asyncio.gather(*(p.warm() for p in providers), return_exceptions=True)
 
     async def _close(self, providers: list[Any]) -> None:
         for provider in providers:

@@ -74,7 +74,7 @@ class ApnsProvider:
     def serves(self, binding: Binding) -> bool:
         return binding.push.provider == "apns" and binding.push.param in self.app.topics
 
-    def warm(self) -> None:
+    async def warm(self) -> None:
         self._http(False)
         self._http(True)
 

@@ -17,9 +17,9 @@ class PushProvider(Protocol):
         """True when this provider has credentials for the binding's provider and topic/project."""
         ...
 
-    def warm(self) -> None:
-        """Create the HTTP client(s) now (TLS set-up costs 40-80 ms), not on the first call's push.
-        Called once by the daemon inside the running loop."""
+    async def warm(self) -> None:
+        """Make the HTTP client(s) (TLS set-up costs 40-80 ms) and fetch credentials now, not on
+        the first call's push. Called once by the daemon at start; never raises."""
         ...
 
     async def send(self, binding: Binding, message: PushMessage) -> PushResult: ...

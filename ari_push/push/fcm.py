@@ -135,8 +135,13 @@ class FcmProvider:
             return False
         return push.param == self.project.project_id or (not push.param and self.default)
 
-    def warm(self) -> None:
+    async def warm(self) -> None:
         self._http.get()
+        try:  # the first call's push should not wait for the OAuth2 round trip
+            await self._token()
+        except Exception as exc:
+            log.warning("FCM project %s: no access token yet (%s); the first push will try again",
+                        self.project.project_id, exc)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -207,7 +207,7 @@ class VendorProvider:
     def serves(self, binding: Binding) -> bool:
         return binding.push.provider == "vendor"
 
-    def warm(self) -> None:
+    async def warm(self) -> None:
         self._http.get()
 
     async def aclose(self) -> None:

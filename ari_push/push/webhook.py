@@ -57,7 +57,7 @@ class WebhookProvider:
     def serves(self, binding: Binding) -> bool:
         return bool(self.settings.url) and binding.push.provider in self.settings.providers
 
-    def warm(self) -> None:
+    async def warm(self) -> None:
         self._http.get()
 
     async def aclose(self) -> None:

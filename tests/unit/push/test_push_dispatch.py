@@ -35,7 +35,7 @@ class ScriptedProvider:
     def serves(self, binding: Binding) -> bool:
         return binding.push.provider == self._serves
 
-    def warm(self) -> None:
+    async def warm(self) -> None:
         self.warmed = True
 
     async def send(self, binding: Binding, message: PushMessage) -> PushResult:

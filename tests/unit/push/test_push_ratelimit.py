@@ -35,7 +35,7 @@ class Provider:
     def serves(self, b: Binding) -> bool:
         return b.push.provider == "fcm"
 
-    def warm(self) -> None:
+    async def warm(self) -> None:
         pass
 
     async def send(self, b: Binding, m: PushMessage) -> PushResult:
