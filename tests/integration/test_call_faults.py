@@ -337,3 +337,22 @@ async def test_bridged_call_is_ended_after_max_duration(
     phone.close()
     caller.close()
     await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+
+
+async def test_graceful_shutdown_continues_waiting_calls_with_a_status(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
+        push_endpoint: PushEndpoint, aor: str) -> None:  # noqa: F811
+    rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url,
+                                          "shutdown_timeout = 1\n" + extra(20)))
+    phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, rd.daemon.store)
+    caller = SipUA("2000", ensure_asterisk.ports.sip)
+    await caller.open()
+    answer = caller.start_call(aor)
+    await asyncio.wait_for(push_endpoint.on_call.get(), 10)
+    took = await rd.stop()  # SIGTERM's path: drain for shutdown_timeout, then continue the rest
+    assert took < 1 + 3, f"stopped in {took:.1f} s"
+    assert (await asyncio.wait_for(answer, 5)).status == 480  # back in the dialplan, not hanging
+    await wait_for(lambda: "PUSH_STATUS=SHUTDOWN" in ensure_asterisk.log_text(), 5, "SHUTDOWN status")
+    phone.close()
+    caller.close()
+    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
