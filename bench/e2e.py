@@ -52,6 +52,7 @@ from rig.asterisk import (  # noqa: E402
 )
 from rig.demo import RecipeRelay, RecordingFcm, daemon_config, fcm_token, push_params, recipe_dialplan  # noqa: E402
 from rig.demo import wait_ready as wait_daemon_ready  # noqa: E402
+from rig.process import terminate  # noqa: E402
 from rig.provision import asterisk_version, provision  # noqa: E402
 from rig.redis import RedisServer, free_port  # noqa: E402
 from rig.sipua import SipMessage, SipUA, build  # noqa: E402
@@ -236,15 +237,7 @@ class Daemon:
         return math.nan
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        terminate(self.proc, 20)
         self.proc = None
 
 

@@ -28,6 +28,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rig.asterisk import AsteriskInstance, Ports
+from rig.process import terminate
 from rig.provision import provision
 from rig.redis import RedisServer
 from rig.sipua import SipUA
@@ -73,12 +74,7 @@ body_template = '{{"type":"{{kind}}","call_id":"{{call_id}}","callee":"{{callee}
             self.proc.wait(5)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        terminate(self.proc, 15)
 
 
 def merge(text: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from rig.asterisk import AsteriskInstance, Ports
+from rig.process import terminate
 from rig.redis import RedisServer
 from rig.sipua import SipUA
 from tests.conftest import daemon_config, wait_for
@@ -45,12 +46,7 @@ class DaemonProcess:
             self.proc.wait(5)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        terminate(self.proc, 15)
         self._out.close()
 
 
