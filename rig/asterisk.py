@@ -117,7 +117,11 @@ class Ports:
 
     @classmethod
     def for_index(cls, index: int) -> Ports:
-        """Instance i: SIP 15060+100i, HTTP 15088+100i, AMI 15038+100i, RTP 20000+1000i..+998."""
+        """Instance i: SIP 15060+100i, HTTP 15088+100i, AMI 15038+100i, RTP 20000+1000i..+998.
+
+        ``ARI_PUSH_RIG_SLOT=s`` (0-3, default 0) moves every index by 10*s, so that up to four
+        test sessions (several checkouts on one machine) never share a port or an instance."""
+        index += 10 * rig_slot()
         return cls(
             sip=15060 + 100 * index,
             http=15088 + 100 * index,
@@ -125,6 +129,13 @@ class Ports:
             rtp_start=20000 + 1000 * index,
             rtp_end=20998 + 1000 * index,
         )
+
+
+def rig_slot() -> int:
+    raw = os.environ.get("ARI_PUSH_RIG_SLOT", "0") or "0"
+    if not raw.isdigit() or int(raw) > 3:
+        raise ValueError(f"ARI_PUSH_RIG_SLOT must be 0, 1, 2 or 3, got {raw!r}")
+    return int(raw)
 
 
 class AsteriskError(RuntimeError):
@@ -141,13 +152,13 @@ class AsteriskInstance:
         (the demo and the benchmark add their contexts and AORs there); ``rtp_ports`` widens the
         RTP range beyond the instance's 999 ports (the capacity benchmark needs thousands)."""
         self.root = root
-        self.name = name
+        self.name = name if rig_slot() == 0 else f"{name}-s{rig_slot()}"
         self.ports = ports
         self.app_names = app_names
         self.extra_dialplan = extra_dialplan
         self.extra_pjsip = extra_pjsip
         self.rtp_ports = rtp_ports or (ports.rtp_start, ports.rtp_end)
-        self.etc = f"/etc/asterisk-{name}"
+        self.etc = f"/etc/asterisk-{self.name}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     # ---------------------------------------------------------------- paths

@@ -20,12 +20,59 @@ APT_PACKAGES = {
     "sipp": "sip-tester",
     "debootstrap": "debootstrap",
 }
-DEBIAN_MIRROR = os.environ.get("ARI_PUSH_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SUITE = os.environ.get("ARI_PUSH_DEBIAN_SUITE", "sid")
 
 
 class ProvisionError(RuntimeError):
     """A provisioning step cannot complete; the message says why and what to do."""
+
+
+def _apt_source_uris(apt_dir: Path) -> list[str]:
+    """The Debian archive URIs this machine's apt uses, in file order (deb822 ``.sources`` and
+    one-line ``.list`` files), security and updates archives left out."""
+    uris: list[str] = []
+    files = [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*.list")),
+             *sorted((apt_dir / "sources.list.d").glob("*.sources"))]
+    for f in files:
+        try:
+            text = f.read_text(errors="replace")
+        except OSError:
+            continue
+        if f.suffix == ".sources":
+            for stanza in text.split("\n\n"):
+                fields = {}
+                for line in stanza.splitlines():
+                    if ":" in line and not line.lstrip().startswith("#") and not line.startswith(" "):
+                        key, _, value = line.partition(":")
+                        fields[key.strip().lower()] = value.strip()
+                if fields.get("enabled", "yes").lower() == "no" or "deb" not in fields.get("types", "").split():
+                    continue
+                suites = fields.get("suites", "").split()
+                if suites and all("security" in s_ for s_ in suites):
+                    continue
+                uris.extend(fields.get("uris", "").split())
+        else:
+            for line in text.splitlines():
+                parts = line.split("#", 1)[0].split()
+                if len(parts) >= 3 and parts[0] == "deb":
+                    rest = [p_ for p_ in parts[1:] if not p_.startswith("[")]
+                    if len(rest) >= 2 and "security" not in rest[1]:
+                        uris.append(rest[0])
+    return [u for u in uris if "/debian" in u and "security" not in u]
+
+
+def debian_mirror(environ: dict[str, str] | None = None, apt_dir: Path = Path("/etc/apt")) -> str:
+    """The mirror debootstrap uses: ``ARI_PUSH_DEBIAN_MIRROR`` if set, else the first Debian
+    archive in this machine's apt sources (no host is built in)."""
+    env = os.environ if environ is None else environ
+    if env.get("ARI_PUSH_DEBIAN_MIRROR"):
+        return env["ARI_PUSH_DEBIAN_MIRROR"]
+    uris = _apt_source_uris(apt_dir)
+    if not uris:
+        raise ProvisionError(
+            "no Debian archive found in /etc/apt/sources.list{,.d/}; set ARI_PUSH_DEBIAN_MIRROR to a Debian mirror URL"
+        )
+    return uris[0]
 
 
 def cache_dir() -> Path:
@@ -178,7 +225,7 @@ def ensure_asterisk_root() -> Path:
                 "--include=asterisk,asterisk-modules",
                 SUITE,
                 str(partial),
-                DEBIAN_MIRROR,
+                debian_mirror(),
             ],
             timeout=900,
             what=f"debootstrap Debian {SUITE} with asterisk (about a minute)",
