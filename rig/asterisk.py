@@ -119,9 +119,15 @@ class Ports:
     def for_index(cls, index: int) -> Ports:
         """Instance i: SIP 15060+100i, HTTP 15088+100i, AMI 15038+100i, RTP 20000+1000i..+998.
 
-        ``ARI_PUSH_RIG_SLOT=s`` (0-3, default 0) moves every index by 10*s, so that up to four
-        test sessions (several checkouts on one machine) never share a port or an instance."""
+        ``ARI_PUSH_RIG_SLOT=s`` (0-5, default 0) moves every index by 10*s, so that up to six
+        test sessions (several checkouts on one machine) never share a port or an instance.
+        Indexes from 40 on (slots 4 and 5) get 199 RTP ports each in 10000-13999, below the SIP
+        ports, since 20000+1000i would leave the port range."""
         index += 10 * rig_slot()
+        if index >= 40:
+            low = 10000 + 200 * (index - 40)
+            return cls(sip=15060 + 100 * index, http=15088 + 100 * index, ami=15038 + 100 * index,
+                       rtp_start=low, rtp_end=low + 198)
         return cls(
             sip=15060 + 100 * index,
             http=15088 + 100 * index,
@@ -133,8 +139,8 @@ class Ports:
 
 def rig_slot() -> int:
     raw = os.environ.get("ARI_PUSH_RIG_SLOT", "0") or "0"
-    if not raw.isdigit() or int(raw) > 3:
-        raise ValueError(f"ARI_PUSH_RIG_SLOT must be 0, 1, 2 or 3, got {raw!r}")
+    if not raw.isdigit() or int(raw) > 5:
+        raise ValueError(f"ARI_PUSH_RIG_SLOT must be 0 to 5, got {raw!r}")
     return int(raw)
 
 
