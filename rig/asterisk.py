@@ -121,13 +121,12 @@ class Ports:
 
         ``ARI_PUSH_RIG_SLOT=s`` (0-5, default 0) moves every index by 10*s, so that up to six
         test sessions (several checkouts on one machine) never share a port or an instance.
-        Indexes from 40 on (slots 4 and 5) get 199 RTP ports each in 10000-13999, below the SIP
-        ports, since 20000+1000i would leave the port range."""
+        Indexes from 40 on (slots 4 and 5) would leave the port range, so they get SIP, HTTP and
+        AMI at 14000+20(i-40)+{0,1,2} and 199 RTP ports at 10000+200(i-40), below every other block."""
         index += 10 * rig_slot()
         if index >= 40:
-            low = 10000 + 200 * (index - 40)
-            return cls(sip=15060 + 100 * index, http=15088 + 100 * index, ami=15038 + 100 * index,
-                       rtp_start=low, rtp_end=low + 198)
+            base, low = 14000 + 20 * (index - 40), 10000 + 200 * (index - 40)
+            return cls(sip=base, http=base + 1, ami=base + 2, rtp_start=low, rtp_end=low + 198)
         return cls(
             sip=15060 + 100 * index,
             http=15088 + 100 * index,
