@@ -11,7 +11,7 @@ Phases and what moves a call between them (``TRANSITIONS``; ``HANDLERS`` says wh
 handled in which phase, everything else is ignored there):
 
     STARTING --taken over, pushed, live contacts rung--> WAITING
-    STARTING --unknown AOR / nothing to push or ring--> ENDING
+    STARTING --unknown AOR / nothing to push or ring--> ENDING  (store down: WAITING, read again)
     WAITING  --a leg answered--> ANSWERING --bridged--> BRIDGED
     WAITING  --caller left / timeout / declined / push failed / shutdown--> ENDING
     BRIDGED  --either side hung up / max duration--> ENDING --cleaned up--> ENDED
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from ari_push.backoff import Backoff
 from ari_push.bindings import StoreUnavailable
 from ari_push.call_events import (
     HANGUPS,
@@ -98,13 +99,20 @@ class Deadline:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreBack:
+    """The store answered again after the call's first read failed: the devices to push."""
+
+    plans: tuple[PlannedPush, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PushesDone:
     """The call push to every device has a final result."""
 
     results: dict[str, PushResult]
 
 
-FlowEvent = CallEvent | Deadline | PushesDone
+FlowEvent = CallEvent | Deadline | PushesDone | StoreBack
 
 
 @dataclass
@@ -222,6 +230,8 @@ class CallFlow:
         self.store_ok = True
         self.settled = asyncio.Event()  # no longer waiting for a device
         self._push_task: asyncio.Task[None] | None = None
+        self._retry_task: asyncio.Task[None] | None = None
+        self.live: list[str] = []  # the contacts registered when the call started
 
     # ---------------------------------------------------------------- plumbing
 
@@ -299,25 +309,45 @@ class CallFlow:
             try:
                 plans = await plan
             except StoreUnavailable as exc:
-                log.warning("call %s: binding store unavailable (%s); dialling live contacts only", self.call_id,
-                            exc)
+                log.warning("call %s: binding store unavailable (%s); ringing live contacts and reading the "
+                            "store again until it answers", self.call_id, exc)
                 self.store_ok, plans = False, []
+                self._retry_task = asyncio.ensure_future(self._read_store_again())
             if plans:
-                self.pushed = [p.binding for p in plans]
-                self.push_sent_at = time.monotonic()
-                self._push_task = asyncio.ensure_future(self._push_call(plans))
+                self._push(plans)
             live = await contacts
             if live is None:
                 log.info("call %s: %s is not a known AOR", self.call_id, self.target)
                 self.end(Status.NO_DEVICES)
                 return
+            self.live = live
             await self._ring_live(live)
         finally:
             await ringback
-        if not self.pushed and not self.book.legs:
-            self.end(Status.NO_DEVICES if self.store_ok else Status.PUSH_FAILED)
+        if not self.pushed and not self.book.legs and self.store_ok:
+            self.end(Status.NO_DEVICES)
             return
         self.to(Phase.WAITING)
+
+    def _push(self, plans: Sequence[PlannedPush]) -> None:
+        self.pushed = [p.binding for p in plans]
+        self.push_sent_at = time.monotonic()
+        self._push_task = asyncio.ensure_future(self._push_call(plans))
+
+    async def _read_store_again(self) -> None:
+        """The store did not answer (a Redis restart or fail-over takes about a second): read
+        it again with a capped, jittered backoff until it answers or the call's time is up."""
+        backoff = Backoff(base=0.1, cap=1.0)
+        while True:
+            await asyncio.sleep(backoff.next())
+            if time.monotonic() >= self.started + self.timeout:
+                return
+            try:
+                plans = await self.planner.call_push(self.target, self.call_id)
+            except StoreUnavailable:
+                continue
+            self.put(StoreBack(tuple(plans)))
+            return
 
     async def _ringback(self) -> None:
         if self.settings.moh_class:  # early media: 183 Session Progress, then music while the phone wakes
@@ -332,14 +362,15 @@ class CallFlow:
             log.warning("call %s: cannot read the contacts of %s: %s", self.call_id, self.target, exc)
             return []
 
-    async def _ring_live(self, live: list[str]) -> None:
+    async def _ring_live(self, live: list[str], dial: bool = True) -> None:
         """Drop the registered contact of each pushed device (its re-REGISTER is then reported
         as new, even with an unchanged URI), and ring every live contact at once: it may be awake."""
         pushed = {b.device_id for b in self.pushed}
         devices = [(uri, self.device_of(uri)) for uri in live]
         await asyncio.gather(*(self._quietly(self.pbx.delete_contact(self.target, uri), "delete stale contact")
                                for uri, device in devices if device and device in pushed))
-        await asyncio.gather(*(self._originate(uri, device, awake=False) for uri, device in devices))
+        if dial:
+            await asyncio.gather(*(self._originate(uri, device, awake=False) for uri, device in devices))
 
     async def _push_call(self, plans: Sequence[PlannedPush]) -> None:
         results = await self._send(plans, self._message(PushKind.CALL))
@@ -379,6 +410,17 @@ class CallFlow:
                 and any(b.device_id == device_id for b in self.pushed)):
             self.woken.add(device_id)
             self.metrics.wake_latency.observe(time.monotonic() - self.push_sent_at)
+
+    async def _on_store_back(self, event: StoreBack) -> None:
+        self.store_ok = True
+        self._retry_task = None
+        log.info("call %s: binding store answers again; pushing %d device(s)", self.call_id, len(event.plans))
+        if not event.plans:
+            if not self.book.legs:
+                self.end(Status.NO_DEVICES)
+            return
+        self._push(event.plans)
+        await self._ring_live(self.live, dial=False)
 
     async def _on_pushes_done(self, event: PushesDone) -> None:
         self._push_task = None
@@ -554,10 +596,11 @@ class CallFlow:
         if self.phase is not Phase.ENDING:
             self.phase = Phase.ENDING  # cancelled or failed mid-way: clean up all the same
         try:
-            if self._push_task is not None and not self._push_task.done():
-                self._push_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._push_task
+            for task in (self._push_task, self._retry_task):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             answered = self.status is Status.ANSWERED
             for leg in list(self.book.legs.values()):
                 if not (answered and leg is self.answered_by):
@@ -593,6 +636,7 @@ HANDLERS: dict[tuple[Phase, type], Handler] = {
     (Phase.WAITING, Registration): CallFlow._on_registration,
     (Phase.WAITING, Gap): CallFlow._on_gap,
     (Phase.WAITING, PushesDone): CallFlow._on_pushes_done,
+    (Phase.WAITING, StoreBack): CallFlow._on_store_back,
     (Phase.WAITING, ChannelStateChange): CallFlow._on_leg_state,
     (Phase.WAITING, StasisStart): CallFlow._on_stasis_start,
     (Phase.WAITING, Deadline): CallFlow._on_deadline_waiting,

@@ -272,16 +272,50 @@ async def test_nothing_to_push_or_ring_continues_with_no_devices(rig: Harness) -
     assert "ring" in rig.pbx.names()  # the caller heard ringback at once, all the same
 
 
-async def test_store_down_and_nothing_live_is_push_failed() -> None:
-    class DownPlanner(MemoryPushPlanner):
-        async def call_push(self, aor: str, call_id: str) -> list[PlannedPush]:
-            raise StoreUnavailable("redis: connection refused")
+class BlinkingPlanner(MemoryPushPlanner):
+    """The product's embedded planner behind a store that fails ``failures`` reads first."""
 
-    h = Harness()
-    h.manager.planner = DownPlanner(h.store, PushSettings(rate_per_minute=0))
+    def __init__(self, store: MemoryStore, failures: int) -> None:
+        super().__init__(store, PushSettings(rate_per_minute=0))
+        self.failures = failures
+        self.reads = 0
+
+    async def call_push(self, aor: str, call_id: str) -> list[PlannedPush]:
+        self.reads += 1
+        if self.reads <= self.failures:
+            raise StoreUnavailable("redis: connection refused")
+        return await super().call_push(aor, call_id)
+
+
+async def test_store_down_for_the_whole_call_is_push_failed() -> None:
+    h = h_with(default_timeout=0.6)
+    planner = BlinkingPlanner(h.store, failures=10_000)
+    h.manager.planner = planner
+    await h.add(binding())
     flow = h.call()
     assert await h.ended(flow) is Status.PUSH_FAILED
     assert h.pbx.continued() == [("caller-1", "PUSH_FAILED", "")]
+    assert planner.reads >= 2 and h.service.sent == []  # it kept trying within the call's time
+    await h.close()
+
+
+async def test_store_blink_read_again_and_pushed_when_it_answers() -> None:
+    h = Harness()
+    h.manager.planner = BlinkingPlanner(h.store, failures=2)
+    b = await h.add(binding(port=5001))
+    h.pbx.contacts_of[AOR] = [push_uri(5001)]  # the sleeping phone's stale contact
+    flow = h.call()
+    await h.phase(flow, Phase.WAITING)
+    assert await h.push() == b.device_id  # pushed once the store answered
+    assert ("delete_contact", AOR, push_uri(5001)) in h.pbx.ops  # and its stale contact dropped then
+    h.register(push_uri(5002), b.device_id)
+    leg = await h.leg()
+    while leg.contact_uri != push_uri(5002):
+        leg = await h.leg()
+    h.answer(leg)
+    await h.phase(flow, Phase.BRIDGED)
+    h.manager.on_event(StasisEnd("caller-1"))
+    assert await h.ended(flow) is Status.ANSWERED
     await h.close()
 
 
