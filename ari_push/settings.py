@@ -107,6 +107,13 @@ class CallSettings:
     continue_context: str = ""
     dial_timeout: float = 60.0
     max_duration: float = 14400.0  # a bridged call is ended after this (a safety net for lost hang-ups)
+    # The registered UDP contact of a pushed device is rung this long after the push unless the
+    # device re-registered meanwhile (an INVITE to a sleeping UDP phone retransmits for 32 s);
+    # TCP/TLS contacts, and devices known to answer on their old contact, are rung at once.
+    stale_ring_delay: float = 2.0
+    # A pushed device whose end-of-call push could not be delivered (an iOS app with a VoIP token
+    # only) gets an INVITE + CANCEL with the right Reason if it re-registers within this window.
+    end_notice_window: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -519,6 +526,8 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         continue_context=call_s.text("continue_context"),
         dial_timeout=call_s.positive("dial_timeout", CallSettings.dial_timeout),
         max_duration=call_s.positive("max_duration", CallSettings.max_duration),
+        stale_ring_delay=call_s.positive("stale_ring_delay", CallSettings.stale_ring_delay),
+        end_notice_window=call_s.positive("end_notice_window", CallSettings.end_notice_window),
     )
     call_s.done()
     if calls.default_timeout > calls.max_timeout:

@@ -187,6 +187,9 @@ class FcmProvider:
         android: dict[str, Any] = {
             "priority": "high" if message.kind in HIGH_PRIORITY else "normal",
             "ttl": f"{ttl}s",
+            # one call, one collapse key: a phone offline until after the call gets the last
+            # word (cancel, missed call) instead of a stale call push first
+            "collapse_key": message.call_id[:64],
         }
         body = {"message": {"token": binding.push.token, "data": data, "android": android}}
         return json.dumps(body, separators=(",", ":")).encode()
