@@ -21,7 +21,7 @@ from ari_push.ami_frames import AmiMessage
 from ari_push.bindings import BindingStore, StoreUnavailable
 from ari_push.contacts import ContactPolicy, ContactRejected, parse_chan_sip_registry, parse_contact
 from ari_push.metrics import Metrics
-from ari_push.model import Binding, mask
+from ari_push.model import Binding, mask_token
 from ari_push.wakeups import Registration, WakeupHub
 
 log = logging.getLogger("ari_push.capture")
@@ -169,7 +169,8 @@ class Capture:
             log.warning("could not store the binding of %s: %s", aor, exc)
             return binding
         self.metrics.registrations.labels(push.dialect.value).inc()
-        log.info("captured %s device %s of %s (token %s)", push.provider, binding.device_id, aor, mask(push.token))
+        log.info("captured %s device %s of %s (token %s)", push.provider, binding.device_id, aor,
+                 mask_token(push.provider, push.token))
         return binding
 
     async def _chan_sip(self, msg: AmiMessage) -> Binding | None:

@@ -33,6 +33,7 @@ from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushResult, mask
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
+from ari_push.push.fanout import Fanout
 from ari_push.push.ratelimit import build_rate_limiter
 from ari_push.redis_keys import Keys
 from ari_push.settings import RedisSettings, Settings
@@ -181,7 +182,8 @@ class Daemon:
                  "embedded" if self.redis is None else "redis")
         providers = build_providers(self.settings)
         limiter = build_rate_limiter(self.settings.push, self.redis, self.settings.redis.key_prefix)
-        self.dispatcher = PushDispatcher(providers, on_token_dead=self._on_token_dead, rate_limiter=limiter)
+        self.dispatcher = PushDispatcher(providers, on_token_dead=self._on_token_dead, rate_limiter=limiter,
+                                         fanout=Fanout.from_settings(self.settings))
         self.calls = CallManager(self.settings, self.ari, self.ami, self.store, self.wakeups, self.dispatcher,
                                  self.metrics, self.policy, self.node_id, self.ledger)
         if self.settings.http.enabled:

@@ -27,11 +27,13 @@ from ari_push.model import Binding, PushMessage, PushOutcome, PushResult
 from ari_push.push.common import (
     USER_AGENT,
     Clock,
+    ResponseTooLarge,
     call_fields,
     closed_result,
     describe,
     network_result,
     retry_after,
+    send_capped,
     tls_context,
 )
 from ari_push.settings import ApnsApp, SettingsError
@@ -109,7 +111,8 @@ class ApnsProvider:
             for _attempt in range(2):
                 if self._key is not None:
                     headers["authorization"] = f"bearer {self.provider_token(stale)}"
-                response = await client.post(url, content=payload, headers=headers)
+                response = await send_capped(client, client.build_request("POST", url, content=payload,
+                                                                          headers=headers))
                 reason, timestamp = _apns_error(response)
                 if (
                     response.status_code == 403
@@ -123,6 +126,8 @@ class ApnsProvider:
                 break
         except httpx.HTTPError as exc:
             return network_result(exc)
+        except ResponseTooLarge as exc:
+            return PushResult(PushOutcome.FAILED, str(exc))
         result = self._result(response, reason, timestamp)
         if result.outcome is not PushOutcome.DELIVERED:
             log.debug("apns %s: %s -> %s %s", self.app.name, describe(binding), result.outcome, result.reason)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import httpx
 
-from ari_push.model import Binding, PushMessage, PushOutcome, PushResult, mask
+from ari_push.model import Binding, PushMessage, PushOutcome, PushResult, mask_token
 
 Clock = Callable[[], float]
 
@@ -58,7 +58,8 @@ def call_fields(message: PushMessage) -> dict[str, str]:
 
 def describe(binding: Binding) -> str:
     """How a binding appears in a log line: provider/param and the masked token."""
-    return f"{binding.push.provider}/{binding.push.param or '-'} token={mask(binding.push.token)}"
+    token = mask_token(binding.push.provider, binding.push.token)
+    return f"{binding.push.provider}/{binding.push.param or '-'} token={token}"
 
 
 def network_result(exc: Exception) -> PushResult:
@@ -74,6 +75,47 @@ def network_result(exc: Exception) -> PushResult:
     if isinstance(exc, httpx.TimeoutException):
         return PushResult(PushOutcome.RETRY, f"timeout ({type(exc).__name__})")
     return PushResult(PushOutcome.RETRY, f"network error ({type(exc).__name__})")
+
+
+#: What a push service's answer may weigh (FCM, APNs, OAuth, webhook): their answers are a few
+#: hundred bytes; anything near this is not a push service.
+MAX_RESPONSE_BYTES = 65536
+
+
+class ResponseTooLarge(Exception):
+    """The answer is larger than the cap: the request counts as FAILED, the rest is not read."""
+
+
+async def read_capped(response: httpx.Response, cap: int = MAX_RESPONSE_BYTES) -> bytes:
+    """Read a streamed response's body (decoded) up to ``cap`` bytes; ResponseTooLarge beyond.
+    A declared Content-Length over the cap is refused before reading anything."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise ResponseTooLarge(f"response larger than {cap} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > cap:
+            raise ResponseTooLarge(f"response larger than {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def send_capped(client: httpx.AsyncClient, request: httpx.Request, cap: int = MAX_RESPONSE_BYTES
+                      ) -> httpx.Response:
+    """Send ``request`` and read at most ``cap`` bytes of the answer: the response returned is
+    complete (``.json()``, ``.text`` work); ResponseTooLarge when the body is larger."""
+    response = await client.send(request, stream=True)
+    try:
+        body = await read_capped(response, cap)
+    finally:
+        await response.aclose()
+    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in ("content-encoding",
+                                                                                      "content-length",
+                                                                                      "transfer-encoding")]
+    return httpx.Response(response.status_code, headers=headers, content=body, request=request,
+                          extensions={"http_version": response.extensions.get("http_version", b"HTTP/1.1")})
 
 
 def closed_result() -> PushResult:
