@@ -163,12 +163,16 @@ class Capture:
         binding = Binding(aor=aor, endpoint=endpoint, push=push, contact_uri=uri, user_agent=user_agent,
                           first_seen=now, last_seen=now)
         try:
-            binding = await self.store.upsert(binding)
+            binding, evicted = await self.store.upsert_capped(binding, self.policy.max_devices_per_aor)
         except StoreUnavailable as exc:
             self.metrics.store_errors.inc()
             log.warning("could not store the binding of %s: %s", aor, exc)
             return binding
         self.metrics.registrations.labels(push.dialect.value).inc()
+        if evicted:
+            self.metrics.devices_evicted.inc(len(evicted))
+            log.info("%s has more than %d devices: dropped the least recently seen (%s)", aor,
+                     self.policy.max_devices_per_aor, ", ".join(evicted[:5]) + (" ..." if len(evicted) > 5 else ""))
         log.info("captured %s device %s of %s (token %s)", push.provider, binding.device_id, aor,
                  mask_token(push.provider, push.token))
         return binding

@@ -178,6 +178,10 @@ class ContactPolicy:
     max_token_length: tuple[tuple[str, int], ...] = DEFAULT_MAX_TOKEN_LENGTH
     webpush_allowed_hosts: tuple[str, ...] = DEFAULT_WEBPUSH_HOSTS
     max_option_length: int = 64
+    #: Not a parsing rule: the capture keeps at most this many devices per AOR (the least
+    #: recently seen goes; ``[capture] max_devices_per_aor``). Carried here so that every part
+    #: built from the capture settings sees the same number.
+    max_devices_per_aor: int = 10
 
     def __post_init__(self) -> None:
         # Normalised here so every comparison below can be a plain ==.
@@ -197,7 +201,8 @@ class ContactPolicy:
     def from_settings(cls, capture: CaptureSettings) -> ContactPolicy:
         webpush = capture.webpush_allowed_hosts
         return cls(vendor_allowed_hosts=capture.vendor_allowed_hosts, extra_providers=capture.extra_providers,
-                   webpush_allowed_hosts=DEFAULT_WEBPUSH_HOSTS if webpush is None else webpush)
+                   webpush_allowed_hosts=DEFAULT_WEBPUSH_HOSTS if webpush is None else webpush,
+                   max_devices_per_aor=capture.max_devices_per_aor)
 
     def token_limit(self, provider: str) -> int:
         limits = dict(self.max_token_length)

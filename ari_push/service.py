@@ -124,7 +124,9 @@ class Daemon:
             if settings.cluster.mode == "lease":
                 self.ari.gate = (self.cluster.lease_held, self.cluster.lease_lost)
         links = [self.ami.link, self.ari.link] + ([self.redis_link] if self.redis is not None else [])
-        self.health = HealthServer(settings.http.listen, links, self.metrics)
+        self.health = HealthServer(settings.http.listen, links, self.metrics,
+                                   header_timeout=settings.http.header_timeout,
+                                   max_connections=settings.http.max_connections)
         self.started = asyncio.Event()
 
     # ---------------------------------------------------------------- wiring

@@ -734,8 +734,8 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         if any(not p for p in path) or len(path) > 2:
             raise SettingsError(name, "environment overrides look like ARI_PUSH_SECTION__KEY")
-        if path[0].startswith("debian"):
-            continue  # rig variables, not settings
+        if path[0].startswith(("debian", "rig_")):
+            continue  # rig variables (ARI_PUSH_DEBIAN_MIRROR, ARI_PUSH_RIG_SLOT), not settings
         target = merged
         if len(path) == 2:
             existing = target.get(path[0], {})
