@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
+from functools import partial
 
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult, mask
 from ari_push.push.base import PushProvider
@@ -199,7 +200,7 @@ class PushDispatcher:
         slots = self.fanout.call_slots()
         async with asyncio.TaskGroup() as group:
             for device_id, binding in unique.items():
-                tasks[device_id] = group.create_task(self.fanout.bounded(slots, self.send(binding, message)),
+                tasks[device_id] = group.create_task(self.fanout.bounded(slots, partial(self.send, binding, message)),
                                                      name=f"push-{mask(device_id)}")
         return {device_id: task.result() for device_id, task in tasks.items()}
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
@@ -69,9 +69,10 @@ class Fanout:
         return asyncio.Semaphore(self.per_call)
 
     @staticmethod
-    async def bounded(slots: asyncio.Semaphore, work: Awaitable[T]) -> T:
+    async def bounded(slots: asyncio.Semaphore, work: Callable[[], Awaitable[T]]) -> T:
+        """``work()`` once a slot of this fan-out is free (the coroutine is made only then)."""
         async with slots:
-            return await work
+            return await work()
 
     @contextlib.asynccontextmanager
     async def host_slot(self, provider_name: str, binding: Binding) -> AsyncIterator[None]:
