@@ -1,7 +1,8 @@
 """A tiny HTTP endpoint that records POSTs: a Zoiper-style push URL, or a webhook relay.
 
 Answers are scripted per path: a status, a redirect, a huge body (declared or chunked),
-a stall (never answers until the fake stops), or a trickle (a byte at a time, forever). Unscripted paths answer 200 "ok".
+a stall (never answers until the fake stops), or a trickle (a byte at a time, forever).
+Unscripted paths answer 200 "ok".
 """
 
 from __future__ import annotations

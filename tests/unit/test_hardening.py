@@ -81,7 +81,7 @@ def test_max_devices_per_aor_is_a_setting(tmp_path: Path) -> None:
     cfg.write_text('[ari]\npassword="p"\n[ami]\nsecret="s"\n[capture]\nmax_devices_per_aor = 3\n')
     assert ContactPolicy.from_settings(load(cfg, environ={}).capture).max_devices_per_aor == 3
     cfg.write_text('[ari]\npassword="p"\n[ami]\nsecret="s"\n[capture]\nmax_devices_per_aor = 0\n')
-    with pytest.raises(SettingsError, match="capture.max_devices_per_aor"):
+    with pytest.raises(SettingsError, match=r"capture\.max_devices_per_aor"):
         load(cfg, environ={})
 
 
@@ -172,7 +172,7 @@ def test_ari_url_credentials_are_taken_out_and_never_shown(tmp_path: Path) -> No
 def test_credentials_in_a_provider_url_are_refused_without_showing_them(tmp_path: Path, section: str) -> None:
     cfg = tmp_path / "c.toml"
     key = "url" if section == "webhook" else "api_url"
-    head = "[webhook]\n" if section == "webhook" else f"[[fcm]]\nproject_id='p'\nservice_account='{{}}'\n"
+    head = "[webhook]\n" if section == "webhook" else "[[fcm]]\nproject_id='p'\nservice_account='{}'\n"
     cfg.write_text(f'[ari]\npassword="p"\n[ami]\nsecret="s"\n{head}{key} = "https://me:hunter2-pw@relay.example/x"\n'
                    + ('secret="k"\nproviders=["fcm"]\n' if section == "webhook" else ""))
     with pytest.raises(SettingsError) as err:

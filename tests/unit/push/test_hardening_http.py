@@ -65,8 +65,8 @@ async def test_a_tls_connection_is_never_reused_for_another_server_name(pki: Pki
         return ["127.0.0.1"]
 
     async with FakeVendor(ctx) as fake:
-        provider = VendorProvider(VendorSettings(ca_file=str(pki.ca_file), timeout=10), ("localhost:*", "push.internal:*"),
-                                  resolve=resolve)
+        provider = VendorProvider(VendorSettings(ca_file=str(pki.ca_file), timeout=10),
+                                  ("localhost:*", "push.internal:*"), resolve=resolve)
         try:
             good = await provider.send(binding("vendor", f"https://localhost:{fake.port}/a"), message())
             # same provider, same address and port, another name: its certificate must be checked
@@ -97,7 +97,7 @@ async def test_allow_list_entries_carry_their_port(url: str, allowed: tuple[str,
     if ok:
         assert (await check_url(url, allowed, resolve)).port in (80, 443, 6379, 8088, 8443)
     else:
-        with pytest.raises(UrlRefused, match="not in capture.vendor_allowed_hosts"):
+        with pytest.raises(UrlRefused, match=r"not in capture\.vendor_allowed_hosts"):
             await check_url(url, allowed, resolve)
 
 
