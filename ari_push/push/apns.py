@@ -32,6 +32,7 @@ from ari_push.push.common import (
     closed_result,
     describe,
     network_result,
+    preload_http,
     retry_after,
     send_capped,
     tls_context,
@@ -79,6 +80,7 @@ class ApnsProvider:
     async def warm(self) -> None:
         self._http(False)
         self._http(True)
+        preload_http()
 
     async def aclose(self) -> None:
         self._closed = True

@@ -5,7 +5,9 @@ Nothing here keeps state; each provider owns its own HTTP client.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import importlib
 import ssl
 from collections.abc import Callable
 
@@ -122,6 +124,15 @@ def closed_result() -> PushResult:
     return PushResult(PushOutcome.FAILED, "provider closed")
 
 
+def preload_http() -> None:
+    """Import now what httpx and httpcore import on the first request (h11, httpcore's pools,
+    anyio's asyncio backend): ~60-200 ms of module loading that would otherwise stall the event
+    loop during the first call's pushes. Called by the providers' ``warm()``."""
+    for name in ("h11", "h2.connection", "httpcore", "anyio", "anyio._backends._asyncio", "anyio.streams.tls"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
 class LazyClient:
     """One long-lived httpx client per provider: made on first use (inside the running loop),
     closed once. Never follows redirects and never uses an environment proxy, so the checks a
@@ -135,12 +146,14 @@ class LazyClient:
         timeout: float,
         limits: httpx.Limits | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        verify: ssl.SSLContext | None = None,
     ) -> None:
         self.http2 = http2
         self.ca_file = ca_file
         self.timeout = timeout
         self.limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
         self.transport = transport
+        self.verify = verify  # a context shared by several clients (loading the CAs costs ~50 ms)
         self._client: httpx.AsyncClient | None = None
         self.closed = False
 
@@ -148,7 +161,7 @@ class LazyClient:
         if self._client is None:
             self._client = httpx.AsyncClient(
                 http2=self.http2,
-                verify=tls_context(self.ca_file),
+                verify=self.verify or tls_context(self.ca_file),
                 timeout=httpx.Timeout(self.timeout),
                 limits=self.limits,
                 follow_redirects=False,

@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,8 +38,10 @@ from ari_push.push.common import (
     call_fields,
     closed_result,
     network_result,
+    preload_http,
     read_capped,
     retry_after,
+    tls_context,
 )
 from ari_push.settings import VendorSettings
 
@@ -208,7 +211,13 @@ class VendorProvider:
         # verified for one name) is never reused for another name on the same address, and one
         # slow host cannot take the connections another host needs.
         self._pools: OrderedDict[tuple[str, str, str, int], _Pool] = OrderedDict()
+        self._tls: ssl.SSLContext | None = None  # one for every pool: made once (warm), not per host
         self.closed = False
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = tls_context(self.settings.ca_file)
+        return self._tls
 
     def _pool(self, target: Target) -> _Pool:
         key = (target.scheme, target.host, target.address, target.port)
@@ -217,7 +226,8 @@ class VendorProvider:
             limit = self.settings.max_connections_per_host
             pool = _Pool(LazyClient(http2=False, ca_file=self.settings.ca_file, timeout=self.settings.timeout,
                                     limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit,
-                                                        keepalive_expiry=30)))
+                                                        keepalive_expiry=30),
+                                    verify=self._tls_context()))
             self._pools[key] = pool
         self._pools.move_to_end(key)
         return pool
@@ -234,7 +244,8 @@ class VendorProvider:
         return binding.push.provider == "vendor"
 
     async def warm(self) -> None:
-        return None  # pools are made per host, on first use
+        self._tls_context()  # pools are made per host, on first use; the TLS context now
+        preload_http()
 
     async def aclose(self) -> None:
         self.closed = True

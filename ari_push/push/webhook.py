@@ -28,6 +28,7 @@ from ari_push.push.common import (
     call_fields,
     closed_result,
     network_result,
+    preload_http,
     retry_after,
     send_capped,
 )
@@ -62,6 +63,7 @@ class WebhookProvider:
 
     async def warm(self) -> None:
         self._http.get()
+        preload_http()
 
     async def aclose(self) -> None:
         await self._http.aclose()
