@@ -17,6 +17,7 @@ Pure functions, no I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -49,8 +50,10 @@ class HostRule:
         return f"{host}:{self.port or '*'}"
 
 
-def parse_rules(entries: tuple[str, ...] | list[str]) -> tuple[HostRule, ...]:
-    """The entries that are rules; one that is not (refused at load time anyway) allows nothing."""
+@functools.lru_cache(maxsize=64)
+def parse_rules(entries: tuple[str, ...]) -> tuple[HostRule, ...]:
+    """The entries that are rules; one that is not (refused at load time anyway) allows nothing.
+    Cached: the same allow-list is checked on every capture and every send."""
     rules = []
     for entry in entries:
         try:

@@ -94,7 +94,7 @@ def host_allowed(host: str, allowed: Sequence[str], port: int | None = None,
     """(allowed, exactly listed). ``*.example.com`` matches names under example.com, not
     example.com itself and never an IP literal. An entry without a port allows only the scheme's
     default port (``port`` None means that port); ``host:8443`` that port; ``host:*`` any."""
-    return rule_allows(parse_rules(list(allowed)), host, port, scheme)
+    return rule_allows(parse_rules(tuple(allowed)), host, port, scheme)
 
 
 def _ip(text: str) -> IpAddress | None:

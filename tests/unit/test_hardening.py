@@ -25,11 +25,13 @@ from ari_push.contacts import ContactPolicy, ContactRejected, parse_contact
 from ari_push.health import HealthServer
 from ari_push.links import LinkState
 from ari_push.metrics import Metrics
-from ari_push.model import Binding, PushParams, mask
+from ari_push.model import Binding, PushOutcome, PushParams, mask
 from ari_push.netaddr import is_public
-from ari_push.push.vendor import UrlRefused, check_url
-from ari_push.settings import Settings, SettingsError, load
+from ari_push.push.dispatch import PushDispatcher
+from ari_push.push.vendor import UrlRefused, VendorProvider, check_url
+from ari_push.settings import Settings, SettingsError, VendorSettings, load
 from ari_push.wakeups import WakeupHub
+from tests.fakes.builders import message
 from tests.fakes.keys import ec_key, private_pem, service_account
 
 VOIP = "a1b2c3d4" * 8
@@ -45,6 +47,10 @@ PASSWORD10 = "ac12345ce0"
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ari_push", *args], capture_output=True, text=True, timeout=60,
                           check=False, env=env)
+
+
+async def _ignore(*_: object) -> None:
+    return None
 
 
 def windows(secret: str, size: int = 8) -> set[str]:
@@ -127,6 +133,13 @@ def test_every_output_path_hides_tokens_vendor_secrets_and_passwords(tmp_path: P
     with caplog.at_level(logging.DEBUG):
         for uri in (DUAL, LEGACY_UPPER, VENDOR_URI):
             asyncio.run(capture.capture("1001", "1001", uri, "UA"))
+        # the dispatcher's failure lines and the vendor provider's refusal line
+        vendor_push = parse_contact(VENDOR_URI, policy)
+        assert vendor_push is not None
+        dispatcher = PushDispatcher([VendorProvider(VendorSettings(), ("other.example",))], _ignore)
+        result = asyncio.run(dispatcher.send(Binding("1001", "1001", vendor_push, VENDOR_URI), message()))
+        assert result.outcome is PushOutcome.FAILED
+    assert "vendor push to push.zoiper.example refused" in caplog.text
     outputs.append(caplog.text)
     text = "\n".join(outputs)
     assert_hidden(text, VOIP, REMOTE, VENDOR_SECRET, "abcdef123456")
