@@ -38,7 +38,9 @@ VOIP = "a1b2c3d4" * 8
 REMOTE = "e5f6a7b8" * 8
 DUAL = (f"sip:1001@192.0.2.1:5060;pn-provider=apns;pn-prid={VOIP}:voip&{REMOTE}:remote;"
         "pn-param=ABCD1234.com.example.app.voip&remote")
-LEGACY_UPPER = f"sip:1001@192.0.2.1;pn-type=apple;app-id=com.example.app.voip;pn-tok={VOIP.upper()}"
+# RFC 8599 and legacy Linphone parameters together, the legacy token in upper case (they agree)
+LEGACY_UPPER = (f"sip:1001@192.0.2.1;pn-provider=apns;pn-prid={VOIP};pn-param=ABCD1234.com.example.app.voip;"
+                f"pn-type=apple;pn-tok={VOIP.upper()};app-id=com.example.app.voip")
 VENDOR_SECRET = "zp-7f3a9c2b1e0d4f5a-device-secret"
 VENDOR_URI = f"sip:1001@192.0.2.1;X-PUSH-URI=https://push.zoiper.example/p/{VENDOR_SECRET}?k=abcdef123456"
 PASSWORD10 = "ac12345ce0"
