@@ -39,11 +39,14 @@ from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResu
 from ari_push.push.common import (
     USER_AGENT,
     Clock,
+    ResponseTooLarge,
     call_fields,
     closed_result,
     describe,
     network_result,
+    preload_http,
     retry_after,
+    send_capped,
     tls_context,
 )
 from ari_push.settings import ApnsApp, SettingsError
@@ -119,6 +122,7 @@ class ApnsProvider:
     async def warm(self) -> None:
         self._http(False)
         self._http(True)
+        preload_http()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -152,7 +156,8 @@ class ApnsProvider:
             for _attempt in range(2):
                 if self._key is not None:
                     headers["authorization"] = f"bearer {self.provider_token(stale)}"
-                response = await client.post(url, content=payload, headers=headers)
+                response = await send_capped(client, client.build_request("POST", url, content=payload,
+                                                                          headers=headers))
                 reason, timestamp = _apns_error(response)
                 if (
                     response.status_code == 403
@@ -166,6 +171,8 @@ class ApnsProvider:
                 break
         except httpx.HTTPError as exc:
             return network_result(exc)
+        except ResponseTooLarge as exc:
+            return PushResult(PushOutcome.FAILED, str(exc))
         result = self._result(response, reason, timestamp)
         if result.outcome is not PushOutcome.DELIVERED:
             log.debug("apns %s: %s -> %s %s", self.app.name, describe(binding), result.outcome, result.reason)

@@ -27,7 +27,7 @@ SCENARIO = Path(__file__).parent / "sipp" / "caller.xml"
 
 
 def extra(timeout: float = 6) -> str:
-    return ('[capture]\nvendor_allowed_hosts = ["127.0.0.1"]\n'
+    return ('[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n'
             f'[calls]\ndefault_timeout = {timeout}\n'
             '[vendor]\ntimeout = 1\n'
             'body_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')
