@@ -58,6 +58,8 @@ class Capture:
         self.queues: list[asyncio.Queue[AmiMessage]] = [asyncio.Queue(QUEUE_LIMIT) for _ in range(WORKERS)]
         self.dropped = 0
         self.resync_needed = False
+        #: Says which provider table serves a binding (push/routing.py); set once providers exist.
+        self.explain: Callable[[Binding], str] | None = None
 
     # ---------------------------------------------------------------- feeds
 
@@ -169,7 +171,9 @@ class Capture:
             log.warning("could not store the binding of %s: %s", aor, exc)
             return binding
         self.metrics.registrations.labels(push.dialect.value).inc()
-        log.info("captured %s device %s of %s (token %s)", push.provider, binding.device_id, aor, mask(push.token))
+        route = f", {self.explain(binding)}" if self.explain is not None else ""
+        log.info("captured %s device %s of %s (token %s)%s", push.provider, binding.device_id, aor, mask(push.token),
+                 route)
         return binding
 
     async def _chan_sip(self, msg: AmiMessage) -> Binding | None:

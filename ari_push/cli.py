@@ -65,6 +65,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args)
+    from ari_push.push.factory import build_providers
+
+    try:  # credentials (keys, service accounts) are parsed when providers are built: no I/O
+        build_providers(settings)
+    except SettingsError as exc:
+        print(f"ari-push: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     print(_json(to_display(settings)))
     print("configuration OK", file=sys.stderr)
     return 0
@@ -100,8 +107,21 @@ def cmd_inspect_contact(args: argparse.Namespace) -> int:
                           "message": "this contact carries no push parameters (a desk phone?)"}))
         return 2
     binding = Binding(aor=args.aor, endpoint=args.aor, push=push, contact_uri=args.uri)
-    print(_json({"accepted": True, "binding": binding_view(binding, args.reveal)}))
+    print(_json({"accepted": True, "binding": binding_view(binding, args.reveal),
+                 "served_by": _route(settings, binding)}))
     return 0
+
+
+def _route(settings: Settings, binding: Binding) -> dict[str, str]:
+    """Which provider table will serve the binding, or why none (push/routing.py)."""
+    from ari_push.push.factory import build_providers
+    from ari_push.push.routing import Router
+
+    try:
+        route = Router(settings, build_providers(settings)).route(binding)
+    except SettingsError as exc:
+        return {"table": "", "why": f"providers cannot be built: {exc}"}
+    return {"table": route.table, "why": route.why}
 
 
 async def _with_store(settings: Settings, action: str, args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from ari_push.model import Binding, PushResult, mask
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
 from ari_push.push.ratelimit import build_rate_limiter
+from ari_push.push.routing import Router
 from ari_push.redis_keys import Keys
 from ari_push.settings import RedisSettings, Settings
 from ari_push.wakeups import RedisWakeups, WakeupHub
@@ -180,6 +181,7 @@ class Daemon:
         log.info("ari-push starting as node %s (store: %s)", self.node_id,
                  "embedded" if self.redis is None else "redis")
         providers = build_providers(self.settings)
+        self.capture.explain = Router(self.settings, providers).explain  # the capture log names the table
         limiter = build_rate_limiter(self.settings.push, self.redis, self.settings.redis.key_prefix)
         self.dispatcher = PushDispatcher(providers, on_token_dead=self._on_token_dead, rate_limiter=limiter)
         self.calls = CallManager(self.settings, self.ari, self.ami, self.store, self.wakeups, self.dispatcher,
