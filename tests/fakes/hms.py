@@ -31,6 +31,7 @@ from typing import Any
 import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
+from multidict import CIMultiDict
 
 from tests.fakes.keys import Pki, private_pem, rsa_key
 
@@ -91,7 +92,7 @@ class HuaweiRequest:
     api: str  # "v1" or "v3"
     target: str  # app id or project id
     token: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]  # case-insensitive, as HTTP names are
     body: dict[str, Any]
 
     @property
@@ -201,7 +202,7 @@ class FakeHuawei:
 
     async def _answer(self, api: str, target: str, token: str, request: web.Request,
                       body: dict[str, Any]) -> web.Response:
-        record = HuaweiRequest(api, target, token, dict(request.headers), body)
+        record = HuaweiRequest(api, target, token, CIMultiDict(request.headers), body)
         queue = self._scripts.get(token)
         if queue:
             answer = queue.popleft()

@@ -28,6 +28,7 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from multidict import CIMultiDict
 
 from ari_push.push.ece import EceError, b64url, b64url_decode, decrypt, load_public
 from tests.fakes.keys import Pki
@@ -91,7 +92,7 @@ class WebPushAnswer:
 @dataclass
 class WebPush:
     subscription: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]  # case-insensitive, as HTTP names are
     body: bytes
     message: dict[str, Any] | None  # decrypted JSON; None for an empty push
 
@@ -223,7 +224,7 @@ class FakeWebPush:
             headers = {"Retry-After": answer.retry_after} if answer.retry_after else {}
             return web.json_response({"code": answer.status, "message": "scripted"}, status=answer.status,
                                      headers=headers)
-        push = WebPush(sub_id, dict(request.headers), body, message)
+        push = WebPush(sub_id, CIMultiDict(request.headers), body, message)
         self.pushes.append(push)
         if self.on_push is not None:
             self.on_push(push)
