@@ -89,9 +89,17 @@ def binding_view(b: Binding, reveal: bool) -> dict[str, object]:
     push["options"] = [list(o) for o in b.push.options]
     return {
         "aor": b.aor, "endpoint": b.endpoint, "device_id": b.device_id, "push": push,
-        "contact_uri": b.contact_uri if reveal else b.contact_uri.replace(b.push.token, mask(b.push.token)),
+        "contact_uri": b.contact_uri if reveal else _masked_uri(b),
         "user_agent": b.user_agent, "first_seen": b.first_seen, "last_seen": b.last_seen,
     }
+
+
+def _masked_uri(b: Binding) -> str:
+    """The contact URI with the token and every extra token (Web Push auth secret...) masked."""
+    uri = b.contact_uri
+    for secret in sorted({b.push.token, *(v for _, v in b.push.extra_tokens)} - {""}, key=len, reverse=True):
+        uri = uri.replace(secret, mask(secret))
+    return uri
 
 
 def cmd_inspect_contact(args: argparse.Namespace) -> int:
