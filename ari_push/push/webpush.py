@@ -36,6 +36,7 @@ from ari_push.settings import WebPushSettings
 
 log = logging.getLogger(__name__)
 
+MAX_RESPONSE_BYTES = 8192  # an error text is short; nothing more is read
 HIGH_URGENCY = frozenset({PushKind.CALL, PushKind.CANCEL, PushKind.ANSWERED_ELSEWHERE})
 
 
@@ -140,11 +141,15 @@ class WebPushProvider:
         client = self._http.get()
         request = client.build_request("POST", target.url, content=body, headers=headers,
                                        extensions={"sni_hostname": target.host})
-        response = await client.send(request)
+        response = await client.send(request, stream=True)
+        try:
+            text = await _read_capped(response, MAX_RESPONSE_BYTES)
+        finally:
+            await response.aclose()
         status = response.status_code
         if status in (200, 201, 202):
-            return PushResult(PushOutcome.DELIVERED, response.headers.get("location", ""), status)
-        reason = f"HTTP {status} {_reason(response)}".strip()
+            return PushResult(PushOutcome.DELIVERED, response.headers.get("location", "")[:200], status)
+        reason = f"HTTP {status} {_reason(text)}".strip()
         if status in (404, 410):
             return PushResult(PushOutcome.TOKEN_DEAD, reason, status)
         if status == 429 or status >= 500:
@@ -155,9 +160,19 @@ class WebPushProvider:
         return PushResult(PushOutcome.FAILED, reason, status)
 
 
-def _reason(response: httpx.Response) -> str:
+async def _read_capped(response: httpx.Response, cap: int) -> str:
+    """The start of the answer's body: a push service's error text, never more than ``cap``."""
+    data = bytearray()
+    async for chunk in response.aiter_raw():
+        data.extend(chunk[: cap - len(data)])
+        if len(data) >= cap:
+            break
+    return data.decode("utf-8", "replace")
+
+
+def _reason(body: str) -> str:
     """Push services answer errors with a short text or JSON (Mozilla: {"errno", "message"})."""
-    text = response.text[:200]
+    text = body[:200]
     try:
         data = json.loads(text)
     except ValueError:
