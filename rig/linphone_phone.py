@@ -37,6 +37,8 @@ _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d):(\d{3}) ")
 _REG_STATE = re.compile(r"moving from state \[LinphoneRegistration\w+\] to \[LinphoneRegistration(\w+)\]")
 _CALL_STATE = re.compile(r"CallSession \[\w+\] moving from state LinphoneCall(\w+) to LinphoneCall(\w+)")
 _REQUEST = re.compile(r"^(INVITE|CANCEL|BYE) (sip:\S+) SIP/2\.0$")
+_RECEIVED = re.compile(r"received \[\d+\] new bytes from")
+_SENT = re.compile(r"message sent to \[")
 
 
 def linphonec_available() -> bool:
@@ -94,6 +96,7 @@ class LinphonePhone(PhoneProcess):
         self._tail: asyncio.Task[None] | None = None
         self._invite: dict[str, str] = {}
         self._in_headers = False
+        self._received_at = self._sent_at = self._register_sent = 0.0
         self.log = self.workdir / "linphonec.log"
 
     def prepare(self) -> None:
@@ -111,7 +114,11 @@ class LinphonePhone(PhoneProcess):
         return [LINPHONEC, "-c", str(self.rc), "-a", "-d", "5", "-l", str(self.log)]
 
     def env(self) -> Mapping[str, str]:
-        return dict(os.environ, HOME=str(self.home))
+        # its own HOME (config, call history) and runtime dir (the sound libraries' sockets and
+        # lock files, which would otherwise land in /tmp as pulse-* directories)
+        run = self.workdir / "run"
+        run.mkdir(mode=0o700, exist_ok=True)
+        return dict(os.environ, HOME=str(self.home), XDG_RUNTIME_DIR=str(run))
 
     def spawned(self) -> None:
         if self._tail is not None:
@@ -161,9 +168,20 @@ class LinphonePhone(PhoneProcess):
             await asyncio.sleep(0.01)
 
     def _events_in(self, line: str, when: float) -> list[dict[str, Any]]:
+        if _RECEIVED.search(line):
+            self._received_at = when  # a packet arrived; liblinphone parses (and logs) it later
+            self._in_headers = False
+            return []
+        if _SENT.search(line):
+            self._sent_at = when
+            self._in_headers = False
+            return []
+        if line.startswith("REGISTER sip:"):
+            self._register_sent = self._sent_at  # the log line before a request it sent is its send time
+            return []
         m = _REQUEST.match(line)
         if m:  # a SIP request the log carries; its headers follow, up to a blank line
-            self._invite = {"method": m.group(1), "uri": m.group(2)}
+            self._invite = {"method": m.group(1), "uri": m.group(2), "received": repr(self._received_at)}
             self._in_headers = True
             return []
         if self._in_headers:
@@ -177,7 +195,8 @@ class LinphonePhone(PhoneProcess):
         if m:
             state = m.group(1)
             if state == "Ok":
-                return [{"event": "registered", "t": when, "code": 200, "port": self.port}]
+                return [{"event": "registered", "t": when, "sent": self._register_sent or when, "code": 200,
+                         "port": self.port}]
             if state in ("Failed", "Cleared"):
                 return [{"event": "registration", "t": when, "state": state}]
             return []
@@ -186,7 +205,10 @@ class LinphonePhone(PhoneProcess):
             new = m.group(2)
             if new == "IncomingReceived":
                 inv = self._invite if self._invite.get("method") == "INVITE" else {}
-                return [{"event": "incoming", "t": when, "uri": inv.get("uri", ""),
+                # t: when the INVITE's packet reached the client (liblinphone takes tens of ms more
+                # to parse it at this log level); state_t: when it became an incoming call
+                arrived = float(inv.get("received", 0.0)) or when
+                return [{"event": "incoming", "t": arrived, "state_t": when, "uri": inv.get("uri", ""),
                          "call_id": inv.get("call-id", inv.get("i", "")),
                          "x_ari_push_call_id": inv.get("x-ari-push-call-id", "")}]
             if new == "Connected":

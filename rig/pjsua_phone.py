@@ -11,7 +11,7 @@ the kernel picks, one account whose ``sipConfig.contactUriParams`` carries the p
 It answers every INVITE (180, then 200) unless told otherwise, and reports what happens as events:
 
     {"event": "ready", "port": 40312, "transport": "udp", "pid": 123}
-    {"event": "registered", "code": 200, "expires": 300}
+    {"event": "registered", "code": 200, "expires": 300, "sent": 1234.5}   sent: when its REGISTER left
     {"event": "incoming", "uri": "sip:3001@...", "call_id": "...", "x_ari_push_call_id": "..."}
     {"event": "confirmed"}                    the call is up (ACK received)
     {"event": "disconnected", "code": 200, "reason": "Normal call clearing"}
@@ -122,10 +122,16 @@ def child_main(argv: list[str]) -> int:
                     mgr.getCaptureDevMedia().startTransmit(aud)
 
     class Account(pj.Account):  # type: ignore[misc]
+        sent = 0.0
+
+        def onRegStarted(self, prm: Any) -> None:
+            self.sent = time.monotonic()  # the REGISTER is about to go out
+
         def onRegState(self, prm: Any) -> None:
             info = self.getInfo()
             _emit("registered" if prm.code // 100 == 2 and info.regIsActive else "registration",
-                  code=int(prm.code), expires=int(info.regExpiresSec), active=bool(info.regIsActive))
+                  code=int(prm.code), expires=int(info.regExpiresSec), active=bool(info.regIsActive),
+                  sent=self.sent)
 
         def onIncomingCall(self, prm: Any) -> None:
             call = Call(self, prm.callId)
