@@ -196,7 +196,10 @@ async def test_killed_client_is_pushed_restarts_on_a_new_port_and_answers(
         assert rig.inbox.kinds(token) == ["call"]  # answered: no cancel push to the device that took it
     finally:
         caller.close()
+    (fresh,) = await registered_contacts(rig.asterisk, aor)  # the woken process's, the killed one's gone
+    assert contact_port(fresh) == contact_port(incoming["uri"])
     await phone.quit()
+    assert await registered_contacts(rig.asterisk, aor) == []  # a polite exit un-registers (a kill does not)
 
 
 AWAKE = ["pjsua2", "linphonec"]
@@ -217,4 +220,28 @@ async def test_awake_client_answers_two_calls_in_a_row(
     assert phone.running  # the same process answered both: it never restarted
     assert phone.starts == 1
     assert len(await registered_contacts(rig.asterisk, aor)) == 1  # still registered, once
+    await phone.quit()
+
+
+@pytest.mark.parametrize("client", AWAKE)
+async def test_client_hangs_up_and_the_caller_gets_the_bye(
+        rig: Rig, phones: Phones, aor: str, client: str) -> None:
+    """One call to an awake client, which hangs up itself: its BYE reaches the caller."""
+    token = fcm_token()
+    phone = await start_client(rig, phones, client, aor, "udp", rfc8599(token))
+    caller = SipUA("2000", rig.asterisk.ports.sip)
+    await caller.open()
+    try:
+        resp = await asyncio.wait_for(caller.call(aor, timeout=30), 35)
+        assert resp.status == 200, f"caller got {resp.status}\n{phone.tail()}"
+        incoming = await phone.expect("incoming", 5)
+        assert f"={token}" in incoming["uri"]
+        await phone.expect("confirmed", 5)
+        await phone.hangup()
+        bye = await asyncio.wait_for(caller.byes.get(), 10)
+        assert bye.method == "BYE"
+        await phone.expect("disconnected", 10)
+        await wait_for(lambda: no_channels(rig.asterisk), 10, "no channels left")
+    finally:
+        caller.close()
     await phone.quit()
