@@ -51,6 +51,7 @@ OPERATIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "list_applications": ("GET", "/applications", (), ()),
     "get_config": ("GET", "/asterisk/config/dynamic/{configClass}/{objectType}/{id}", (), ()),
     "delete_config": ("DELETE", "/asterisk/config/dynamic/{configClass}/{objectType}/{id}", (), ()),
+    "put_config": ("PUT", "/asterisk/config/dynamic/{configClass}/{objectType}/{id}", (), ("fields",)),
     "claim": ("POST", "/events/claim", ("channelId", "application"), ()),
     "move": ("POST", "/channels/{channelId}/move", ("app", "appArgs"), ()),
     "subscribe": ("POST", "/applications/{applicationName}/subscription", ("eventSource",), ()),

@@ -13,7 +13,14 @@ from typing import Any
 from ari_push.ari import AriClient, AriError
 from ari_push.call_events import ChannelInfo, channel_info
 from ari_push.channels import DIALED, clean_caller_id, contact_object_id
-from ari_push.pbx import LegRequest, PbxError
+from ari_push.pbx import ContactSnapshot, LegRequest, PbxError
+
+#: the contact fields read before a delete and written back by a restore (Asterisk 22's own)
+RESTORED_FIELDS = frozenset({
+    "uri", "expiration_time", "path", "user_agent", "endpoint", "reg_server", "via_addr", "via_port", "call_id",
+    "qualify_frequency", "qualify_timeout", "qualify_2xx_only", "authenticate_qualify", "outbound_proxy",
+    "prune_on_boot",
+})
 
 
 class AsteriskPbx:
@@ -51,8 +58,9 @@ class AsteriskPbx:
             # The app can tell this call's INVITEs apart (the same call id as in the push), e.g.
             # to refuse an INVITE retransmitted to a socket it has reopened on the same port.
             "variables": {"ARI_PUSH_CALL_ID": leg.call_id, "PJSIP_HEADER(add,X-Ari-Push-Call-Id)": leg.call_id},
-            "originator": leg.caller_channel,
         }
+        if leg.linked:
+            body["originator"] = leg.caller_channel
         await self._call("originate", {"channelId": leg.leg_id}, body=body)
 
     async def answer(self, channel_id: str) -> None:
@@ -87,11 +95,28 @@ class AsteriskPbx:
                 uris += [u.strip() for u in str(attr["value"]).split(",") if u.strip()]
         return uris
 
-    async def delete_contact(self, aor: str, contact_uri: str) -> None:
+    async def delete_contact(self, aor: str, contact_uri: str) -> ContactSnapshot | None:
         # Through ARI's dynamic config, which emits the proper ContactStatus events; a raw astdb
         # delete would leave Asterisk blind to the next REGISTER of the same URI (measured).
-        await self._call("delete_config", {"configClass": "res_pjsip", "objectType": "contact",
-                                           "id": contact_object_id(aor, contact_uri)})
+        path = {"configClass": "res_pjsip", "objectType": "contact", "id": contact_object_id(aor, contact_uri)}
+        try:
+            attrs = await self._call("get_config", path)
+            await self._call("delete_config", path)
+        except PbxError as exc:
+            if exc.gone:
+                return None
+            raise
+        fields = tuple((str(a.get("attribute", "")), str(a.get("value", ""))) for a in attrs or []
+                       if a.get("attribute") in RESTORED_FIELDS)
+        expires = next((v for k, v in fields if k == "expiration_time"), "0")
+        return ContactSnapshot(aor, contact_uri, float(expires) if expires.isdigit() else 0.0, fields)
+
+    async def restore_contact(self, snapshot: ContactSnapshot) -> None:
+        # PUT of the same object id with the fields read before the delete: Asterisk stores it
+        # as it was (expiration, path, user agent, via) and emits ContactStatus Created (measured).
+        await self._call("put_config", {"configClass": "res_pjsip", "objectType": "contact",
+                                        "id": contact_object_id(snapshot.aor, snapshot.uri)},
+                         body={"fields": [{"attribute": k, "value": v} for k, v in snapshot.fields]})
 
     # ---------------------------------------------------------------- the session
 

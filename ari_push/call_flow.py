@@ -49,7 +49,7 @@ from ari_push.call_events import (
 from ari_push.contacts import ContactPolicy, ContactRejected, parse_contact
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult
-from ari_push.pbx import LegRequest, PbxError, PbxPort
+from ari_push.pbx import ContactSnapshot, LegRequest, PbxError, PbxPort
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.plan import PlannedPush, PushPlanner
 from ari_push.settings import CallSettings
@@ -99,6 +99,14 @@ class Deadline:
 
 
 @dataclass(frozen=True, slots=True)
+class RingStale:
+    """Time to ring the old contact of a pushed device that has not re-registered."""
+
+    uri: str
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class StoreBack:
     """The store answered again after the call's first read failed: the devices to push."""
 
@@ -112,7 +120,39 @@ class PushesDone:
     results: dict[str, PushResult]
 
 
-FlowEvent = CallEvent | Deadline | PushesDone | StoreBack
+FlowEvent = CallEvent | Deadline | PushesDone | StoreBack | RingStale
+
+
+@dataclass(frozen=True, slots=True)
+class EndNotice:
+    """A pushed device that has not heard how its call ended (its end-of-call push was not
+    delivered, e.g. an iOS app with a VoIP token only): when it re-registers within
+    ``calls.end_notice_window`` it gets an INVITE for the call and a CANCEL with ``reason``."""
+
+    binding: Binding
+    call_id: str
+    caller_channel: str
+    caller_number: str
+    caller_name: str
+    reason: str  # the PBX hang-up reason: "answered_elsewhere" or "normal"
+
+
+class AwakeDevices:
+    """Devices seen answering on their old contact without re-registering (a desktop client,
+    an app in the foreground): their old contact is rung at once on the next calls. Bounded."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._seen: dict[str, None] = {}
+        self._limit = limit
+
+    def add(self, device_id: str) -> None:
+        self._seen.pop(device_id, None)
+        self._seen[device_id] = None
+        while len(self._seen) > self._limit:
+            del self._seen[next(iter(self._seen))]
+
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._seen
 
 
 @dataclass
@@ -200,6 +240,8 @@ class CallFlow:
         metrics: Metrics,
         spawn: Spawn,
         on_leg: Callable[[str, CallFlow | None], None] = lambda _leg, _flow: None,
+        awake: AwakeDevices | None = None,
+        on_end_notice: Callable[[EndNotice], None] = lambda _notice: None,
     ) -> None:
         self.channel_id = channel_id
         self.call_id = call_id
@@ -215,6 +257,8 @@ class CallFlow:
         self.metrics = metrics
         self.spawn = spawn
         self.on_leg = on_leg  # the manager routes a leg's events here from the moment it exists
+        self.awake = awake if awake is not None else AwakeDevices()
+        self.on_end_notice = on_end_notice
         self.started = time.monotonic() - age  # a resumed call keeps its original deadline
         self.phase = Phase.STARTING
         self.status = Status.TIMEOUT
@@ -231,7 +275,12 @@ class CallFlow:
         self.settled = asyncio.Event()  # no longer waiting for a device
         self._push_task: asyncio.Task[None] | None = None
         self._retry_task: asyncio.Task[None] | None = None
+        self._timers: set[asyncio.Task[None]] = set()
         self.live: list[str] = []  # the contacts registered when the call started
+        self.dropped: dict[str, ContactSnapshot] = {}  # device -> its contact, deleted before the push
+        self.registered: set[str] = set()  # devices that registered during this call
+        self.call_results: dict[str, PushResult] = {}  # device -> its call push's result
+        self.noticed: set[str] = set()  # devices handed an end notice
 
     # ---------------------------------------------------------------- plumbing
 
@@ -364,16 +413,69 @@ class CallFlow:
 
     async def _ring_live(self, live: list[str], dial: bool = True) -> None:
         """Drop the registered contact of each pushed device (its re-REGISTER is then reported
-        as new, even with an unchanged URI), and ring every live contact at once: it may be awake."""
+        as new, even with an unchanged URI; the contact is put back unless the device
+        re-registers), and ring the live contacts: it may be awake.
+
+        A contact without push parameters, a pushed device's contact over TCP/TLS (it fails
+        at once when the app's socket is gone) and one of a device known to answer on its old
+        contact are rung at once. A pushed device's old UDP contact is rung only
+        ``calls.stale_ring_delay`` after the push, and only if the device has not re-registered
+        by then: an INVITE to a sleeping UDP phone is retransmitted for 32 s whatever
+        happens to the call (measured), and would reach the woken app after its call ended."""
         pushed = {b.device_id for b in self.pushed}
         devices = [(uri, self.device_of(uri)) for uri in live]
-        await asyncio.gather(*(self._quietly(self.pbx.delete_contact(self.target, uri), "delete stale contact")
-                               for uri, device in devices if device and device in pushed))
-        if dial:
-            await asyncio.gather(*(self._originate(uri, device, awake=False) for uri, device in devices))
+        await asyncio.gather(*(self._drop_contact(uri, device) for uri, device in devices if device in pushed))
+        if not dial:
+            return
+        now: list[tuple[str, str]] = []
+        for uri, device in devices:
+            if device and device in pushed and not self._ring_at_once(uri, device):
+                self._after(self.settings.stale_ring_delay, RingStale(uri, device))
+            else:
+                now.append((uri, device))
+        await asyncio.gather(*(self._originate(uri, device, awake=False) for uri, device in now))
+
+    def _ring_at_once(self, uri: str, device: str) -> bool:
+        snapshot = self.dropped.get(device)
+        transport = (snapshot or ContactSnapshot(self.target, uri)).transport
+        return transport != "udp" or device in self.awake
+
+    async def _drop_contact(self, uri: str, device: str) -> None:
+        try:
+            snapshot = await self.pbx.delete_contact(self.target, uri)
+        except PbxError as exc:
+            log.info("call %s: delete stale contact: %s", self.call_id, exc)
+            return
+        if snapshot is not None:
+            self.dropped[device] = snapshot
+
+    async def _restore(self, device: str) -> None:
+        """Put back the contact deleted before the push: the device did not re-register (it
+        was awake on it, or it slept through the call), so Asterisk finds it as before."""
+        snapshot = self.dropped.pop(device, None)
+        if snapshot is None or device in self.registered or device in self.noticed:
+            return
+        if snapshot.expires_at and snapshot.expires_at <= time.time():
+            return  # it would have expired by now anyway
+        if await self._quietly(self.pbx.restore_contact(snapshot), "restore contact"):
+            log.info("call %s: contact of %s restored", self.call_id, device)
+
+    def _after(self, delay: float, event: FlowEvent) -> None:
+        async def fire() -> None:
+            await asyncio.sleep(delay)
+            self.put(event)
+
+        task = asyncio.ensure_future(fire())
+        self._timers.add(task)
+        task.add_done_callback(self._timers.discard)
+
+    async def _on_ring_stale(self, event: RingStale) -> None:
+        if event.device_id not in self.registered:
+            await self._originate(event.uri, event.device_id, awake=False)
 
     async def _push_call(self, plans: Sequence[PlannedPush]) -> None:
         results = await self._send(plans, self._message(PushKind.CALL))
+        self.call_results.update(results)
         self.put(PushesDone(results))
 
     # ---------------------------------------------------------------- WAITING
@@ -387,6 +489,8 @@ class CallFlow:
             await self._registered(Registration(self.target, uri, self.device_of(uri)), from_gap=True)
 
     async def _registered(self, reg: Registration, from_gap: bool) -> None:
+        if reg.device_id:
+            self.registered.add(reg.device_id)
         action, leg = self.book.on_registration(reg, from_gap)
         if action is LegAction.IGNORE:
             return
@@ -430,8 +534,16 @@ class CallFlow:
 
     async def _on_leg_state(self, event: ChannelStateChange) -> None:
         leg = self.book.legs.get(event.channel_id)
-        if leg is not None and event.state in ("Ringing", "Up"):
+        if leg is not None and event.state in ("Ringing", "Up") and not leg.progressed:
             leg.progressed = True
+            await self._awake_on_old_contact(leg)
+
+    async def _awake_on_old_contact(self, leg: Leg) -> None:
+        """A leg to a contact registered before the call rings: that phone is awake and may
+        never re-register. Put its contact back now, and ring it at once next time."""
+        if not leg.awake and leg.device_id:
+            self.awake.add(leg.device_id)
+            await self._restore(leg.device_id)
 
     async def _on_stasis_start(self, event: StasisStart) -> None:
         leg = self.book.legs.get(event.channel_id)
@@ -439,6 +551,9 @@ class CallFlow:
             return
         self.answered_by = leg  # the originated leg answered: it entered the app
         self.to(Phase.ANSWERING)
+        if not leg.progressed:
+            leg.progressed = True
+            await self._awake_on_old_contact(leg)
         await self._bridge(leg)
         self.status = Status.ANSWERED
         self.to(Phase.BRIDGED)
@@ -517,7 +632,9 @@ class CallFlow:
         await self.pbx.answer(self.channel_id)
         log.info("call %s: answered by %s, bridged", self.call_id, leg.device_id or leg.uri.split(";")[0])
         for other in [lg for lg in self.book.legs.values() if lg is not leg]:
-            await self._drop_and_hang_up(other)
+            # CANCEL with Reason: SIP;cause=200;text="Call completed elsewhere" (CallKit and
+            # most SIP apps show "answered elsewhere", not a missed call)
+            await self._drop_and_hang_up(other, "answered_elsewhere")
         others = [b for b in self.pushed if b.device_id != leg.device_id]
         if others:
             self.spawn(self._follow_up(others, PushKind.ANSWERED_ELSEWHERE), f"elsewhere-{self.call_id}")
@@ -547,9 +664,9 @@ class CallFlow:
         if self.answered_by is not leg:
             self.on_leg(leg.channel_id, None)
 
-    async def _drop_and_hang_up(self, leg: Leg) -> None:
+    async def _drop_and_hang_up(self, leg: Leg, reason: str = "normal") -> None:
         self._drop(leg)
-        await self._quietly(self.pbx.hangup(leg.channel_id), "hangup")
+        await self._quietly(self.pbx.hangup(leg.channel_id, reason), "hangup")
 
     def _endpoint_of(self, device_id: str) -> str:
         return next((b.endpoint for b in self.pushed if b.device_id == device_id and b.endpoint), self.target)
@@ -586,7 +703,20 @@ class CallFlow:
 
     async def _follow_up(self, bindings: Sequence[Binding], kind: PushKind) -> None:
         plans = await self.planner.follow_up(self.call_id, bindings, kind)
-        await self._send(plans, self._message(kind))
+        results = await self._send(plans, self._message(kind))
+        if kind not in (PushKind.CANCEL, PushKind.ANSWERED_ELSEWHERE):
+            return
+        for b in bindings:
+            # Pushed for the call, never registered during it (no leg to CANCEL), and the push
+            # saying how it ended did not get through: tell it over SIP when it registers.
+            called = self.call_results.get(b.device_id)
+            told = results.get(b.device_id)
+            if (called is not None and called.outcome is PushOutcome.DELIVERED and b.device_id not in self.registered
+                    and (told is None or told.outcome is not PushOutcome.DELIVERED)):
+                self.noticed.add(b.device_id)
+                self.on_end_notice(EndNotice(
+                    b, self.call_id, self.channel_id, self.caller_number, self.caller_name,
+                    "answered_elsewhere" if kind is PushKind.ANSWERED_ELSEWHERE else "normal"))
 
     # ---------------------------------------------------------------- ENDING
 
@@ -596,7 +726,7 @@ class CallFlow:
         if self.phase is not Phase.ENDING:
             self.phase = Phase.ENDING  # cancelled or failed mid-way: clean up all the same
         try:
-            for task in (self._push_task, self._retry_task):
+            for task in (self._push_task, self._retry_task, *self._timers):
                 if task is not None and not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -619,6 +749,8 @@ class CallFlow:
                 await self._follow_up(self.pushed, PushKind.CANCEL)
                 if self.status is Status.TIMEOUT and self.settings.missed_call_push:
                     await self._follow_up(self.pushed, PushKind.MISSED_CALL)
+            for device in list(self.dropped):
+                await self._restore(device)
             log.info("call %s to %s from %s ended: %s after %.2fs", self.call_id, self.target, self.caller_number,
                      self.status.value, time.monotonic() - self.started)
         finally:
@@ -637,6 +769,7 @@ HANDLERS: dict[tuple[Phase, type], Handler] = {
     (Phase.WAITING, Gap): CallFlow._on_gap,
     (Phase.WAITING, PushesDone): CallFlow._on_pushes_done,
     (Phase.WAITING, StoreBack): CallFlow._on_store_back,
+    (Phase.WAITING, RingStale): CallFlow._on_ring_stale,
     (Phase.WAITING, ChannelStateChange): CallFlow._on_leg_state,
     (Phase.WAITING, StasisStart): CallFlow._on_stasis_start,
     (Phase.WAITING, Deadline): CallFlow._on_deadline_waiting,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
+import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -22,19 +24,20 @@ from ari_push.call_events import (
     ChannelEvent,
     ChannelInfo,
     ChannelLeftBridge,
+    ChannelStateChange,
     Shutdown,
     StasisEnd,
     StasisStart,
 )
-from ari_push.call_flow import CallFlow, Status
+from ari_push.call_flow import AwakeDevices, CallFlow, EndNotice, Status
 from ari_push.channels import DIALED, ChannelRole, call_id_for
 from ari_push.contacts import ContactPolicy
 from ari_push.metrics import Metrics
-from ari_push.pbx import Pbx, PbxError
+from ari_push.pbx import LegRequest, Pbx, PbxError
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.plan import PushPlanner
 from ari_push.settings import Settings
-from ari_push.wakeups import WakeupHub
+from ari_push.wakeups import Registration, Signal, WakeupHub
 
 log = logging.getLogger("ari_push.calls")
 
@@ -87,6 +90,8 @@ class CallManager:
         self.calls: dict[str, CallFlow] = {}  # caller channel id -> its flow
         self.leg_owner: dict[str, CallFlow] = {}  # leg channel id -> the flow that originated it
         self.bridge_watch: dict[str, asyncio.Queue[ChannelEvent]] = {}  # channel id -> adopted bridge's queue
+        self.notice_legs: dict[str, asyncio.Queue[ChannelEvent]] = {}  # end-notice leg -> its events
+        self.awake = AwakeDevices()  # shared by the calls of this daemon
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
 
@@ -110,6 +115,8 @@ class CallManager:
             flow.put(event)
         elif cid in self.bridge_watch:
             self.bridge_watch[cid].put_nowait(event)
+        elif cid in self.notice_legs:
+            self.notice_legs[cid].put_nowait(event)
 
     def start_call(self, channel: ChannelInfo, args: list[str], pbx_id: str = "") -> None:
         cid = channel.id
@@ -128,7 +135,7 @@ class CallManager:
             timeout=options.timeout, caller_number=channel.caller_number, caller_name=channel.caller_name,
             age=channel.age, pbx=self.pbx, planner=self.planner, dispatcher=self.dispatcher,
             settings=self.settings.calls, policy=self.policy, metrics=self.metrics, spawn=self.spawn,
-            on_leg=self._on_leg)
+            on_leg=self._on_leg, awake=self.awake, on_end_notice=self.end_notice)
         self.calls[cid] = flow
         self.spawn(self._run(flow), f"call-{cid}")
 
@@ -270,6 +277,59 @@ class CallManager:
         finally:
             for cid in channel_ids:
                 self.bridge_watch.pop(cid, None)
+
+    # ---------------------------------------------------------------- end notices
+
+    def end_notice(self, notice: EndNotice) -> None:
+        self.spawn(self._end_notice(notice), f"end-notice-{notice.call_id}")
+
+    async def _end_notice(self, notice: EndNotice) -> None:
+        """Wait up to ``calls.end_notice_window`` for the device to register, then INVITE it for
+        the call and CANCEL at once with the reason, so its call screen (CallKit) ends the call
+        the push started, the right way. The leg is never bridged: answered anyway, it is hung up."""
+        b = notice.binding
+        until = time.monotonic() + self.settings.calls.end_notice_window
+        signals: asyncio.Queue[Signal] = asyncio.Queue()
+        reg: Registration | None = None
+        with self.wakeups.watch(b.aor, signals.put_nowait):
+            while reg is None:
+                left = until - time.monotonic()
+                if left <= 0:
+                    log.info("call %s: device %s did not register within %.0f s; no end notice", notice.call_id,
+                             b.device_id, self.settings.calls.end_notice_window)
+                    return
+                try:
+                    signal = await asyncio.wait_for(signals.get(), left)
+                except TimeoutError:
+                    continue
+                if isinstance(signal, Registration) and signal.device_id == b.device_id:
+                    reg = signal
+        leg_id = f"ap-end-{uuid.uuid4().hex[:16]}"
+        events: asyncio.Queue[ChannelEvent] = asyncio.Queue()
+        self.notice_legs[leg_id] = events
+        try:
+            await self.pbx.originate(LegRequest(
+                leg_id=leg_id, caller_channel=notice.caller_channel, endpoint=b.endpoint or b.aor,
+                contact_uri=reg.contact_uri, caller_name=notice.caller_name, caller_number=notice.caller_number,
+                call_id=notice.call_id, ring_timeout=10.0, linked=False))
+            # A CANCEL can only follow a provisional answer: wait for the 180 (at most 2 s).
+            deadline = time.monotonic() + 2.0
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    event = await asyncio.wait_for(events.get(), left)
+                except TimeoutError:
+                    break
+                if isinstance(event, ChannelStateChange) and event.state in ("Ringing", "Up"):
+                    break
+                if isinstance(event, HANGUPS):
+                    return
+            await self.pbx.hangup(leg_id, notice.reason)
+            log.info("call %s: told device %s how the call ended (INVITE + CANCEL, %s)", notice.call_id, b.device_id,
+                     notice.reason)
+        except PbxError as exc:
+            log.info("call %s: end notice to %s: %s", notice.call_id, b.device_id, exc)
+        finally:
+            self.notice_legs.pop(leg_id, None)
 
     # ---------------------------------------------------------------- small actions
 

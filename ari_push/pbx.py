@@ -23,6 +23,26 @@ class PbxError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
+class ContactSnapshot:
+    """A registered contact as the PBX stored it, enough to put it back unchanged (its
+    expiration, path, user agent...). ``fields`` are the PBX's own and opaque to the flow."""
+
+    aor: str
+    uri: str
+    expires_at: float = 0.0  # Unix time; 0 when unknown
+    fields: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def transport(self) -> str:
+        """``udp``, ``tcp``, ``tls``, ``ws``, ``wss`` (from the URI's transport parameter)."""
+        for param in self.uri.split(";")[1:]:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "transport":
+                return value.strip().lower()
+        return "tls" if self.uri.lower().startswith("sips:") else "udp"
+
+
+@dataclass(frozen=True, slots=True)
 class LegRequest:
     """A call to one exact contact of the callee, on behalf of the waiting caller."""
 
@@ -34,6 +54,7 @@ class LegRequest:
     caller_number: str
     call_id: str  # the same id as in the push; sent as X-Ari-Push-Call-Id
     ring_timeout: float
+    linked: bool = True  # the caller's channel is the leg's originator (False: it may be gone)
 
 
 class PbxPort(Protocol):
@@ -60,7 +81,11 @@ class PbxPort(Protocol):
 
     async def destroy_bridge(self, bridge_id: str) -> None: ...
 
-    async def hangup(self, channel_id: str, reason: str = "normal") -> None: ...
+    async def hangup(self, channel_id: str, reason: str = "normal") -> None:
+        """Hang up a channel. ``reason``: ``normal`` (Q.850 16), ``busy``, ``answered_elsewhere``
+        (an unanswered leg is CANCELled with ``Reason: SIP;cause=200;text="Call completed
+        elsewhere"``), ..."""
+        ...
 
     async def continue_in_dialplan(self, channel_id: str, status: str, context: str = "") -> None:
         """Set PUSH_STATUS and let the caller's channel go on in the dialplan (the next
@@ -71,8 +96,13 @@ class PbxPort(Protocol):
         """The AOR's registered contact URIs; None when the PBX has no such AOR."""
         ...
 
-    async def delete_contact(self, aor: str, contact_uri: str) -> None:
-        """Drop one registered contact, so that its next REGISTER is reported as new."""
+    async def delete_contact(self, aor: str, contact_uri: str) -> ContactSnapshot | None:
+        """Drop one registered contact, so that its next REGISTER is reported as new; returns
+        what was dropped (None when it was not there)."""
+        ...
+
+    async def restore_contact(self, snapshot: ContactSnapshot) -> None:
+        """Put a dropped contact back as it was (an awake phone that did not re-register)."""
         ...
 
 

@@ -36,6 +36,7 @@ from ari_push.model import Binding, PushResult, mask
 from ari_push.push.base import PushProvider
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
+from ari_push.push.fanout import Fanout
 from ari_push.push.plan import MemoryPushPlanner, PushPlanner, RedisPushPlanner
 from ari_push.redis_keys import Keys
 from ari_push.settings import RedisSettings, Settings
@@ -120,7 +121,8 @@ class Daemon:
         self.providers: list[PushProvider] = build_providers(settings)
         # The rate limit of CALL pushes is taken by the planner, in the same round trip as the
         # bindings; the dispatcher only applies its verdicts.
-        self.dispatcher = PushDispatcher(self.providers, on_token_dead=self._on_token_dead)
+        self.dispatcher = PushDispatcher(self.providers, on_token_dead=self._on_token_dead,
+                                         fanout=Fanout.from_settings(settings))
         self.calls = CallManager(settings, AsteriskPbx(self.ari, settings.ari.app), self.planner, self.dispatcher,
                                  self.wakeups, self.metrics, self.policy)
         self.cluster: Cluster | None = None
@@ -130,7 +132,9 @@ class Daemon:
             if settings.cluster.mode == "lease":
                 self.ari.gate = (self.cluster.lease_held, self.cluster.lease_lost)
         links = [self.ami.link, self.ari.link] + ([self.redis_link] if self.redis is not None else [])
-        self.health = HealthServer(settings.http.listen, links, self.metrics)
+        self.health = HealthServer(settings.http.listen, links, self.metrics,
+                                   header_timeout=settings.http.header_timeout,
+                                   max_connections=settings.http.max_connections)
         self.started = asyncio.Event()
 
     # ---------------------------------------------------------------- wiring

@@ -16,10 +16,12 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult, mask
 from ari_push.push.base import PushProvider
 from ari_push.push.common import Clock, describe
+from ari_push.push.fanout import Fanout
 from ari_push.push.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class PushDispatcher:
         jitter: Callable[[], float] = random.random,
         rate_limiter: RateLimiter | None = None,
         monotonic: Clock = time.monotonic,
+        fanout: Fanout | None = None,
     ) -> None:
         self.providers = list(providers)
         self._on_token_dead = on_token_dead
@@ -65,6 +68,7 @@ class PushDispatcher:
         self._attempts: Counter[tuple[str, str]] = Counter()
         self.rate_limiter = rate_limiter
         self._monotonic = monotonic
+        self.fanout = fanout or Fanout()  # bounds pushes in flight per call and per host (push/fanout.py)
         # (call_id, device_id) of CALL pushes while a limiter is set -> (forget after, was pushed)
         self._calls: dict[tuple[str, str], tuple[float, bool]] = {}
         self._calls_prune_at = 1024
@@ -189,7 +193,7 @@ class PushDispatcher:
         self, provider: PushProvider, binding: Binding, message: PushMessage, timeout: float
     ) -> PushResult:
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout), self.fanout.host_slot(provider.name, binding):
                 return await provider.send(binding, message)
         except TimeoutError:
             return PushResult(PushOutcome.RETRY, f"no answer within {timeout:.1f}s")
@@ -203,10 +207,12 @@ class PushDispatcher:
         rate-limit answers by device id, taken by the caller (see ``send``)."""
         unique = {b.device_id: b for b in bindings}
         tasks: dict[str, asyncio.Task[PushResult]] = {}
+        slots = self.fanout.call_slots()
         async with asyncio.TaskGroup() as group:
             for device_id, binding in unique.items():
                 verdict = verdicts.get(device_id) if verdicts is not None else None
-                tasks[device_id] = group.create_task(self.send(binding, message, verdict),
+                tasks[device_id] = group.create_task(self.fanout.bounded(slots, partial(self.send, binding, message,
+                                                                                        verdict)),
                                                      name=f"push-{mask(device_id)}")
         return {device_id: task.result() for device_id, task in tasks.items()}
 

@@ -29,7 +29,7 @@ from ari_push.channels import DIALED
 from ari_push.contacts import ContactPolicy
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushParams, PushResult
-from ari_push.pbx import LegRequest, PbxError
+from ari_push.pbx import ContactSnapshot, LegRequest, PbxError
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.plan import MemoryPushPlanner, PlannedPush
 from ari_push.settings import CallSettings, CaptureSettings, PushSettings, Settings
@@ -99,7 +99,7 @@ class MemoryPbx:
         self._op("destroy_bridge", bridge_id)
 
     async def hangup(self, channel_id: str, reason: str = "normal") -> None:
-        self._op("hangup", channel_id)
+        self._op("hangup", channel_id, reason)
 
     async def continue_in_dialplan(self, channel_id: str, status: str, context: str = "") -> None:
         self._op("continue", channel_id, status, context)
@@ -110,8 +110,19 @@ class MemoryPbx:
         self._op("contacts", aor)
         return list(self.contacts_of[aor]) if self.contacts_of.get(aor) is not None else None
 
-    async def delete_contact(self, aor: str, contact_uri: str) -> None:
+    async def delete_contact(self, aor: str, contact_uri: str) -> ContactSnapshot | None:
         self._op("delete_contact", aor, contact_uri)
+        if contact_uri not in (self.contacts_of.get(aor) or []):
+            return None
+        self.contacts_of[aor] = [u for u in self.contacts_of[aor] or [] if u != contact_uri]
+        return ContactSnapshot(aor, contact_uri, time.time() + 300, (("uri", contact_uri),))
+
+    async def restore_contact(self, snapshot: ContactSnapshot) -> None:
+        self._op("restore_contact", snapshot.aor, snapshot.uri)
+        self.contacts_of[snapshot.aor] = [*(self.contacts_of.get(snapshot.aor) or []), snapshot.uri]
+
+    def restored(self) -> list[str]:
+        return [op[2] for op in self.ops if op[0] == "restore_contact"]
 
     async def system_id(self) -> str:
         return "02:42:ac:11:00:02"
@@ -131,6 +142,9 @@ class MemoryPbx:
     def hung_up(self) -> set[str]:
         return {op[1] for op in self.ops if op[0] == "hangup"}
 
+    def reasons(self, channel_id: str) -> list[str]:
+        return [op[2] for op in self.ops if op[0] == "hangup" and op[1] == channel_id]
+
     def continued(self) -> list[tuple[str, ...]]:
         return [op[1:] for op in self.ops if op[0] == "continue"]
 
@@ -141,6 +155,7 @@ class PushService:
 
     name: str = "fcm"
     answer: PushOutcome = PushOutcome.DELIVERED
+    answers: dict[PushKind, PushOutcome] = field(default_factory=dict)  # per kind, before ``answer``
     sent: list[tuple[str, PushKind]] = field(default_factory=list)
     arrived: asyncio.Queue[tuple[str, PushKind]] = field(default_factory=asyncio.Queue)
 
@@ -153,7 +168,7 @@ class PushService:
     async def send(self, b: Binding, message: PushMessage) -> PushResult:
         self.sent.append((b.device_id, message.kind))
         self.arrived.put_nowait((b.device_id, message.kind))
-        return PushResult(self.answer, "scripted")
+        return PushResult(self.answers.get(message.kind, self.answer), "scripted")
 
     async def aclose(self) -> None:
         return None
@@ -403,26 +418,130 @@ async def test_bridged_call_longer_than_max_duration_is_ended() -> None:
 # ---------------------------------------------------------------- same URI, stale contacts
 
 
-async def test_same_uri_wake_deletes_the_stale_contact_and_replaces_the_leg(rig: Harness) -> None:
+async def test_same_uri_wake_deletes_the_stale_contact_and_rings_the_fresh_registration(rig: Harness) -> None:
     b = await rig.add(binding(port=5001))
     stale = push_uri(5001)
-    rig.pbx.contacts_of[AOR] = [stale, "sip:1001@127.0.0.1:6000"]  # the sleeping phone and a desk phone
+    desk_uri = "sip:1001@127.0.0.1:6000"
+    rig.pbx.contacts_of[AOR] = [stale, desk_uri]  # the sleeping phone and a desk phone
     flow = rig.call()
-    first = {(await rig.leg()).contact_uri: None for _ in range(2)}
-    assert set(first) == {stale, "sip:1001@127.0.0.1:6000"}  # both rung at once: it may be awake
+    desk = await rig.leg()
+    assert desk.contact_uri == desk_uri  # a contact without push parameters rings at once
     assert ("delete_contact", AOR, stale) in rig.pbx.ops  # only the push device's contact is dropped
-    assert not any(op[0] == "delete_contact" and op[2].endswith(":6000") for op in rig.pbx.ops)
+    assert not any(op[0] == "delete_contact" and op[2] == desk_uri for op in rig.pbx.ops)
     await rig.phase(flow, Phase.WAITING)
-    sleeping = next(leg for leg in rig.pbx.legs if leg.contact_uri == stale)
-    rig.register(stale, b.device_id)  # the same URI registers afresh: its INVITE was lost
+    rig.register(stale, b.device_id)  # the same URI registers afresh: now Asterisk reports it
     again = await rig.leg()
-    assert again.contact_uri == stale and again.leg_id != sleeping.leg_id
-    assert sleeping.leg_id in rig.pbx.hung_up()
+    assert again.contact_uri == stale
     assert rig.metrics.wake_latency._sum.get() > 0  # a same-URI wake is measured too
     rig.answer(again)
     await rig.phase(flow, Phase.BRIDGED)
-    desk = next(leg for leg in rig.pbx.legs if leg.contact_uri.endswith(":6000"))
-    assert desk.leg_id in rig.pbx.hung_up()  # the other legs stop ringing
+    assert rig.pbx.reasons(desk.leg_id) == ["answered_elsewhere"]  # CANCEL: "Call completed elsewhere"
+    rig.manager.on_event(StasisEnd("caller-1"))
+    assert await rig.ended(flow) is Status.ANSWERED
+    assert rig.pbx.restored() == []  # it registered again: nothing to put back
+    assert [leg.contact_uri for leg in rig.pbx.legs].count(stale) == 1  # its old UDP contact never got an INVITE
+
+
+async def test_old_udp_contact_is_rung_after_the_delay_when_the_device_does_not_reregister() -> None:
+    h = h_with(stale_ring_delay=0.1)
+    b = await h.add(binding(port=5001))
+    stale = push_uri(5001)
+    h.pbx.contacts_of[AOR] = [stale]
+    flow = h.call()
+    await h.push()
+    leg = await h.leg()  # the phone is awake and never re-registers: its old contact rings
+    assert leg.contact_uri == stale
+    assert h.pbx.restored() == []
+    h.manager.on_event(ChannelStateChange(leg.leg_id, "Ringing"))
+    async def restored() -> None:
+        while stale not in h.pbx.restored():
+            await asyncio.sleep(0.002)
+    await asyncio.wait_for(restored(), 5)  # awake on its old contact: put back at once
+    assert b.device_id in h.manager.awake
+    h.answer(leg)
+    await h.phase(flow, Phase.BRIDGED)
+    h.manager.on_event(StasisEnd("caller-1"))
+    assert await h.ended(flow) is Status.ANSWERED
+    assert h.pbx.contacts_of[AOR] == [stale]  # still registered for the next call
+    # the next call rings its old contact at once: it is known to answer there
+    second = h.call("caller-2")
+    leg2 = await asyncio.wait_for(h.pbx.originated.get(), 0.09)
+    assert leg2.contact_uri == stale
+    h.answer(leg2)
+    await h.phase(second, Phase.BRIDGED)
+    h.manager.on_event(StasisEnd("caller-2"))
+    assert await h.ended(second) is Status.ANSWERED
+    assert h.pbx.contacts_of[AOR] == [stale]
+    await h.close()
+
+
+async def test_tcp_contact_of_a_pushed_device_is_rung_at_once(rig: Harness) -> None:
+    await rig.add(binding(port=5001))
+    tcp = push_uri(5001).replace("transport=udp", "transport=tcp")
+    rig.pbx.contacts_of[AOR] = [tcp]
+    flow = rig.call()
+    assert (await rig.leg()).contact_uri == tcp  # over TCP a dead socket fails at once
+    rig.manager.on_event(StasisEnd("caller-1"))
+    await rig.ended(flow)
+
+
+async def test_contact_of_a_device_that_slept_through_the_call_is_put_back() -> None:
+    h = h_with(default_timeout=0.3, stale_ring_delay=10)
+    await h.add(binding(port=5001))
+    h.pbx.contacts_of[AOR] = [push_uri(5001)]
+    flow = h.call()
+    assert await h.ended(flow) is Status.TIMEOUT
+    assert h.pbx.restored() == [push_uri(5001)]  # Asterisk has it as before the call
+    assert h.pbx.legs == []  # and it got no INVITE it could receive after the call
+    await h.close()
+
+
+async def test_voip_only_device_learns_over_sip_how_its_call_ended() -> None:
+    """The push saying the call is over cannot reach it (iOS: no VoIP push but for a new call):
+    when it registers, an INVITE for the call, then a CANCEL with the reason."""
+    h = h_with(default_timeout=0.3)
+    h.service.answers = {PushKind.CANCEL: PushOutcome.SKIPPED, PushKind.MISSED_CALL: PushOutcome.SKIPPED}
+    b = await h.add(binding())
+    flow = h.call()
+    assert await h.ended(flow) is Status.TIMEOUT
+    async def noticed() -> None:
+        while not h.wakeups._watches.get(AOR):
+            await asyncio.sleep(0.002)
+    await asyncio.wait_for(noticed(), 5)
+    h.register(push_uri(5007), b.device_id)  # the phone woke after the call ended
+    notice = await h.leg()
+    assert notice.contact_uri == push_uri(5007) and notice.call_id == flow.call_id and not notice.linked
+    h.manager.on_event(ChannelStateChange(notice.leg_id, "Ringing"))
+    async def cancelled() -> None:
+        while notice.leg_id not in h.pbx.hung_up():
+            await asyncio.sleep(0.002)
+    await asyncio.wait_for(cancelled(), 5)
+    assert h.pbx.reasons(notice.leg_id) == ["normal"]
+    await h.close()
+
+
+async def test_end_notice_answered_anyway_is_hung_up_never_bridged(rig: Harness) -> None:
+    rig.service.answers = {PushKind.ANSWERED_ELSEWHERE: PushOutcome.SKIPPED}
+    a = await rig.add(binding(TOKEN, 5001, seen=1))
+    other = await rig.add(binding(TOKEN2, 5005, seen=2))
+    flow = rig.call()
+    await rig.phase(flow, Phase.WAITING)
+    rig.register(push_uri(5002), a.device_id)
+    rig.answer(await rig.leg())
+    await rig.phase(flow, Phase.BRIDGED)
+    async def noticed() -> None:  # the end notice watches the AOR beside the call
+        while len(rig.wakeups._watches.get(AOR, ())) < 2:
+            await asyncio.sleep(0.002)
+    await asyncio.wait_for(noticed(), 5)
+    rig.register(push_uri(5006, TOKEN2), other.device_id)  # the other phone wakes: INVITE + CANCEL
+    notice = await rig.leg()
+    assert notice.contact_uri == push_uri(5006, TOKEN2)
+    rig.answer(notice)  # it answers before the CANCEL: hung up, never bridged
+    async def gone() -> None:
+        while notice.leg_id not in rig.pbx.hung_up():
+            await asyncio.sleep(0.002)
+    await asyncio.wait_for(gone(), 5)
+    assert sum(1 for op in rig.pbx.ops if op[0] == "bridge") == 1
     rig.manager.on_event(StasisEnd("caller-1"))
     assert await rig.ended(flow) is Status.ANSWERED
 
@@ -548,20 +667,21 @@ async def test_shutdown_continues_a_waiting_call(rig: Harness) -> None:
 # ---------------------------------------------------------------- redial rules
 
 
-async def test_a_phone_refusing_its_replacement_invite_is_rung_again(rig: Harness) -> None:
-    b = await rig.add(binding(port=5001))
+async def test_a_phone_refusing_its_replacement_invite_is_rung_again() -> None:
+    h = h_with(stale_ring_delay=0.05)
+    b = await h.add(binding(port=5001))
     stale = push_uri(5001)
-    rig.pbx.contacts_of[AOR] = [stale]
-    flow = rig.call()
-    await rig.leg()
-    await rig.phase(flow, Phase.WAITING)
-    rig.register(stale, b.device_id)
-    replacement = await rig.leg()
-    rig.manager.on_event(ChannelDestroyed(replacement.leg_id, 17))  # "I have this call already"
-    third = await rig.leg()
+    h.pbx.contacts_of[AOR] = [stale]
+    flow = h.call()
+    await h.leg()  # its old contact, rung after the delay
+    h.register(stale, b.device_id)
+    replacement = await h.leg()
+    h.manager.on_event(ChannelDestroyed(replacement.leg_id, 17))  # "I have this call already"
+    third = await h.leg()
     assert third.contact_uri == stale and flow.phase is Phase.WAITING
-    rig.manager.on_event(StasisEnd("caller-1"))
-    assert await rig.ended(flow) is Status.CANCELLED
+    h.manager.on_event(StasisEnd("caller-1"))
+    assert await h.ended(flow) is Status.CANCELLED
+    await h.close()
 
 
 def test_leg_book_rules() -> None:
