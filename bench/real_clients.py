@@ -1,6 +1,6 @@
 """Real SIP clients woken by a push: where the time goes. Measured, not part of the tests.
 
-    ARI_PUSH_RIG_SLOT=N .venv/bin/python bench/real_clients.py [--rounds 7] [--clients pjsua2,linphonec]
+    ARI_PUSH_RIG_SLOT=N .venv/bin/python bench/real_clients.py [--rounds 7] [--awake 3] [--clients pjsua2,linphonec]
                                                               [--transports udp,tcp] [--json FILE]
 
 The rig is the real one: a sandbox Asterisk 22 (port block of index 4), Redis, the ari-push daemon
@@ -22,6 +22,12 @@ is rung, auto-answers; the caller hangs up. Times per round, all from one monoto
   client answers    the INVITE reaching the client -> the caller's 200 OK (the client's 180/200
                     and Asterisk bridging)
   INVITE->200       caller's INVITE sent -> the caller's 200 OK (the whole call set-up)
+
+Awake client (``--awake RUNS``, ``--awake-calls N``): one client process stays up, registered,
+and does not react to pushes (an app in the foreground, a desktop client); it is called N times in
+a row: the caller's INVITE -> the INVITE reaching the client, and -> the caller's 200 OK, per call
+(the daemon rings a pushed device's old UDP contact only after ``[calls] stale_ring_delay`` unless
+it saw the device answer there before; docs/architecture.md).
 
 One round per client and transport is run first and not counted (the daemon's first FCM push also
 fetches an OAuth2 access token).
@@ -151,6 +157,40 @@ class Bench:
             await phone.kill()
             shutil.rmtree(phone.workdir, ignore_errors=True)
 
+    async def awake(self, client: str, transport: str, calls: int) -> list[dict[str, float]]:
+        """One client process that stays up (and ignores pushes) called ``calls`` times in a row."""
+        assert self.asterisk is not None
+        aor = str(self.next_aor)
+        self.next_aor += 1
+        self.captured[aor] = asyncio.Event()
+        phone = CLIENTS[client](aor, self.asterisk.ports.sip, transport, push_params(fcm_token()),
+                                workdir=self.workdir / f"{client}-{aor}")
+        rows = []
+        try:
+            await phone.start()
+            await asyncio.wait_for(self.captured[aor].wait(), 10)
+            for _ in range(calls):
+                caller = TracingUA("2000", self.asterisk.ports.sip, self._on_sip)
+                try:
+                    await caller.open()
+                    self.invite_sent = self.answered = 0.0
+                    resp = await asyncio.wait_for(caller.call(aor, timeout=30), 35)
+                    if resp.status != 200:
+                        raise RuntimeError(f"the caller got {resp.status} from the awake {client}")
+                    incoming = await phone.expect("incoming", 5)
+                    await phone.expect("confirmed", 5)
+                    await caller.hangup()
+                    await phone.expect("disconnected", 10)
+                    rows.append({"INVITE->INVITE at client": incoming["t"] - self.invite_sent,
+                                 "INVITE->200": self.answered - self.invite_sent})
+                finally:
+                    caller.close()
+                await asyncio.sleep(0.3)  # the daemon puts the contact back after the call
+        finally:
+            await phone.kill()
+            shutil.rmtree(phone.workdir, ignore_errors=True)
+        return rows
+
     async def run(self) -> dict[str, Any]:
         await self.setup()
         results: dict[str, Any] = {}
@@ -161,6 +201,22 @@ class Bench:
                 key = f"{client} {transport}"
                 results[key] = {step: [r[step] * 1000 for r in rows] for step in STEPS}
                 print(summary_line(key, results[key]), flush=True)
+        if self.args.awake:
+            print("# awake client (stays up, does not re-register on a push), called "
+                  f"{self.args.awake_calls} times in a row, {self.args.awake} runs: ms, median (min-max)")
+            print(f"| {'client':<15} | {'call':<5} | {'INVITE->INVITE at client':<24} | {'INVITE->200':<17} |")
+            for client in self.args.clients:
+                for transport in self.args.transports:
+                    runs = [await self.awake(client, transport, self.args.awake_calls)
+                            for _ in range(self.args.awake)]
+                    key = f"awake {client} {transport}"
+                    results[key] = [{k: [run[i][k] * 1000 for run in runs] for k in runs[0][i]}
+                                    for i in range(self.args.awake_calls)]
+                    for i, by_step in enumerate(results[key]):
+                        label = "1st" if i == 0 else f"{i + 1}th" if i > 2 else ("2nd", "3rd")[i - 1]
+                        cells = [f"{statistics.median(v):8.1f} ({min(v):.0f}-{max(v):.0f})" for v in by_step.values()]
+                        print(f"| {client + ' ' + transport:<15} | {label:<5} | {cells[0]:<24} | {cells[1]:<17} |",
+                              flush=True)
         return results
 
     def stop(self, keep: bool = False) -> None:
@@ -190,6 +246,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--clients", type=lambda s: s.split(","), default=list(CLIENTS))
     ap.add_argument("--transports", type=lambda s: s.split(","), default=["udp", "tcp"])
+    ap.add_argument("--awake", type=int, default=3, help="runs of the awake-client calls (0: none)")
+    ap.add_argument("--awake-calls", type=int, default=3, help="calls in a row per awake run")
     ap.add_argument("--index", type=int, default=4, help="Asterisk port block")
     ap.add_argument("--json", type=Path, help="write the raw per-round times (ms) here")
     args = ap.parse_args(argv)
