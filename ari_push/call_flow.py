@@ -352,12 +352,13 @@ class CallFlow:
 
     async def _start(self) -> None:
         """Push first: one store round trip, then the push; everything else beside it."""
-        plan = asyncio.ensure_future(self.planner.call_push(self.target, self.call_id))
+        # The store read is awaited inline, so its request is written before the ringback's and
+        # the contact read's (scheduled beside it, they run as soon as this waits for Redis).
         contacts = asyncio.ensure_future(self._contacts())
         ringback = asyncio.ensure_future(self._ringback())
         try:
             try:
-                plans = await plan
+                plans = await self.planner.call_push(self.target, self.call_id)
             except StoreUnavailable as exc:
                 log.warning("call %s: binding store unavailable (%s); ringing live contacts and reading the "
                             "store again until it answers", self.call_id, exc)
