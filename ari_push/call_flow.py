@@ -352,20 +352,21 @@ class CallFlow:
 
     async def _start(self) -> None:
         """Push first: one store round trip, then the push; everything else beside it."""
-        # The store read is awaited inline, so its request is written before the ringback's and
-        # the contact read's (scheduled beside it, they run as soon as this waits for Redis).
+        # The store read comes first and alone (one round trip, ~0.2 ms), then the push task is
+        # made before the ringback and the contact read, so its request is the first written:
+        # their ARI requests cost CPU that would otherwise delay the store's answer and the push.
+        try:
+            plans = await self.planner.call_push(self.target, self.call_id)
+        except StoreUnavailable as exc:
+            log.warning("call %s: binding store unavailable (%s); ringing live contacts and reading the "
+                        "store again until it answers", self.call_id, exc)
+            self.store_ok, plans = False, []
+            self._retry_task = asyncio.ensure_future(self._read_store_again())
+        if plans:
+            self._push(plans)
         contacts = asyncio.ensure_future(self._contacts())
         ringback = asyncio.ensure_future(self._ringback())
         try:
-            try:
-                plans = await self.planner.call_push(self.target, self.call_id)
-            except StoreUnavailable as exc:
-                log.warning("call %s: binding store unavailable (%s); ringing live contacts and reading the "
-                            "store again until it answers", self.call_id, exc)
-                self.store_ok, plans = False, []
-                self._retry_task = asyncio.ensure_future(self._read_store_again())
-            if plans:
-                self._push(plans)
             live = await contacts
             if live is None:
                 log.info("call %s: %s is not a known AOR", self.call_id, self.target)
