@@ -58,6 +58,8 @@ class Capture:
         self.queues: list[asyncio.Queue[AmiMessage]] = [asyncio.Queue(QUEUE_LIMIT) for _ in range(WORKERS)]
         self.dropped = 0
         self.resync_needed = False
+        #: told about every stored push binding; ``fresh``: registered just now (issue 11)
+        self.on_binding: Callable[[Binding, bool], None] | None = None
 
     # ---------------------------------------------------------------- feeds
 
@@ -170,6 +172,8 @@ class Capture:
             return binding
         self.metrics.registrations.labels(push.dialect.value).inc()
         log.info("captured %s device %s of %s (token %s)", push.provider, binding.device_id, aor, mask(push.token))
+        if self.on_binding is not None:
+            self.on_binding(binding, signal)
         return binding
 
     async def _chan_sip(self, msg: AmiMessage) -> Binding | None:

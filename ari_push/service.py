@@ -35,6 +35,8 @@ from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
 from ari_push.push.ratelimit import build_rate_limiter
 from ari_push.redis_keys import Keys
+from ari_push.refresh import RefreshScheduler, build_refresh  # issue 11
+from ari_push.refresh_store import MemorySchedule, RedisSchedule  # issue 11
 from ari_push.settings import RedisSettings, Settings
 from ari_push.wakeups import RedisWakeups, WakeupHub
 
@@ -125,6 +127,7 @@ class Daemon:
         links = [self.ami.link, self.ari.link] + ([self.redis_link] if self.redis is not None else [])
         self.health = HealthServer(settings.http.listen, links, self.metrics)
         self.started = asyncio.Event()
+        self.refresh: RefreshScheduler | None = None  # issue 11
 
     # ---------------------------------------------------------------- wiring
 
@@ -132,6 +135,8 @@ class Daemon:
         self.capture.on_ami_event(msg)
 
     async def _on_ami_connect(self) -> None:
+        if self.refresh is not None:  # issue 11
+            self.refresh.resync_soon()
         try:
             await self.capture.resync()
         except Exception as exc:  # resync is best effort; events keep flowing
@@ -184,6 +189,15 @@ class Daemon:
         self.dispatcher = PushDispatcher(providers, on_token_dead=self._on_token_dead, rate_limiter=limiter)
         self.calls = CallManager(self.settings, self.ari, self.ami, self.store, self.wakeups, self.dispatcher,
                                  self.metrics, self.policy, self.node_id, self.ledger)
+        # ---- issue 11 (reachability): registration-refresh pushes
+        r = self.settings.refresh
+        schedule = (MemorySchedule(r.at_fraction, r.grace) if self.redis is None
+                    else RedisSchedule(self.redis, self.keys, r.at_fraction, r.grace))
+        self.refresh = build_refresh(r, schedule, self.store, self.ari, self.ami, self.dispatcher, self.policy,
+                                     self.metrics)
+        if self.refresh is not None:
+            self.capture.on_binding = self.refresh.on_binding
+        # ---- end issue 11
         if self.settings.http.enabled:
             await self.health.start()
         inner_stop = asyncio.Event()  # links stop after the calls have drained
@@ -194,6 +208,8 @@ class Daemon:
                 tg.create_task(self.capture.run(inner_stop), name="capture")
                 tg.create_task(self.calls.run(inner_stop), name="calls")
                 tg.create_task(self._sweeper(inner_stop), name="sweeper")
+                if self.refresh is not None:  # issue 11
+                    tg.create_task(self.refresh.run(inner_stop), name="refresh")
                 if self.cluster is not None:
                     tg.create_task(self.cluster.run(inner_stop), name="cluster")
                 if isinstance(self.wakeups, RedisWakeups):
