@@ -31,6 +31,7 @@ from ari_push.health import HealthServer
 from ari_push.links import LinkState
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushResult, mask
+from ari_push.mwi import MwiNotifier, build_mwi  # issue 11
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
 from ari_push.push.ratelimit import build_rate_limiter
@@ -111,7 +112,8 @@ class Daemon:
                                     settings.redis.wait_replicas, settings.redis.wait_timeout)
             self.wakeups = RedisWakeups(self.redis, self.keys, self.node_id)
             self.ledger = RedisLedger(self.redis, self.keys)
-        self.ami = AmiClient(settings.ami, on_event=self._on_ami_event, on_connect=self._on_ami_connect)
+        self.ami = AmiClient(settings.ami, on_event=self._on_ami_event, on_connect=self._on_ami_connect,
+                             events="system,call" if settings.mwi.enabled else "system")  # issue 11: MWI
         self.ari = AriClient(settings.ari, on_event=self._on_ari_event, on_connect=self._on_ari_connect)
         self.policy = ContactPolicy.from_settings(settings.capture)
         self.capture = Capture(self.store, self.wakeups, self.policy, self.ami, self.metrics, self.node_id)
@@ -128,11 +130,14 @@ class Daemon:
         self.health = HealthServer(settings.http.listen, links, self.metrics)
         self.started = asyncio.Event()
         self.refresh: RefreshScheduler | None = None  # issue 11
+        self.mwi: MwiNotifier | None = None  # issue 11
 
     # ---------------------------------------------------------------- wiring
 
     def _on_ami_event(self, msg: AmiMessage) -> None:
         self.capture.on_ami_event(msg)
+        if self.mwi is not None:  # issue 11
+            self.mwi.on_ami_event(msg)
 
     async def _on_ami_connect(self) -> None:
         if self.refresh is not None:  # issue 11
@@ -197,6 +202,8 @@ class Daemon:
                                      self.metrics)
         if self.refresh is not None:
             self.capture.on_binding = self.refresh.on_binding
+        self.mwi = build_mwi(self.settings.mwi, self.redis, self.keys, self.store, self.ari, self.dispatcher,
+                             self.metrics)
         # ---- end issue 11
         if self.settings.http.enabled:
             await self.health.start()
@@ -210,6 +217,8 @@ class Daemon:
                 tg.create_task(self._sweeper(inner_stop), name="sweeper")
                 if self.refresh is not None:  # issue 11
                     tg.create_task(self.refresh.run(inner_stop), name="refresh")
+                if self.mwi is not None:  # issue 11
+                    tg.create_task(self.mwi.run(inner_stop), name="mwi")
                 if self.cluster is not None:
                     tg.create_task(self.cluster.run(inner_stop), name="cluster")
                 if isinstance(self.wakeups, RedisWakeups):
