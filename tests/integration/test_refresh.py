@@ -196,3 +196,35 @@ async def test_a_provider_switched_off_gets_no_refresh(
     await asyncio.sleep(5.5)  # past the expiry: a refresh would have been sent by now
     assert pushes.of(token) == []
     assert await rd.daemon.refresh.schedule.size() == 0
+
+
+async def test_ios_dual_token_gets_a_background_push_on_its_remote_token(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
+        aor: str) -> None:
+    from tests.fakes import FakeApns, make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    apns = await FakeApns(pki).start()
+    try:
+        key = tmp_path / "apns.p8"
+        key.write_text(apns.add_key("TEAM123456", "KEY1234567", ["com.example.phone.voip", "com.example.phone"]))
+        extra = ("[refresh]\nmin_interval = 2\ngrace = 1\ntick = 0.2\n"
+                 f'[[apns]]\ntopics = ["com.example.phone.voip"]\nteam_id = "TEAM123456"\nkey_id = "KEY1234567"\n'
+                 f'key_file = "{key}"\nproduction_url = "{apns.url}"\nsandbox_url = "{apns.url}"\n'
+                 f'ca_file = "{pki.ca_file}"\n')
+        rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url, extra))
+        voip, remote = "ab" * 32, "cd" * 32
+        phone = SipUA(aor, ensure_asterisk.ports.sip)
+        await phone.open()
+        assert await phone.register(f"pn-provider=apns;pn-prid={voip}:voip&{remote}:remote;"
+                                    "pn-param=TEAM123456.com.example.phone.voip&remote", expires=6) == 200
+        phone.close()
+        await wait_for(lambda: apns.requests, 15, "the refresh push")
+        (req,) = apns.requests
+        assert req.token == remote  # never the VoIP token: PushKit wants a call for each VoIP push
+        assert req.headers["apns-push-type"] == "background" and req.headers["apns-priority"] == "5"
+        assert req.headers["apns-topic"] == "com.example.phone"
+        assert req.payload["aps"] == {"content-available": 1} and req.payload["type"] == "refresh"
+        assert metric(rd.daemon, "ari_push_refresh_pushes_total", {"result": "delivered"}) == 1
+    finally:
+        await apns.stop()
