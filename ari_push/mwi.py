@@ -39,7 +39,7 @@ from ari_push.settings import MwiSettings
 log = logging.getLogger("ari_push.mwi")
 
 QUEUE_LIMIT = 10_000
-REMAP_AFTER = 10.0  # an unknown mailbox re-reads the map at most this often
+REMAP_AFTER = 60.0  # an unknown mailbox re-reads the map at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +276,11 @@ class MwiNotifier:
                 log.warning("mwi: mailbox %s maps to no AOR (no endpoint lists it in mailboxes=, no [mwi] "
                             "mailboxes entry): its changes are not pushed", counts.mailbox)
             return
+        bindings = [b for aor in aors for b in await self.store.bindings_for(aor)
+                    if b.push.provider not in self.settings.disabled_providers]
+        if not bindings:
+            self.metrics.mwi_events.labels("no-devices").inc()  # nothing to push; counts not recorded
+            return
         now = self.clock()
         decision, when = await self.ledger.decide(counts.mailbox, counts.new, counts.old, now,
                                                   self.settings.min_interval)
@@ -285,13 +290,12 @@ class MwiNotifier:
         if decision is Decision.WAIT:
             self._defer(counts, when)
             return
-        bindings = [b for aor in aors for b in await self.store.bindings_for(aor)]
         message = PushMessage(
             kind=PushKind.MWI, call_id=f"mwi-{counts.mailbox}-{counts.new}-{counts.old}-{int(now)}",
             caller_number="", caller_name="", callee=aors[0], deadline=now + self.settings.push_ttl,
             extra=(("mailbox", counts.mailbox), ("new", str(counts.new)), ("old", str(counts.old)),
                    ("collapse_id", f"mwi-{counts.mailbox}"[:64])))
-        results = await self.pusher.send_many(bindings, message) if bindings else {}
+        results = await self.pusher.send_many(bindings, message)
         self.metrics.mwi_events.labels("pushed").inc()
         for result in results.values():
             self.metrics.mwi_pushes.labels(str(result.outcome)).inc()

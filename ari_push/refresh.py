@@ -129,8 +129,9 @@ class RefreshScheduler:
 
     def on_binding(self, binding: Binding, fresh: bool) -> None:
         """Capture's callback: a push contact was (re)registered. Never blocks; when the queue
-        is full the next full read finds the contact instead."""
-        if not self._wanted(binding):
+        is full the next full read finds the contact instead. Contacts read back by capture's
+        resync (not fresh) are left to the full read, which has their expiration already."""
+        if not fresh or not self._wanted(binding):
             return
         try:
             self.queue.put_nowait((binding, self.clock(), fresh))

@@ -203,7 +203,9 @@ class RefreshSettings:
     enabled: bool = True
     at_fraction: float = 0.8
     min_interval: float = 600.0
-    disabled_providers: tuple[str, ...] = ()
+    # A Zoiper-style push URL is a "wake up for a call" hook of the app's vendor: what it does
+    # with any other push is unknown, so vendor URLs get none unless the admin says so.
+    disabled_providers: tuple[str, ...] = ("vendor",)
     grace: float = 5.0  # after the expiry, before the contact is judged refreshed or expired
     sync_interval: float = 300.0  # full re-read of the registered contacts (PJSIPShowContacts)
     tick: float = 1.0  # how often the shared schedule is polled for due contacts
@@ -217,6 +219,7 @@ class MwiSettings:
 
     enabled: bool = True
     min_interval: float = 30.0  # per mailbox; changes inside it are coalesced into one push
+    disabled_providers: tuple[str, ...] = ("vendor",)  # as [refresh]
     push_ttl: float = 86400.0
     map_ttl: float = 300.0  # how long the mailbox -> AOR map read from Asterisk is kept
     mailboxes: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -631,7 +634,7 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         raise SettingsError("cluster.node_ttl", "must be longer than cluster.heartbeat")
 
     refresh = _refresh(_Section(top.table("refresh"), "refresh", base), cap)  # issue 11
-    mwi = _mwi(_Section(top.table("mwi"), "mwi", base))  # issue 11
+    mwi = _mwi(_Section(top.table("mwi"), "mwi", base), cap)  # issue 11
     settings = Settings(
         ari=ari, ami=ami, redis=red, capture=cap, calls=calls, push=push, cluster=cluster, http=http, log=log,
         apns=apns, fcm=fcm, vendor=vendor, webhook=hook,
@@ -651,7 +654,8 @@ def _refresh(s: _Section, cap: CaptureSettings) -> RefreshSettings:
         enabled=s.flag("enabled", RefreshSettings.enabled),
         at_fraction=s.positive("at_fraction", RefreshSettings.at_fraction),
         min_interval=s.positive("min_interval", RefreshSettings.min_interval),
-        disabled_providers=tuple(p.lower() for p in s.strings("disabled_providers")),
+        disabled_providers=tuple(p.lower() for p in s.strings("disabled_providers",
+                                                             RefreshSettings.disabled_providers)),
         grace=s.positive("grace", RefreshSettings.grace),
         sync_interval=s.positive("sync_interval", RefreshSettings.sync_interval),
         tick=s.positive("tick", RefreshSettings.tick),
@@ -668,7 +672,7 @@ def _refresh(s: _Section, cap: CaptureSettings) -> RefreshSettings:
     return r
 
 
-def _mwi(s: _Section) -> MwiSettings:
+def _mwi(s: _Section, cap: CaptureSettings) -> MwiSettings:
     raw = s.table("mailboxes")
     if not isinstance(raw, Mapping):
         raise SettingsError(s.key("mailboxes"), 'must be a table: "box@context" = ["aor", ...]')
@@ -682,11 +686,15 @@ def _mwi(s: _Section) -> MwiSettings:
     m = MwiSettings(
         enabled=s.flag("enabled", MwiSettings.enabled),
         min_interval=s.positive("min_interval", MwiSettings.min_interval),
+        disabled_providers=tuple(p.lower() for p in s.strings("disabled_providers", MwiSettings.disabled_providers)),
         push_ttl=s.positive("push_ttl", MwiSettings.push_ttl),
         map_ttl=s.positive("map_ttl", MwiSettings.map_ttl),
         mailboxes=tuple(sorted(boxes)),
     )
     s.done()
+    for name in m.disabled_providers:
+        if name not in KNOWN_PROVIDERS and name not in cap.extra_providers:
+            raise SettingsError(s.key("disabled_providers"), f"unknown provider {name!r}")
     return m
 
 

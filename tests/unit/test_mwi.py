@@ -109,8 +109,8 @@ async def test_map_from_endpoints_and_overrides() -> None:
     assert await mapping.aors_for("300@default") == ("1002",)  # override, context defaulted
     reads = endpoints.reads
     assert await mapping.aors_for("999@default") == ()
-    assert endpoints.reads == reads  # an unknown mailbox re-reads at most every 10 s
-    clock.now += 11
+    assert endpoints.reads == reads  # an unknown mailbox re-reads at most every minute
+    clock.now += 61
     assert await mapping.aors_for("999@default") == ()
     assert endpoints.reads > reads
 
@@ -158,6 +158,17 @@ async def test_unchanged_counts_are_not_pushed() -> None:
         await n._handle(await n.queue.get())
         clock.now += 60
     assert len(pusher.sent) == 1 and fate(metrics, "unchanged") == 1
+
+
+async def test_a_mailbox_whose_aors_have_no_push_device_records_nothing() -> None:
+    store, pusher, clock = await store_with("1001"), Pusher(), Clock()
+    vendor = PushParams(provider="vendor", token="https://push.example/x", param="")
+    await store.upsert(Binding(aor="1002", endpoint="1002", push=vendor, contact_uri="sip:1002@h", first_seen=1,
+                               last_seen=1))
+    n, metrics = notifier(store, pusher, clock, Endpoints({"1001": ["100@default"], "1002": ["200@default"]}))
+    n.on_ami_event(event("200@default", 1))  # only a vendor URL device: vendor is off by default
+    await n._handle(await n.queue.get())
+    assert pusher.sent == [] and fate(metrics, "no-devices") == 1
 
 
 async def test_unmapped_mailbox_is_logged_once_and_counted(caplog: pytest.LogCaptureFixture) -> None:

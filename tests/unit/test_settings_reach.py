@@ -20,8 +20,14 @@ def cfg(tmp_path: Path, text: str) -> Path:
 def test_defaults(tmp_path: Path) -> None:
     s = load(cfg(tmp_path, ""), environ={})
     assert s.refresh.enabled and s.refresh.at_fraction == 0.8 and s.refresh.min_interval == 600.0
-    assert s.refresh.disabled_providers == ()
+    assert s.refresh.disabled_providers == ("vendor",)  # a vendor URL is a call hook: off unless asked
     assert s.mwi.enabled and s.mwi.min_interval == 30.0 and s.mwi.mailboxes == ()
+    assert s.mwi.disabled_providers == ("vendor",)
+
+
+def test_vendor_urls_can_be_switched_on(tmp_path: Path) -> None:
+    s = load(cfg(tmp_path, "[refresh]\ndisabled_providers = []\n[mwi]\ndisabled_providers = []\n"), environ={})
+    assert s.refresh.disabled_providers == () and s.mwi.disabled_providers == ()
 
 
 def test_values_and_env(tmp_path: Path) -> None:
@@ -43,6 +49,7 @@ def test_values_and_env(tmp_path: Path) -> None:
     ('[mwi.mailboxes]\n"100@default" = []\n', "mwi.mailboxes.100@default", "non-empty list"),
     ('[mwi]\nmailboxes = "100@default"\n', "mwi.mailboxes", "must be a table"),
     ("[mwi]\nmin_interval = -1\n", "mwi.min_interval", "positive"),
+    ('[mwi]\ndisabled_providers = ["carrier-pigeon"]\n', "mwi.disabled_providers", "unknown provider"),
 ])
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str, why: str) -> None:
     with pytest.raises(SettingsError) as err:
