@@ -55,3 +55,9 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str, why: str) 
     with pytest.raises(SettingsError) as err:
         load(cfg(tmp_path, text), environ={})
     assert err.value.key == key and why in err.value.why
+
+
+def test_the_rig_slot_variable_is_not_a_setting(tmp_path: Path) -> None:
+    # every test command exports ARI_PUSH_RIG_SLOT; daemons started from such a shell must start
+    s = load(cfg(tmp_path, ""), environ={"ARI_PUSH_RIG_SLOT": "5"})
+    assert s.refresh.enabled
