@@ -46,4 +46,9 @@ class Metrics:
         self.mwi_events = Counter(
             "ari_push_mwi_events", "MessageWaiting events, by what became of them (pushed, unchanged, "
             "coalesced, unmapped)", ["fate"], registry=r)
+        self.messages = Counter(
+            "ari_push_messages", "SIP MESSAGEs handed over by the dialplan, by fate (stored, delivered, expired, "
+            "not-push, full)", ["fate"], registry=r)
+        self.message_pushes = Counter(
+            "ari_push_message_pushes", "Pushes for waiting SIP MESSAGEs, by result", ["result"], registry=r)
 

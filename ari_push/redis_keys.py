@@ -60,3 +60,12 @@ class Keys:
     def mwi_state(self) -> str:
         """HASH mailbox -> "new:old:sent_at": the counts last pushed for each mailbox (mwi.py)."""
         return f"{self.prefix}mwi"
+
+    def messages(self, aor: str) -> str:
+        """HASH message id -> JSON: SIP MESSAGEs waiting for a device of this AOR (messages.py)."""
+        return f"{self.prefix}messages:{{{aor}}}"
+
+    def messages_expiry(self) -> str:
+        """ZSET "aor\x00id" scored by when the message expires."""
+        return f"{self.prefix}messages-expiry"
+

@@ -29,6 +29,7 @@ from ari_push.cluster import Cluster, MemoryLedger, PushLedger, RedisLedger
 from ari_push.contacts import ContactPolicy
 from ari_push.health import HealthServer
 from ari_push.links import LinkState
+from ari_push.messages import MessageRelay, build_messages  # issue 11
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushResult, mask
 from ari_push.mwi import MwiNotifier, build_mwi  # issue 11
@@ -36,7 +37,7 @@ from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
 from ari_push.push.ratelimit import build_rate_limiter
 from ari_push.redis_keys import Keys
-from ari_push.refresh import RefreshScheduler, build_refresh  # issue 11
+from ari_push.refresh import AsteriskContacts, RefreshScheduler, build_refresh  # issue 11
 from ari_push.refresh_store import MemorySchedule, RedisSchedule  # issue 11
 from ari_push.settings import RedisSettings, Settings
 from ari_push.wakeups import RedisWakeups, WakeupHub
@@ -131,6 +132,7 @@ class Daemon:
         self.started = asyncio.Event()
         self.refresh: RefreshScheduler | None = None  # issue 11
         self.mwi: MwiNotifier | None = None  # issue 11
+        self.messages: MessageRelay | None = None  # issue 11
 
     # ---------------------------------------------------------------- wiring
 
@@ -138,6 +140,12 @@ class Daemon:
         self.capture.on_ami_event(msg)
         if self.mwi is not None:  # issue 11
             self.mwi.on_ami_event(msg)
+
+    def _on_binding(self, binding: Binding, fresh: bool) -> None:  # issue 11: capture -> refresh, messages
+        if self.refresh is not None:
+            self.refresh.on_binding(binding, fresh)
+        if self.messages is not None:
+            self.messages.on_binding(binding, fresh)
 
     async def _on_ami_connect(self) -> None:
         if self.refresh is not None:  # issue 11
@@ -200,10 +208,14 @@ class Daemon:
                     else RedisSchedule(self.redis, self.keys, r.at_fraction, r.grace))
         self.refresh = build_refresh(r, schedule, self.store, self.ari, self.ami, self.dispatcher, self.policy,
                                      self.metrics)
-        if self.refresh is not None:
-            self.capture.on_binding = self.refresh.on_binding
         self.mwi = build_mwi(self.settings.mwi, self.redis, self.keys, self.store, self.ari, self.dispatcher,
                              self.metrics)
+        self.messages = build_messages(self.settings.messages, self.redis, self.keys, self.store,
+                                       AsteriskContacts(self.ari, self.ami), self.ari, self.ami, self.dispatcher,
+                                       self.metrics)
+        if self.messages is not None:
+            self.health.routes += self.messages.routes()
+        self.capture.on_binding = self._on_binding
         # ---- end issue 11
         if self.settings.http.enabled:
             await self.health.start()
@@ -219,6 +231,8 @@ class Daemon:
                     tg.create_task(self.refresh.run(inner_stop), name="refresh")
                 if self.mwi is not None:  # issue 11
                     tg.create_task(self.mwi.run(inner_stop), name="mwi")
+                if self.messages is not None:  # issue 11
+                    tg.create_task(self.messages.run(inner_stop), name="messages")
                 if self.cluster is not None:
                     tg.create_task(self.cluster.run(inner_stop), name="cluster")
                 if isinstance(self.wakeups, RedisWakeups):

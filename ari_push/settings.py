@@ -226,6 +226,19 @@ class MwiSettings:
 
 
 @dataclass(frozen=True)
+class MessageSettings:
+    """SIP MESSAGE to sleeping phones (docs/reachability.md): kept ``ttl`` s; the push shows the
+    text only with ``preview`` and only when it has at most ``preview_chars`` characters."""
+
+    enabled: bool = True
+    ttl: float = 3600.0
+    poll: float = 1.0  # how often contacts of AORs with waiting messages are looked at
+    preview: bool = False
+    preview_chars: int = 100
+    max_bytes: int = 65536
+
+
+@dataclass(frozen=True)
 class Settings:
     ari: AriSettings = field(default_factory=AriSettings)
     ami: AmiSettings = field(default_factory=AmiSettings)
@@ -244,6 +257,7 @@ class Settings:
     shutdown_timeout: float = 10.0
     refresh: RefreshSettings = field(default_factory=RefreshSettings)
     mwi: MwiSettings = field(default_factory=MwiSettings)
+    messages: MessageSettings = field(default_factory=MessageSettings)
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -635,12 +649,13 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
 
     refresh = _refresh(_Section(top.table("refresh"), "refresh", base), cap)  # issue 11
     mwi = _mwi(_Section(top.table("mwi"), "mwi", base), cap)  # issue 11
+    messages = _messages(_Section(top.table("messages"), "messages", base))  # issue 11
     settings = Settings(
         ari=ari, ami=ami, redis=red, capture=cap, calls=calls, push=push, cluster=cluster, http=http, log=log,
         apns=apns, fcm=fcm, vendor=vendor, webhook=hook,
         node_id=top.text("node_id"),
         shutdown_timeout=top.positive("shutdown_timeout", Settings.shutdown_timeout),
-        refresh=refresh, mwi=mwi,
+        refresh=refresh, mwi=mwi, messages=messages,
     )
     top.done()
     return settings
@@ -695,6 +710,21 @@ def _mwi(s: _Section, cap: CaptureSettings) -> MwiSettings:
     for name in m.disabled_providers:
         if name not in KNOWN_PROVIDERS and name not in cap.extra_providers:
             raise SettingsError(s.key("disabled_providers"), f"unknown provider {name!r}")
+    return m
+
+
+def _messages(s: _Section) -> MessageSettings:
+    m = MessageSettings(
+        enabled=s.flag("enabled", MessageSettings.enabled),
+        ttl=s.positive("ttl", MessageSettings.ttl),
+        poll=s.positive("poll", MessageSettings.poll),
+        preview=s.flag("preview", MessageSettings.preview),
+        preview_chars=int(s.positive("preview_chars", MessageSettings.preview_chars)),
+        max_bytes=int(s.positive("max_bytes", MessageSettings.max_bytes)),
+    )
+    s.done()
+    if m.poll > 10:
+        raise SettingsError(s.key("poll"), "at most 10 s: a woken phone would wait for its messages")
     return m
 
 

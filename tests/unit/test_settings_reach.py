@@ -23,6 +23,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert s.refresh.disabled_providers == ("vendor",)  # a vendor URL is a call hook: off unless asked
     assert s.mwi.enabled and s.mwi.min_interval == 30.0 and s.mwi.mailboxes == ()
     assert s.mwi.disabled_providers == ("vendor",)
+    assert s.messages.enabled and s.messages.ttl == 3600.0 and not s.messages.preview  # no text in pushes
 
 
 def test_vendor_urls_can_be_switched_on(tmp_path: Path) -> None:
@@ -49,6 +50,9 @@ def test_values_and_env(tmp_path: Path) -> None:
     ('[mwi.mailboxes]\n"100@default" = []\n', "mwi.mailboxes.100@default", "non-empty list"),
     ('[mwi]\nmailboxes = "100@default"\n', "mwi.mailboxes", "must be a table"),
     ("[mwi]\nmin_interval = -1\n", "mwi.min_interval", "positive"),
+    ("[messages]\npoll = 30\n", "messages.poll", "at most 10"),
+    ("[messages]\nttl = 0\n", "messages.ttl", "positive"),
+    ('[messages]\npreview = "yes"\n', "messages.preview", "true or false"),
     ('[mwi]\ndisabled_providers = ["carrier-pigeon"]\n', "mwi.disabled_providers", "unknown provider"),
 ])
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str, why: str) -> None:
