@@ -291,6 +291,7 @@ class MessageRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self._wake.clear()  # before the round: a registration during it wakes the next at once
             try:
                 fresh, self._fresh = self._fresh, []
                 for binding, at in fresh:
@@ -301,7 +302,6 @@ class MessageRelay:
                 log.debug("messages: %s", exc)
             except Exception:
                 log.exception("messages: delivery round failed")
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.poll):
                     await self._wake.wait()
