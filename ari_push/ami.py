@@ -52,8 +52,10 @@ class AmiClient:
         on_event: EventHandler,
         on_connect: ConnectHandler | None = None,
         backoff: Backoff | None = None,
+        events: str = "system",
     ) -> None:
         self.settings = settings
+        self.events = events  # event classes asked for at login ("system,call" adds MessageWaiting)
         self.on_event = on_event
         self.on_connect = on_connect
         self.backoff = backoff or Backoff(base=0.5, cap=15.0)
@@ -131,7 +133,7 @@ class AmiClient:
         parser = AmiParser()
         reader_task = asyncio.create_task(self._read(reader, parser), name="ami-reader")
         try:
-            login = {"Username": self.settings.username, "Secret": str(self.settings.secret), "Events": "system"}
+            login = {"Username": self.settings.username, "Secret": str(self.settings.secret), "Events": self.events}
             reply = await self._send("Login", login, is_list=False)
             if reply[0].response.lower() != "success":
                 raise AmiAuthError(reply[0].get("Message") or "authentication failed")

@@ -55,6 +55,7 @@ OPERATIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "claim": ("POST", "/events/claim", ("channelId", "application"), ()),
     "move": ("POST", "/channels/{channelId}/move", ("app", "appArgs"), ()),
     "subscribe": ("POST", "/applications/{applicationName}/subscription", ("eventSource",), ()),
+    "send_message": ("PUT", "/endpoints/sendMessage", ("to", "from", "body"), ()),
 }
 
 

@@ -61,6 +61,8 @@ class Capture:
         self.resync_needed = False
         #: Says which provider table serves a binding (push/routing.py); set once providers exist.
         self.explain: Callable[[Binding], str] | None = None
+        #: told about every stored push binding; ``fresh``: registered just now (refresh, messages)
+        self.on_binding: Callable[[Binding, bool], None] | None = None
 
     # ---------------------------------------------------------------- feeds
 
@@ -179,6 +181,8 @@ class Capture:
         route = f", {self.explain(binding)}" if self.explain is not None else ""
         log.info("captured %s device %s of %s (token %s)%s", push.provider, binding.device_id, aor,
                  mask_token(push.provider, push.token), route)
+        if self.on_binding is not None:
+            self.on_binding(binding, signal)
         return binding
 
     async def _chan_sip(self, msg: AmiMessage) -> Binding | None:

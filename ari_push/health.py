@@ -7,7 +7,9 @@ must not be a resource anyone on the network can hold (docs/security.md, "Health
 * the request head must arrive whole within ``header_timeout`` (default 5 s) and within 8 KiB,
   else the connection is closed unanswered (a slowloris peer holds a socket for 5 s, no more);
 * at most ``max_connections`` (default 64) connections at once; more are closed at once;
-* GET and HEAD only; the body of a request is never read;
+* GET and HEAD, plus the POST routes a part adds (``routes``: SIP MESSAGE hand-over from the
+  dialplan, docs/reachability.md); a POST body is read only for such a route, with a
+  Content-Length of at most ``MAX_BODY_BYTES``, within ``header_timeout``;
 * a warning at start when bound to anything but loopback.
 """
 
@@ -18,7 +20,9 @@ import contextlib
 import ipaddress
 import json
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -28,7 +32,38 @@ from ari_push.metrics import Metrics
 log = logging.getLogger("ari_push.health")
 
 MAX_HEAD_BYTES = 8192
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+MAX_BODY_BYTES = 65536
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 411: "Length Required",
+            413: "Content Too Large", 503: "Service Unavailable"}
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """A request handed to an added route: its path parameters and its (bounded) body."""
+
+    method: str
+    path: str
+    params: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int = 200
+    text: str = ""
+    content_type: str = "text/plain; charset=utf-8"
+
+
+RouteHandler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    """``/messages/{aor}`` -> a regex with a named group per ``{name}`` (one path segment)."""
+    out = ""
+    for piece in re.split(r"(\{[a-z_]+\})", template):
+        out += f"(?P<{piece[1:-1]}>[^/]+)" if piece.startswith("{") else re.escape(piece)
+    return re.compile(f"^{out}$")
 
 
 def is_loopback(host: str) -> bool:
@@ -54,6 +89,8 @@ class HealthServer:
         self.refused_connections = 0
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        #: more (method, path template, handler) routes, added before start()
+        self.routes: list[tuple[str, str, RouteHandler]] = []
 
     async def start(self) -> None:
         if not is_loopback(self.host):
@@ -116,11 +153,35 @@ class HealthServer:
             await self._respond(writer, 400, b"bad request\n", "text/plain", head=False)
             return
         method, target, _ = parts
+        path = target.split("?", 1)[0]
+        added = self._added_route(method, path)
+        if added is not None:
+            handler, params = added
+            headers = _headers(head)
+            length = headers.get("content-length", "")
+            if not length.isdigit():
+                await self._respond(writer, 411, b"Content-Length required\n", "text/plain", head=False)
+                return
+            if int(length) > MAX_BODY_BYTES:
+                await self._respond(writer, 413, b"too large\n", "text/plain", head=False)
+                return
+            async with asyncio.timeout(self.header_timeout):
+                body = await reader.readexactly(int(length))
+            answer = await handler(HttpRequest(method, path, params, headers, body))
+            await self._respond(writer, answer.status, answer.text.encode(), answer.content_type, head=False)
+            return
         if method not in ("GET", "HEAD"):
             await self._respond(writer, 405, b"GET or HEAD only\n", "text/plain", head=False)
             return
-        status, body, ctype = await self._route(target.split("?", 1)[0])
+        status, body, ctype = await self._route(path)
         await self._respond(writer, status, body, ctype, head=method == "HEAD")
+
+    def _added_route(self, method: str, path: str) -> tuple[RouteHandler, dict[str, str]] | None:
+        for route_method, template, handler in self.routes:
+            match = _pattern(template).match(path)
+            if match is not None and route_method == method:
+                return handler, match.groupdict()
+        return None
 
     async def _route(self, path: str) -> tuple[int, bytes, str]:
         if path == "/healthz":
@@ -142,3 +203,12 @@ class HealthServer:
         writer.write("\r\n".join(lines).encode("latin-1") + (b"" if head else body))
         async with asyncio.timeout(self.header_timeout):
             await writer.drain()
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            out[name.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
+    return out

@@ -31,3 +31,27 @@ class Metrics:
             "[capture] max_devices_per_aor (the least recently seen goes)", registry=r)
         self.store_errors = Counter(
             "ari_push_store_errors", "Binding store operations that failed (Redis down)", registry=r)
+        # ---- reachability (docs/reachability.md)
+        self.refresh_pushes = Counter(
+            "ari_push_refresh_pushes", "Registration-refresh pushes, by result (delivered, rate-limited, ...)",
+            ["result"], registry=r)
+        self.refresh_reregistered = Counter(
+            "ari_push_refresh_reregistered", "Devices seen re-registering after a refresh push, before expiry",
+            registry=r)
+        self.refresh_expired = Counter(
+            "ari_push_refresh_expired", "Push contacts that expired anyway, by whether a refresh push was sent",
+            ["pushed"], registry=r)
+        self.refresh_wake_latency = Histogram(
+            "ari_push_refresh_wake_seconds", "Refresh push sent to the re-registration being seen",
+            buckets=(0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320), registry=r)
+        self.mwi_pushes = Counter(
+            "ari_push_mwi_pushes", "Voicemail pushes, by result", ["result"], registry=r)
+        self.mwi_events = Counter(
+            "ari_push_mwi_events", "MessageWaiting events, by what became of them (pushed, unchanged, "
+            "coalesced, unmapped)", ["fate"], registry=r)
+        self.messages = Counter(
+            "ari_push_messages", "SIP MESSAGEs handed over by the dialplan, by fate (stored, delivered, expired, "
+            "not-push, full)", ["fate"], registry=r)
+        self.message_pushes = Counter(
+            "ari_push_message_pushes", "Pushes for waiting SIP MESSAGEs, by result", ["result"], registry=r)
+

@@ -66,12 +66,21 @@ class Binding:
 
 
 class PushKind(StrEnum):
-    """Why a push is sent. Calls wake the phone; the others end what a call push started."""
+    """Why a push is sent. Calls wake the phone; cancel/answered/missed end what a call push
+    started; the last three keep a sleeping phone reachable and informed (no call involved,
+    so never an iOS VoIP push: see docs/reachability.md)."""
 
     CALL = "call"
     CANCEL = "cancel"
     ANSWERED_ELSEWHERE = "answered-elsewhere"
     MISSED_CALL = "missed-call"
+    REFRESH = "refresh"  # the contact is about to expire: wake silently and re-REGISTER
+    MWI = "mwi"  # voicemail counts changed (extra: mailbox, new, old)
+    MESSAGE = "message"  # a SIP MESSAGE waits for the device (extra: message_id, preview)
+
+
+#: Kinds that are not about a call: low priority where the platform has one, never VoIP.
+REACH_KINDS = frozenset({PushKind.REFRESH, PushKind.MWI, PushKind.MESSAGE})
 
 
 @dataclass(frozen=True, slots=True)

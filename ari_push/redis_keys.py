@@ -46,3 +46,30 @@ class Keys:
     def pushed(self, call_id: str, device_id: str, kind: str) -> str:
         """STRING, NX with a TTL: this (call, device, kind) push was sent once already."""
         return f"{self.prefix}pushed:{call_id}:{device_id}:{kind}"
+
+    # ---- reachability: one hash tag, so each Lua script stays in one Cluster slot
+
+    def refresh_state(self) -> str:
+        """HASH "aor\x00device_id" -> Watch JSON: registered push contacts (refresh_store.py)."""
+        return f"{self.prefix}{{refresh}}:state"
+
+    def refresh_due(self) -> str:
+        """ZSET "aor\x00device_id" scored by the Unix time it is next due (or its claim lease)."""
+        return f"{self.prefix}{{refresh}}:due"
+
+    def refresh_sent(self, device_id: str) -> str:
+        """STRING, NX + PX: a refresh push went to this device within the minimum interval."""
+        return f"{self.prefix}refresh-sent:{device_id}"
+
+    def mwi_state(self) -> str:
+        """HASH mailbox -> "new:old:sent_at": the counts last pushed for each mailbox (mwi.py)."""
+        return f"{self.prefix}mwi"
+
+    def messages(self, aor: str) -> str:
+        """HASH message id -> JSON: SIP MESSAGEs waiting for a device of this AOR (messages.py)."""
+        return f"{self.prefix}messages:{{{aor}}}"
+
+    def messages_expiry(self) -> str:
+        """ZSET "aor\x00id" scored by when the message expires."""
+        return f"{self.prefix}messages-expiry"
+

@@ -31,8 +31,10 @@ from ari_push.cluster import Cluster
 from ari_push.contacts import ContactPolicy
 from ari_push.health import HealthServer
 from ari_push.links import LinkState
+from ari_push.messages import MessageRelay, build_messages
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushResult, mask
+from ari_push.mwi import MwiNotifier, build_mwi
 from ari_push.push.base import PushProvider
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
@@ -40,6 +42,8 @@ from ari_push.push.fanout import Fanout
 from ari_push.push.plan import MemoryPushPlanner, PushPlanner, RedisPushPlanner
 from ari_push.push.routing import Router
 from ari_push.redis_keys import Keys
+from ari_push.refresh import AsteriskContacts, RefreshScheduler, build_refresh
+from ari_push.refresh_store import MemorySchedule, RedisSchedule
 from ari_push.settings import RedisSettings, Settings
 from ari_push.wakeups import RedisWakeups, WakeupHub
 
@@ -115,7 +119,9 @@ class Daemon:
                                     settings.redis.wait_replicas, settings.redis.wait_timeout)
             self.wakeups = RedisWakeups(self.redis, self.keys, self.node_id)
             self.planner = RedisPushPlanner(self.redis, self.keys, settings.push)
-        self.ami = AmiClient(settings.ami, on_event=self._on_ami_event, on_connect=self._on_ami_connect)
+        # MessageWaiting is in AMI's "call" class: asked for only when voicemail pushes are on
+        self.ami = AmiClient(settings.ami, on_event=self._on_ami_event, on_connect=self._on_ami_connect,
+                             events="system,call" if settings.mwi.enabled else "system")
         self.ari = AriClient(settings.ari, on_event=self._on_ari_event, on_connect=self._on_ari_connect)
         self.policy = ContactPolicy.from_settings(settings.capture)
         self.capture = Capture(self.store, self.wakeups, self.policy, self.ami, self.metrics, self.node_id)
@@ -138,13 +144,38 @@ class Daemon:
                                    header_timeout=settings.http.header_timeout,
                                    max_connections=settings.http.max_connections)
         self.started = asyncio.Event()
+        # Reachability (docs/reachability.md): registration-refresh pushes, voicemail pushes, SIP
+        # MESSAGE to sleeping phones; each None when its section is off.
+        r = settings.refresh
+        schedule = (MemorySchedule(r.at_fraction, r.grace) if self.redis is None
+                    else RedisSchedule(self.redis, self.keys, r.at_fraction, r.grace))
+        self.refresh: RefreshScheduler | None = build_refresh(r, schedule, self.store, self.ari, self.ami,
+                                                               self.dispatcher, self.policy, self.metrics)
+        self.mwi: MwiNotifier | None = build_mwi(settings.mwi, self.redis, self.keys, self.store, self.ari,
+                                                 self.dispatcher, self.metrics)
+        self.messages: MessageRelay | None = build_messages(settings.messages, self.redis, self.keys, self.store,
+                                                            AsteriskContacts(self.ari, self.ami), self.ari, self.ami,
+                                                            self.dispatcher, self.metrics)
+        if self.messages is not None:
+            self.health.routes += self.messages.routes()
+        self.capture.on_binding = self._on_binding
 
     # ---------------------------------------------------------------- wiring
 
     def _on_ami_event(self, msg: AmiMessage) -> None:
         self.capture.on_ami_event(msg)
+        if self.mwi is not None:
+            self.mwi.on_ami_event(msg)
+
+    def _on_binding(self, binding: Binding, fresh: bool) -> None:  # capture -> refresh, messages
+        if self.refresh is not None:
+            self.refresh.on_binding(binding, fresh)
+        if self.messages is not None:
+            self.messages.on_binding(binding, fresh)
 
     async def _on_ami_connect(self) -> None:
+        if self.refresh is not None:
+            self.refresh.resync_soon()
         try:
             await self.capture.resync()
         except Exception as exc:  # resync is best effort; events keep flowing
@@ -195,6 +226,12 @@ class Daemon:
                 tg.create_task(self.capture.run(inner_stop), name="capture")
                 tg.create_task(self.calls.run(inner_stop), name="calls")
                 tg.create_task(self._sweeper(inner_stop), name="sweeper")
+                if self.refresh is not None:
+                    tg.create_task(self.refresh.run(inner_stop), name="refresh")
+                if self.mwi is not None:
+                    tg.create_task(self.mwi.run(inner_stop), name="mwi")
+                if self.messages is not None:
+                    tg.create_task(self.messages.run(inner_stop), name="messages")
                 if self.cluster is not None:
                     tg.create_task(self.cluster.run(inner_stop), name="cluster")
                 if isinstance(self.wakeups, RedisWakeups):

@@ -269,6 +269,49 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True)
+class RefreshSettings:
+    """Registration-refresh pushes (docs/reachability.md): a silent push once ``at_fraction`` of
+    a contact's lifetime has passed, at most once per ``min_interval`` s per device."""
+
+    enabled: bool = True
+    at_fraction: float = 0.8
+    min_interval: float = 600.0
+    # A Zoiper-style push URL is a "wake up for a call" hook of the app's vendor: what it does
+    # with any other push is unknown, so vendor URLs get none unless the admin says so.
+    disabled_providers: tuple[str, ...] = ("vendor",)
+    grace: float = 5.0  # after the expiry, before the contact is judged refreshed or expired
+    sync_interval: float = 300.0  # full re-read of the registered contacts (PJSIPShowContacts)
+    tick: float = 1.0  # how often the shared schedule is polled for due contacts
+    lease: float = 60.0  # a claimed contact returns to the schedule if its daemon dies
+
+
+@dataclass(frozen=True)
+class MwiSettings:
+    """Voicemail pushes from AMI MessageWaiting (docs/reachability.md). ``mailboxes`` maps a
+    mailbox (``box@context``) to AORs, ahead of the endpoints' own ``mailboxes`` option."""
+
+    enabled: bool = True
+    min_interval: float = 30.0  # per mailbox; changes inside it are coalesced into one push
+    disabled_providers: tuple[str, ...] = ("vendor",)  # as [refresh]
+    push_ttl: float = 86400.0
+    map_ttl: float = 300.0  # how long the mailbox -> AOR map read from Asterisk is kept
+    mailboxes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class MessageSettings:
+    """SIP MESSAGE to sleeping phones (docs/reachability.md): kept ``ttl`` s; the push shows the
+    text only with ``preview`` and only when it has at most ``preview_chars`` characters."""
+
+    enabled: bool = True
+    ttl: float = 3600.0
+    poll: float = 1.0  # how often contacts of AORs with waiting messages are looked at
+    preview: bool = False
+    preview_chars: int = 100
+    max_bytes: int = 65536
+
+
+@dataclass(frozen=True)
 class Settings:
     ari: AriSettings = field(default_factory=AriSettings)
     ami: AmiSettings = field(default_factory=AmiSettings)
@@ -289,6 +332,9 @@ class Settings:
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     node_id: str = ""
     shutdown_timeout: float = 10.0
+    refresh: RefreshSettings = field(default_factory=RefreshSettings)
+    mwi: MwiSettings = field(default_factory=MwiSettings)
+    messages: MessageSettings = field(default_factory=MessageSettings)
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -883,14 +929,85 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
     if cluster.node_ttl <= cluster.heartbeat:
         raise SettingsError("cluster.node_ttl", "must be longer than cluster.heartbeat")
 
+    refresh = _refresh(_Section(top.table("refresh"), "refresh", base), cap)
+    mwi = _mwi(_Section(top.table("mwi"), "mwi", base), cap)
+    messages = _messages(_Section(top.table("messages"), "messages", base))
     settings = Settings(
         ari=ari, ami=ami, redis=red, capture=cap, calls=calls, push=push, cluster=cluster, http=http, log=log,
         apns=apns, fcm=fcm, hms=hms, hmos=hmos, webpush=webpush, plugins=plugins, vendor=vendor, webhook=hook,
         node_id=top.text("node_id"),
         shutdown_timeout=top.positive("shutdown_timeout", Settings.shutdown_timeout),
+        refresh=refresh, mwi=mwi, messages=messages,
     )
     top.done()
     return settings
+
+
+# ---------------------------------------------------------------- reachability
+
+
+def _refresh(s: _Section, cap: CaptureSettings) -> RefreshSettings:
+    r = RefreshSettings(
+        enabled=s.flag("enabled", RefreshSettings.enabled),
+        at_fraction=s.positive("at_fraction", RefreshSettings.at_fraction),
+        min_interval=s.positive("min_interval", RefreshSettings.min_interval),
+        disabled_providers=tuple(p.lower() for p in s.strings("disabled_providers",
+                                                             RefreshSettings.disabled_providers)),
+        grace=s.positive("grace", RefreshSettings.grace),
+        sync_interval=s.positive("sync_interval", RefreshSettings.sync_interval),
+        tick=s.positive("tick", RefreshSettings.tick),
+        lease=s.positive("lease", RefreshSettings.lease),
+    )
+    s.done()
+    if not 0.1 <= r.at_fraction < 1.0:
+        raise SettingsError(s.key("at_fraction"), f"must be from 0.1 to below 1 (0.8 = at 80 %), got {r.at_fraction}")
+    for name in r.disabled_providers:
+        if name not in KNOWN_PROVIDERS and name not in cap.extra_providers:
+            raise SettingsError(s.key("disabled_providers"), f"unknown provider {name!r}")
+    if r.tick > 10:
+        raise SettingsError(s.key("tick"), "at most 10 s: refreshes would come late")
+    return r
+
+
+def _mwi(s: _Section, cap: CaptureSettings) -> MwiSettings:
+    raw = s.table("mailboxes")
+    if not isinstance(raw, Mapping):
+        raise SettingsError(s.key("mailboxes"), 'must be a table: "box@context" = ["aor", ...]')
+    boxes: list[tuple[str, tuple[str, ...]]] = []
+    for box, aors in raw.items():
+        if "@" not in box or box.startswith("@") or box.endswith("@"):
+            raise SettingsError(f"{s.key('mailboxes')}.{box}", "a mailbox is written box@context")
+        if not isinstance(aors, list) or not aors or not all(isinstance(a, str) and a for a in aors):
+            raise SettingsError(f"{s.key('mailboxes')}.{box}", "must be a non-empty list of AOR names")
+        boxes.append((box, tuple(aors)))
+    m = MwiSettings(
+        enabled=s.flag("enabled", MwiSettings.enabled),
+        min_interval=s.positive("min_interval", MwiSettings.min_interval),
+        disabled_providers=tuple(p.lower() for p in s.strings("disabled_providers", MwiSettings.disabled_providers)),
+        push_ttl=s.positive("push_ttl", MwiSettings.push_ttl),
+        map_ttl=s.positive("map_ttl", MwiSettings.map_ttl),
+        mailboxes=tuple(sorted(boxes)),
+    )
+    s.done()
+    for name in m.disabled_providers:
+        if name not in KNOWN_PROVIDERS and name not in cap.extra_providers:
+            raise SettingsError(s.key("disabled_providers"), f"unknown provider {name!r}")
+    return m
+
+
+def _messages(s: _Section) -> MessageSettings:
+    m = MessageSettings(
+        enabled=s.flag("enabled", MessageSettings.enabled),
+        ttl=s.positive("ttl", MessageSettings.ttl),
+        poll=s.positive("poll", MessageSettings.poll),
+        preview=s.flag("preview", MessageSettings.preview),
+        preview_chars=int(s.positive("preview_chars", MessageSettings.preview_chars)),
+        max_bytes=int(s.positive("max_bytes", MessageSettings.max_bytes)),
+    )
+    s.done()
+    if m.poll > 10:
+        raise SettingsError(s.key("poll"), "at most 10 s: a woken phone would wait for its messages")
+    return m
 
 
 # ---------------------------------------------------------------- environment overrides
@@ -908,7 +1025,7 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]
     """``ARI_PUSH_ARI__PASSWORD=x`` sets ``[ari] password``; ``__`` separates levels."""
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for name, value in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or name in ("ARI_PUSH_CONFIG", "ARI_PUSH_CACHE"):
+        if not name.startswith(ENV_PREFIX) or name in ("ARI_PUSH_CONFIG", "ARI_PUSH_CACHE", "ARI_PUSH_RIG_SLOT"):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         if any(not p for p in path) or len(path) > 2:

@@ -104,6 +104,7 @@ class SipUA:
         self.invites: asyncio.Queue[SipMessage] = asyncio.Queue()
         self.byes: asyncio.Queue[SipMessage] = asyncio.Queue()
         self.cancels: asyncio.Queue[SipMessage] = asyncio.Queue()
+        self.messages: asyncio.Queue[SipMessage] = asyncio.Queue()  # SIP MESSAGEs received (answered 200)
         self.answer_code = 200  # what to answer INVITEs with (486/603 to decline)
         self.answer_codes: list[int] = []  # answers for the next INVITEs, in order, before answer_code
         self.answer_delay = 0.0
@@ -216,6 +217,15 @@ class SipUA:
         ])
         return resp.status
 
+    async def send_message(self, target: str, body: str, content_type: str = "text/plain") -> int:
+        """A SIP MESSAGE to ``target`` through Asterisk; returns the final status (202 there)."""
+        self.cseq += 1
+        resp = await self._request("MESSAGE", f"sip:{target}@127.0.0.1:{self.server[1]}", [
+            ("From", f'"Test {self.user}" <sip:{self.user}@127.0.0.1>;tag={_tag()}'),
+            ("To", f"<sip:{target}@127.0.0.1>"), ("Call-ID", f"{uuid.uuid4().hex}@msg"),
+            ("CSeq", f"{self.cseq} MESSAGE"), ("Content-Type", content_type)], body)
+        return resp.status
+
     async def unregister(self) -> int:
         return await self.register(expires=0)
 
@@ -249,6 +259,9 @@ class SipUA:
             self.cancels.put_nowait(msg)
         elif msg.method in ("OPTIONS", "NOTIFY"):
             self.send(self._response(msg, 200, "OK"), msg.source)
+        elif msg.method == "MESSAGE":
+            self.send(self._response(msg, 200, "OK", _tag()), msg.source)
+            self.messages.put_nowait(msg)
 
     def _response(self, req: SipMessage, code: int, reason: str, to_tag: str = "",
                   extra: list[tuple[str, str]] | None = None, body: str = "") -> bytes:

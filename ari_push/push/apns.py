@@ -35,7 +35,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurvePrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult
+from ari_push.model import REACH_KINDS, Binding, PushKind, PushMessage, PushOutcome, PushParams, PushResult
 from ari_push.push.common import (
     USER_AGENT,
     Clock,
@@ -81,6 +81,7 @@ def route(binding: Binding, kind: PushKind) -> ApnsRoute | PushResult:
     return ApnsRoute(remote, bundle, "background", 5)  # cancel, answered elsewhere, and any later kind
 
 MAX_PAYLOAD = 5120  # bytes, VoIP pushes
+MAX_REMOTE_PAYLOAD = 4096  # bytes, alert and background pushes
 MAX_COLLAPSE_ID = 64  # bytes
 TOKEN_RE = re.compile(r"[0-9A-Fa-f]{64}")
 DEAD_TOKEN_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic"})
@@ -138,16 +139,31 @@ class ApnsProvider:
         if not self.serves(binding):
             return PushResult(PushOutcome.FAILED,
                               f"topic {binding.push.param!r} is not configured for app {self.app.name}")
-        way = route(binding, message.kind)
-        if isinstance(way, PushResult):
-            return way
-        token = way.token
-        if not TOKEN_RE.fullmatch(token):
-            return PushResult(PushOutcome.FAILED, "device token is not 64 hex digits")
-        payload = self.build_payload(message, way)
-        if isinstance(payload, PushResult):
-            return payload
-        headers = self.build_headers(way, message)
+        payload: bytes | PushResult
+        if message.kind in REACH_KINDS:
+            # Not a call: PushKit would kill an app that gets a VoIP push without reporting a
+            # call, so these go to the remote (alert/background) token, bundle-id topic.
+            target = remote_target(binding.push)
+            if target is None:
+                return PushResult(PushOutcome.SKIPPED, "no remote token: a VoIP-only iOS app gets call pushes only")
+            token, topic = target
+            if not TOKEN_RE.fullmatch(token):
+                return PushResult(PushOutcome.FAILED, "remote device token is not 64 hex digits")
+            payload = self.build_remote_payload(message)
+            if isinstance(payload, PushResult):
+                return payload
+            headers = self.build_remote_headers(topic, message)
+        else:
+            way = route(binding, message.kind)
+            if isinstance(way, PushResult):
+                return way
+            token = way.token
+            if not TOKEN_RE.fullmatch(token):
+                return PushResult(PushOutcome.FAILED, "device token is not 64 hex digits")
+            payload = self.build_payload(message, way)
+            if isinstance(payload, PushResult):
+                return payload
+            headers = self.build_headers(way, message)
         base = self.app.sandbox_url if binding.push.sandbox else self.app.production_url
         url = f"{base.rstrip('/')}/3/device/{token}"
         client = self._http(binding.push.sandbox)
@@ -213,6 +229,51 @@ class ApnsProvider:
             headers["apns-collapse-id"] = collapse
         return headers
 
+    def build_remote_payload(self, message: PushMessage) -> bytes | PushResult:
+        """Payload of a non-call push: ``background`` (refresh; voicemail read) is
+        ``content-available`` only; ``alert`` (new voicemail, a text message) shows a notification.
+        The data fields ride along; a MESSAGE preview is dropped first when it does not fit."""
+        extra = dict(message.extra)
+        aps: dict[str, Any] = {"content-available": 1}
+        if remote_push_type(message) == "alert":
+            if message.kind is PushKind.MWI:
+                aps = {"alert": {"title": "Voicemail",
+                                 "body": f"{extra.get('new', '0')} new, {extra.get('old', '0')} old"},
+                       "sound": "default"}
+            else:
+                sender = message.caller_name or message.caller_number or "Unknown sender"
+                aps = {"alert": {"title": sender, "body": extra.get("preview") or "New message"},
+                       "sound": "default", "mutable-content": 1}
+        body: dict[str, Any] = {"aps": aps, **call_fields(message), "deadline": int(message.deadline)}
+        for key, value in message.extra:
+            if key not in body and key != "collapse_id":
+                body[key] = value
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(payload) > MAX_REMOTE_PAYLOAD and "preview" in body:
+            body.pop("preview")
+            if isinstance(aps.get("alert"), dict):
+                aps["alert"]["body"] = "New message"
+            payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(payload) > MAX_REMOTE_PAYLOAD:
+            return PushResult(PushOutcome.FAILED, f"payload exceeds {MAX_REMOTE_PAYLOAD} bytes")
+        return payload
+
+    def build_remote_headers(self, topic: str, message: PushMessage) -> dict[str, str]:
+        push_type = remote_push_type(message)
+        headers = {
+            "apns-push-type": push_type,
+            "apns-topic": topic,
+            # Apple: background pushes must use priority 5; a text message alerts at once.
+            "apns-priority": "10" if message.kind is PushKind.MESSAGE else "5",
+            "apns-expiration": str(max(0, int(message.deadline))),
+            "apns-id": str(uuid.uuid4()),
+            "content-type": "application/json",
+        }
+        collapse = dict(message.extra).get("collapse_id", "")
+        if collapse and len(collapse.encode()) <= MAX_COLLAPSE_ID:
+            headers["apns-collapse-id"] = collapse
+        return headers
+
     def _result(self, response: httpx.Response, reason: str, timestamp: float | None) -> PushResult:
         status = response.status_code
         if status == 200:
@@ -264,6 +325,28 @@ class ApnsProvider:
             )
             self._clients[sandbox] = client
         return client
+
+
+def remote_target(push: PushParams) -> tuple[str, str] | None:
+    """(token, topic) for an alert/background push: the remote token of a dual registration
+    (topic: the bundle id), or the main token when it is not a VoIP one; None when the device
+    registered only a VoIP token."""
+    if not push.param.endswith(".voip"):
+        return push.token, push.param
+    remote = dict(push.extra_tokens).get("remote", "")
+    if not remote:
+        return None
+    return remote, push.param.removesuffix(".voip")
+
+
+def remote_push_type(message: PushMessage) -> str:
+    """``alert`` for what the user should see (new voicemail, a text message), else
+    ``background`` (a refresh; voicemail counts that dropped to no new message)."""
+    if message.kind is PushKind.MESSAGE:
+        return "alert"
+    if message.kind is PushKind.MWI and dict(message.extra).get("new", "0") not in ("", "0"):
+        return "alert"
+    return "background"
 
 
 def _apns_error(response: httpx.Response) -> tuple[str, float | None]:

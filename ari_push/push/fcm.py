@@ -47,8 +47,10 @@ MAX_DATA_BYTES = 4096  # keys plus values, UTF-8
 RESERVED_DATA_KEYS = frozenset({"from", "notification", "message_type"})
 RESERVED_DATA_PREFIXES = ("google.", "gcm.")
 RETRY_CODES = frozenset({"QUOTA_EXCEEDED", "UNAVAILABLE", "INTERNAL"})
-#: Kinds sent at high priority: each one must reach a dozing phone now (ring, or stop ringing).
-HIGH_PRIORITY = frozenset({PushKind.CALL, PushKind.CANCEL, PushKind.ANSWERED_ELSEWHERE})
+#: Kinds sent at high priority: each one must reach a dozing phone now (ring, or stop ringing,
+#: or show the text message that waits for it). Refresh and voicemail pushes go at normal
+#: priority: high-priority messages that show nothing get demoted by Android.
+HIGH_PRIORITY = frozenset({PushKind.CALL, PushKind.CANCEL, PushKind.ANSWERED_ELSEWHERE, PushKind.MESSAGE})
 
 
 @dataclass(frozen=True, slots=True)
