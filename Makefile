@@ -22,7 +22,7 @@ sandbox:
 	$(PY) -m rig provision
 
 lint: venv
-	$(BIN)/ruff check ari_push tests rig bench
+	$(BIN)/ruff check ari_push tests rig bench examples
 
 types: venv
 	$(BIN)/mypy ari_push

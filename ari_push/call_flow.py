@@ -281,6 +281,7 @@ class CallFlow:
         self.registered: set[str] = set()  # devices that registered during this call
         self.call_results: dict[str, PushResult] = {}  # device -> its call push's result
         self.noticed: set[str] = set()  # devices handed an end notice
+        self.stale_pending: dict[str, str] = {}  # device -> its old UDP contact, to ring after the delay
 
     # ---------------------------------------------------------------- plumbing
 
@@ -351,19 +352,21 @@ class CallFlow:
 
     async def _start(self) -> None:
         """Push first: one store round trip, then the push; everything else beside it."""
-        plan = asyncio.ensure_future(self.planner.call_push(self.target, self.call_id))
+        # The store read comes first and alone (one round trip, ~0.2 ms), then the push task is
+        # made before the ringback and the contact read, so its request is the first written:
+        # their ARI requests cost CPU that would otherwise delay the store's answer and the push.
+        try:
+            plans = await self.planner.call_push(self.target, self.call_id)
+        except StoreUnavailable as exc:
+            log.warning("call %s: binding store unavailable (%s); ringing live contacts and reading the "
+                        "store again until it answers", self.call_id, exc)
+            self.store_ok, plans = False, []
+            self._retry_task = asyncio.ensure_future(self._read_store_again())
+        if plans:
+            self._push(plans)
         contacts = asyncio.ensure_future(self._contacts())
         ringback = asyncio.ensure_future(self._ringback())
         try:
-            try:
-                plans = await plan
-            except StoreUnavailable as exc:
-                log.warning("call %s: binding store unavailable (%s); ringing live contacts and reading the "
-                            "store again until it answers", self.call_id, exc)
-                self.store_ok, plans = False, []
-                self._retry_task = asyncio.ensure_future(self._read_store_again())
-            if plans:
-                self._push(plans)
             live = await contacts
             if live is None:
                 log.info("call %s: %s is not a known AOR", self.call_id, self.target)
@@ -430,6 +433,7 @@ class CallFlow:
         now: list[tuple[str, str]] = []
         for uri, device in devices:
             if device and device in pushed and not self._ring_at_once(uri, device):
+                self.stale_pending[device] = uri
                 self._after(self.settings.stale_ring_delay, RingStale(uri, device))
             else:
                 now.append((uri, device))
@@ -455,6 +459,8 @@ class CallFlow:
         snapshot = self.dropped.pop(device, None)
         if snapshot is None or device in self.registered or device in self.noticed:
             return
+        if any(r.outcome is PushOutcome.TOKEN_DEAD for r in (self.call_results.get(device),) if r is not None):
+            return  # its binding was dropped: putting the contact back would capture the dead token again
         if snapshot.expires_at and snapshot.expires_at <= time.time():
             return  # it would have expired by now anyway
         if await self._quietly(self.pbx.restore_contact(snapshot), "restore contact"):
@@ -470,7 +476,7 @@ class CallFlow:
         task.add_done_callback(self._timers.discard)
 
     async def _on_ring_stale(self, event: RingStale) -> None:
-        if event.device_id not in self.registered:
+        if self.stale_pending.pop(event.device_id, None) is not None and event.device_id not in self.registered:
             await self._originate(event.uri, event.device_id, awake=False)
 
     async def _push_call(self, plans: Sequence[PlannedPush]) -> None:
@@ -491,6 +497,7 @@ class CallFlow:
     async def _registered(self, reg: Registration, from_gap: bool) -> None:
         if reg.device_id:
             self.registered.add(reg.device_id)
+            self.stale_pending.pop(reg.device_id, None)
         action, leg = self.book.on_registration(reg, from_gap)
         if action is LegAction.IGNORE:
             return
@@ -528,7 +535,13 @@ class CallFlow:
 
     async def _on_pushes_done(self, event: PushesDone) -> None:
         self._push_task = None
-        if not any(r.outcome is PushOutcome.DELIVERED for r in event.results.values()) and not self.book.legs:
+        for device, result in event.results.items():
+            if result.outcome is not PushOutcome.DELIVERED and device in self.stale_pending:
+                # No push reached it: its old contact is the only way, and there is no
+                # re-REGISTER to wait for.
+                await self._originate(self.stale_pending.pop(device), device, awake=False)
+        if (not any(r.outcome is PushOutcome.DELIVERED for r in event.results.values()) and not self.book.legs
+                and not self.stale_pending):
             log.info("call %s: no push was delivered and nothing rings", self.call_id)
             self.end(Status.PUSH_FAILED)
 

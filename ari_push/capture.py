@@ -59,6 +59,8 @@ class Capture:
         self.queues: list[asyncio.Queue[AmiMessage]] = [asyncio.Queue(QUEUE_LIMIT) for _ in range(WORKERS)]
         self.dropped = 0
         self.resync_needed = False
+        #: Says which provider table serves a binding (push/routing.py); set once providers exist.
+        self.explain: Callable[[Binding], str] | None = None
 
     # ---------------------------------------------------------------- feeds
 
@@ -174,8 +176,9 @@ class Capture:
             self.metrics.devices_evicted.inc(len(evicted))
             log.info("%s has more than %d devices: dropped the least recently seen (%s)", aor,
                      self.policy.max_devices_per_aor, ", ".join(evicted[:5]) + (" ..." if len(evicted) > 5 else ""))
-        log.info("captured %s device %s of %s (token %s)", push.provider, binding.device_id, aor,
-                 mask_token(push.provider, push.token))
+        route = f", {self.explain(binding)}" if self.explain is not None else ""
+        log.info("captured %s device %s of %s (token %s)%s", push.provider, binding.device_id, aor,
+                 mask_token(push.provider, push.token), route)
         return binding
 
     async def _chan_sip(self, msg: AmiMessage) -> Binding | None:

@@ -20,6 +20,7 @@ under ``SIP/Registry/<peer>``.
 
 from __future__ import annotations
 
+import base64
 import functools
 import ipaddress
 import re
@@ -61,6 +62,8 @@ DEFAULT_MAX_TOKEN_LENGTH: tuple[tuple[str, int], ...] = (
     ("fcm", 400),
     ("webpush", 480),
     ("vendor", 480),
+    ("hms", 256),
+    ("hmos", 256),
     ("*", 256),
 )
 
@@ -88,14 +91,16 @@ REASONS: frozenset[str] = frozenset({
     "service-mismatch", "token-alphabet", "param-alphabet", "option-alphabet",
     "vendor-disabled", "vendor-scheme", "vendor-userinfo", "vendor-url", "vendor-host-not-allowed",
     "webpush-disabled", "webpush-scheme", "webpush-userinfo", "webpush-url",
-    "webpush-host-not-allowed", "bad-registry", "internal-error",
+    "webpush-host-not-allowed", "webpush-keys", "bad-registry", "internal-error",
 })
 
-_BUILTIN_PROVIDERS = ("apns", "fcm", "webpush")
+_BUILTIN_PROVIDERS = ("apns", "fcm", "webpush", "hms", "hmos")
 _RFC_NAMES = frozenset({"pn-provider", "pn-prid", "pn-param"})
+#: Web Push subscription keys (RFC 8291), named as in a PushSubscription's ``keys`` object.
+_WEBPUSH_KEY_NAMES = ("pn-p256dh", "pn-auth")
 _LEGACY_NAMES = frozenset({"pn-type", "pn-tok", "app-id"})
 _VENDOR_NAME = "x-push-uri"
-_PUSH_NAMES = _RFC_NAMES | _LEGACY_NAMES | OPTION_NAMES | {"pn-purr", _VENDOR_NAME}
+_PUSH_NAMES = _RFC_NAMES | _LEGACY_NAMES | OPTION_NAMES | {"pn-purr", _VENDOR_NAME, *_WEBPUSH_KEY_NAMES}
 _LEGACY_TYPES = {"apple": "apns", "google": "fcm", "firebase": "fcm", "android": "fcm"}
 _APNS_SERVICES = ("voip", "remote")
 
@@ -121,6 +126,12 @@ _URI_HOST = re.compile(r"[A-Za-z0-9._-]+", re.ASCII)
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?", re.ASCII)
 _URL = re.compile(r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]+", re.ASCII)
 _DIGITS = re.compile(r"[0-9]{1,10}", re.ASCII)
+#: Huawei push tokens (HMS Core and HarmonyOS): base64/base64url text, 32-256 characters.
+_HUAWEI_TOKEN = re.compile(r"[A-Za-z0-9_.+/=-]{32,256}", re.ASCII)
+#: Huawei app ids (HMS Core) and project ids (HarmonyOS) are decimal numbers.
+_HUAWEI_ID = re.compile(r"[0-9]{1,24}", re.ASCII)
+_B64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}", re.ASCII)
+HUAWEI_TOKEN_MIN = 32
 _HEXDIGITS = frozenset("0123456789abcdefABCDEF")
 # Printable ASCII except the characters that cannot appear in a SIP URI unescaped.
 _URI_FORBIDDEN = frozenset('<>"{}|\\^`')
@@ -388,6 +399,41 @@ def _fcm_token(token: str, field: str, policy: ContactPolicy) -> str:
     return token
 
 
+def _huawei_token(token: str, field: str, provider: str, policy: ContactPolicy) -> str:
+    limit = policy.token_limit(provider)
+    if len(token) > limit:
+        raise ContactRejected("too-long", field, f"{_shown(token)} exceeds {limit}")
+    if len(token) < HUAWEI_TOKEN_MIN or not _HUAWEI_TOKEN.fullmatch(token):
+        raise ContactRejected("token-alphabet", field, f"{_shown(token)} is not a Huawei push token")
+    return token
+
+
+def b64url_decode(value: str) -> bytes:
+    """base64url with or without padding (callers check the alphabet first)."""
+    bare = value.rstrip("=")
+    return base64.urlsafe_b64decode(bare + "=" * (-len(bare) % 4))
+
+
+def _webpush_keys(found: dict[str, str | None]) -> tuple[tuple[str, str], ...]:
+    """``pn-p256dh`` (the subscription's P-256 public key, 65 bytes uncompressed) and ``pn-auth``
+    (its 16-byte auth secret), base64url: both or neither. Checked for shape here; the key is
+    checked to be on the curve by the provider."""
+    p256dh, auth = (_value(found, name) for name in _WEBPUSH_KEY_NAMES)
+    if p256dh is None and auth is None:
+        return ()
+    if not p256dh or not auth:
+        raise ContactRejected("webpush-keys", "pn-p256dh" if not p256dh else "pn-auth",
+                              "pn-p256dh and pn-auth come together")
+    for name, value, size in (("pn-p256dh", p256dh, 65), ("pn-auth", auth, 16)):
+        if len(value) > 100 or not _B64URL.fullmatch(value):
+            raise ContactRejected("webpush-keys", name, f"{_shown(value)} is not base64url")
+        if len(b64url_decode(value)) != size:
+            raise ContactRejected("webpush-keys", name, f"does not decode to {size} bytes")
+    if b64url_decode(p256dh)[0] != 4:
+        raise ContactRejected("webpush-keys", "pn-p256dh", "is not an uncompressed P-256 point")
+    return (("p256dh", p256dh.rstrip("=")), ("auth", auth.rstrip("=")))
+
+
 def _generic_token(token: str, field: str, provider: str, policy: ContactPolicy) -> str:
     limit = policy.token_limit(provider)
     if len(token) > limit:
@@ -554,7 +600,14 @@ def _rfc8599(found: dict[str, str | None], policy: ContactPolicy) -> PushParams:
         url = _push_url(prid, kind="webpush", field="pn-prid", schemes=("https",),
                         allowed=policy.webpush_allowed_hosts, limit=policy.token_limit("webpush"),
                         ip_literals=False)
-        return PushParams(provider="webpush", token=url)
+        return PushParams(provider="webpush", token=url, extra_tokens=_webpush_keys(found))
+    if provider in ("hms", "hmos"):
+        what = "the HMS Core app id" if provider == "hms" else "the HarmonyOS project id"
+        if not param:
+            raise ContactRejected("missing-param", "pn-param", f"{provider} needs {what}")
+        if not _HUAWEI_ID.fullmatch(param):
+            raise ContactRejected("param-alphabet", "pn-param", f"{_shown(param)} is not {what} (digits)")
+        return PushParams(provider=provider, token=_huawei_token(prid, "pn-prid", provider, policy), param=param)
     return PushParams(
         provider=provider,
         token=_generic_token(prid, "pn-prid", provider, policy),
@@ -706,6 +759,10 @@ def _parse(uri: str, policy: ContactPolicy) -> PushParams | None:
     else:
         field = "pn-purr" if "pn-purr" in found else min(found)
         raise ContactRejected("missing-provider", field, "push options without pn-provider, pn-type or X-PUSH-URI")
+    if push.provider != "webpush":
+        for name in _WEBPUSH_KEY_NAMES:
+            if name in found:
+                raise ContactRejected("param-not-allowed", name, "only webpush contacts carry subscription keys")
     return replace(push, purr=_purr(found), options=_options(found, policy))
 
 

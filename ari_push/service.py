@@ -38,6 +38,7 @@ from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
 from ari_push.push.fanout import Fanout
 from ari_push.push.plan import MemoryPushPlanner, PushPlanner, RedisPushPlanner
+from ari_push.push.routing import Router
 from ari_push.redis_keys import Keys
 from ari_push.settings import RedisSettings, Settings
 from ari_push.wakeups import RedisWakeups, WakeupHub
@@ -119,6 +120,7 @@ class Daemon:
         self.policy = ContactPolicy.from_settings(settings.capture)
         self.capture = Capture(self.store, self.wakeups, self.policy, self.ami, self.metrics, self.node_id)
         self.providers: list[PushProvider] = build_providers(settings)
+        self.capture.explain = Router(settings, self.providers).explain  # the capture log names the table
         # The rate limit of CALL pushes is taken by the planner, in the same round trip as the
         # bindings; the dispatcher only applies its verdicts.
         self.dispatcher = PushDispatcher(self.providers, on_token_dead=self._on_token_dead,

@@ -11,7 +11,7 @@ import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -20,10 +20,11 @@ from ari_push.model import mask
 from ari_push.netaddr import parse_host_rule
 
 ENV_PREFIX = "ARI_PUSH_"
-KNOWN_PROVIDERS = ("apns", "fcm", "vendor", "webpush")
+KNOWN_PROVIDERS = ("apns", "fcm", "vendor", "webpush", "hms", "hmos")
 #: Keys whose values are secrets: an error about them never shows the value, and an environment
 #: override of them is always taken as text (``ARI_PUSH_ARI__PASSWORD=12345678`` is a string).
-SECRET_KEYS = frozenset({"password", "secret", "sentinel_password", "key", "service_account"})
+SECRET_KEYS = frozenset({"password", "secret", "sentinel_password", "key", "service_account", "client_secret",
+                         "vapid_key"})
 
 
 class SettingsError(ValueError):
@@ -188,6 +189,59 @@ class FcmProject:
     api_url: str = "https://fcm.googleapis.com"
     ca_file: str = ""
     timeout: float = 5.0
+    sender_id: str = ""  # the project number: legacy Linphone contacts send it as app-id
+
+
+@dataclass(frozen=True)
+class HmsApp:
+    """One HMS Core (Android) app: Push Kit v1 with an OAuth 2.0 client-credentials token.
+    ``client_id`` is the app's OAuth client id (AppGallery Connect shows it beside the app id;
+    for most apps they are the same number)."""
+
+    app_id: str
+    client_id: str = ""
+    client_secret: Secret = Secret("")
+    token_url: str = "https://oauth-login.cloud.huawei.com/oauth2/v3/token"
+    api_url: str = "https://push-api.cloud.huawei.com"
+    ca_file: str = ""
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class HmosProject:
+    """One HarmonyOS (Push Kit v3) project: a service-account key signs the JWT every request
+    carries. ``call_push_type`` 10 is Huawei's in-app call message (needs Huawei's approval);
+    6 (background) is the fallback for apps without it."""
+
+    project_id: str
+    service_account: Secret = Secret("")  # JSON text of the service-account key file
+    api_url: str = "https://push-api.cloud.huawei.com"
+    ca_file: str = ""
+    timeout: float = 5.0
+    call_push_type: int = 10
+    jwt_lifetime: float = 3600.0
+
+
+@dataclass(frozen=True)
+class WebPushSettings:
+    """Web Push (RFC 8030) with VAPID (RFC 8292): ``vapid_key`` is the application server's
+    P-256 private key (PEM, or the 32-byte scalar base64url as web-push tools print it)."""
+
+    vapid_key: Secret = Secret("")
+    subject: str = ""  # mailto: or https: contact for the push service operator
+    jwt_lifetime: float = 43200.0  # 12 h; RFC 8292 allows at most 24 h
+    timeout: float = 5.0
+    ca_file: str = ""
+    max_payload: int = 4096  # bytes on the wire, encrypted; RFC 8030 services accept at least this
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """One ``[[plugin]]`` table after its plug-in validated it (docs/providers.md, plug-ins)."""
+
+    name: str
+    provider_names: tuple[str, ...]
+    config: Any = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -227,6 +281,10 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     apns: tuple[ApnsApp, ...] = ()
     fcm: tuple[FcmProject, ...] = ()
+    hms: tuple[HmsApp, ...] = ()
+    hmos: tuple[HmosProject, ...] = ()
+    webpush: WebPushSettings = field(default_factory=lambda: WebPushSettings())
+    plugins: tuple[PluginConfig, ...] = ()
     vendor: VendorSettings = field(default_factory=VendorSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     node_id: str = ""
@@ -548,8 +606,11 @@ def _fcm(data: Mapping[str, Any], where: str, base: Path | None, plain_http: boo
         api_url=_provider_url(s, "api_url", FcmProject.api_url, plain_http),
         ca_file=s.file("ca_file"),
         timeout=s.positive("timeout", FcmProject.timeout),
+        sender_id=s.text("sender_id"),
     )
     s.done()
+    if proj.sender_id and not (proj.sender_id.isascii() and proj.sender_id.isdigit() and len(proj.sender_id) <= 20):
+        raise SettingsError(s.key("sender_id"), f"is the project number (digits), got {proj.sender_id!r}")
     return proj
 
 
@@ -561,6 +622,95 @@ def _host_rules(s: _Section, name: str) -> tuple[str, ...]:
             out.append(str(parse_host_rule(entry)))
         except ValueError as exc:
             raise SettingsError(s.key(name), str(exc)) from None
+    return tuple(out)
+
+
+def _digits(s: _Section, name: str, what: str) -> str:
+    value = s._get(name, lambda v: isinstance(v, str | int) and not isinstance(v, bool), "a string of digits", "")
+    value = str(value)
+    if not value:
+        raise SettingsError(s.key(name), f"is required ({what})")
+    if not (value.isascii() and value.isdigit() and len(value) <= 24):
+        raise SettingsError(s.key(name), f"must be {what}: digits only, got {value!r}")
+    return value
+
+
+def _hms(data: Mapping[str, Any], where: str, base: Path | None) -> HmsApp:
+    s = _Section(data, where, base)
+    app_id = _digits(s, "app_id", "the app id from AppGallery Connect")
+    app = HmsApp(
+        app_id=app_id,
+        client_id=str(s._get("client_id", lambda v: isinstance(v, str | int) and not isinstance(v, bool),
+                              "a string", app_id)),
+        client_secret=s.secret("client_secret", required=True),
+        token_url=s.url("token_url", HmsApp.token_url, ("https",)),
+        api_url=s.url("api_url", HmsApp.api_url, ("https",)),
+        ca_file=s.file("ca_file"),
+        timeout=s.positive("timeout", HmsApp.timeout),
+    )
+    s.done()
+    return app
+
+
+def _hmos(data: Mapping[str, Any], where: str, base: Path | None) -> HmosProject:
+    s = _Section(data, where, base)
+    project_id = _digits(s, "project_id", "the project id from AppGallery Connect")
+    proj = HmosProject(
+        project_id=project_id,
+        service_account=s.secret("service_account", required=True),
+        api_url=s.url("api_url", HmosProject.api_url, ("https",)),
+        ca_file=s.file("ca_file"),
+        timeout=s.positive("timeout", HmosProject.timeout),
+        call_push_type=s._get("call_push_type", lambda v: v in (6, 10) and not isinstance(v, bool),
+                              "10 (in-app call) or 6 (background)", HmosProject.call_push_type),
+        jwt_lifetime=s.positive("jwt_lifetime", HmosProject.jwt_lifetime),
+    )
+    s.done()
+    if proj.jwt_lifetime > 3600:
+        raise SettingsError(s.key("jwt_lifetime"), "Huawei takes service-account JWTs valid for at most 3600 s")
+    return proj
+
+
+def _webpush(s: _Section) -> WebPushSettings:
+    wp = WebPushSettings(
+        vapid_key=s.secret("vapid_key"),
+        subject=s.text("subject"),
+        jwt_lifetime=s.positive("jwt_lifetime", WebPushSettings.jwt_lifetime),
+        timeout=s.positive("timeout", WebPushSettings.timeout),
+        ca_file=s.file("ca_file"),
+        max_payload=int(s.positive("max_payload", WebPushSettings.max_payload)),
+    )
+    s.done()
+    if wp.vapid_key and not wp.subject.startswith(("mailto:", "https://")):
+        raise SettingsError(s.key("subject"), "VAPID needs a contact: a mailto: or https: URI (RFC 8292 section 2.1)")
+    if wp.subject and not wp.vapid_key:
+        raise SettingsError(s.key("vapid_key"), "is required with subject (or vapid_key_file)")
+    if wp.jwt_lifetime > 86400:
+        raise SettingsError(s.key("jwt_lifetime"), "RFC 8292 caps the VAPID JWT at 24 hours (86400 s)")
+    if not 128 <= wp.max_payload <= 4096:
+        raise SettingsError(s.key("max_payload"), "must be 128-4096 bytes (RFC 8030 guarantees 4096)")
+    return wp
+
+
+def _plugins(raw: Any, base: Path | None) -> tuple[PluginConfig, ...]:
+    """Each ``[[plugin]]`` names an installed plug-in (entry point group ``ari_push.providers``)
+    that validates the rest of its table."""
+    if not isinstance(raw, list):
+        raise SettingsError("plugin", "must be an array of tables ([[plugin]])")
+    from ari_push.push.plugins import load_plugin  # plug-ins import settings: load them late
+
+    out: list[PluginConfig] = []
+    for i, table in enumerate(raw):
+        where = f"plugin[{i}]"
+        if not isinstance(table, Mapping):
+            raise SettingsError(where, "must be a table")
+        name = table.get("name")
+        if not isinstance(name, str) or not name:
+            raise SettingsError(f"{where}.name", "is required: the plug-in's entry-point name")
+        plugin = load_plugin(name, f"{where}.name")
+        rest = {k: v for k, v in table.items() if k != "name"}
+        config = plugin.configure(rest, where, base)
+        out.append(PluginConfig(name=name, provider_names=tuple(plugin.provider_names), config=config))
     return tuple(out)
 
 
@@ -647,7 +797,7 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
     )
     log_s.done()
 
-    top.used.update({"apns", "fcm"})
+    top.used.update({"apns", "fcm", "hms", "hmos", "plugin"})
     apns_raw = raw.get("apns", [])
     fcm_raw = raw.get("fcm", [])
     if not isinstance(apns_raw, list):
@@ -665,6 +815,28 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
     projects = [p.project_id for p in fcm]
     if len(set(projects)) != len(projects):
         raise SettingsError("fcm", "the same project_id is configured twice")
+    senders = [p.sender_id for p in fcm if p.sender_id]
+    if len(set(senders)) != len(senders):
+        raise SettingsError("fcm", "the same sender_id is configured twice")
+    hms_raw, hmos_raw = raw.get("hms", []), raw.get("hmos", [])
+    if not isinstance(hms_raw, list):
+        raise SettingsError("hms", "must be an array of tables ([[hms]])")
+    if not isinstance(hmos_raw, list):
+        raise SettingsError("hmos", "must be an array of tables ([[hmos]])")
+    hms = tuple(_hms(h, f"hms[{i}]", base) for i, h in enumerate(hms_raw))
+    hmos = tuple(_hmos(h, f"hmos[{i}]", base) for i, h in enumerate(hmos_raw))
+    if len({a.app_id for a in hms}) != len(hms):
+        raise SettingsError("hms", "the same app_id is configured twice")
+    if len({p.project_id for p in hmos}) != len(hmos):
+        raise SettingsError("hmos", "the same project_id is configured twice")
+    webpush = _webpush(_Section(top.table("webpush"), "webpush", base))
+    plugins = _plugins(raw.get("plugin", []), base)
+    plugin_names = [n for p in plugins for n in p.provider_names]
+    for name in plugin_names:
+        if name in KNOWN_PROVIDERS or plugin_names.count(name) > 1:
+            raise SettingsError("plugin", f"provider name {name!r} is built in or served by two plug-ins")
+    if plugin_names:  # the contact parser accepts what a plug-in serves
+        cap = replace(cap, extra_providers=tuple(dict.fromkeys((*cap.extra_providers, *plugin_names))))
 
     ven_s = _Section(top.table("vendor"), "vendor", base)
     vendor = VendorSettings(
@@ -713,7 +885,7 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
 
     settings = Settings(
         ari=ari, ami=ami, redis=red, capture=cap, calls=calls, push=push, cluster=cluster, http=http, log=log,
-        apns=apns, fcm=fcm, vendor=vendor, webhook=hook,
+        apns=apns, fcm=fcm, hms=hms, hmos=hmos, webpush=webpush, plugins=plugins, vendor=vendor, webhook=hook,
         node_id=top.text("node_id"),
         shutdown_timeout=top.positive("shutdown_timeout", Settings.shutdown_timeout),
     )
@@ -781,4 +953,6 @@ def to_display(obj: Any) -> Any:
         return {f.name: to_display(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, tuple):
         return [to_display(x) for x in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): to_display(v) for k, v in obj.items()}
     return obj

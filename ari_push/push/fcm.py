@@ -135,7 +135,9 @@ class FcmProvider:
         push = binding.push
         if push.provider != "fcm":
             return False
-        return push.param == self.project.project_id or (not push.param and self.default)
+        # Legacy Linphone contacts name the sender id (the project number) in app-id.
+        sender = self.project.sender_id
+        return push.param in (self.project.project_id, sender or None) or (not push.param and self.default)
 
     async def warm(self) -> None:
         self._http.get()

@@ -618,6 +618,7 @@ def test_every_reason_but_the_registry_ones_is_exercised_here() -> None:
         "token-alphabet", "param-alphabet", "option-alphabet", "vendor-disabled", "vendor-scheme",
         "vendor-userinfo", "vendor-url", "vendor-host-not-allowed", "webpush-disabled", "webpush-scheme",
         "webpush-userinfo", "webpush-url", "webpush-host-not-allowed",
+        "webpush-keys",  # exercised in test_contacts_huawei_webpush.py
     }
     assert REASONS - exercised == {"bad-registry", "internal-error"}
 
