@@ -63,10 +63,15 @@ def linphonerc(user: str, server_port: int, transport: str, sip_port: int, param
         "sip_tls_port=0",
         "default_proxy=0",
         "ipv6=0",
+        # UDP: its SIP socket on loopback only (default: every address). Not over TCP: with a bind
+        # address liblinphone registers twice there, from the connection's port and then from the
+        # listener's, and leaves two contacts in Asterisk (measured)
+        *(["bind_address=127.0.0.1"] if transport == "udp" else []),
         "register_only_when_network_is_up=0",
         "[net]",
         "firewall_policy=0",
         "[rtp]",
+        "bind_address=127.0.0.1",
         "audio_rtp_port=-1",
         "video_rtp_port=-1",
         "[video]",

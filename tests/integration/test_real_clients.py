@@ -196,7 +196,9 @@ async def test_killed_client_is_pushed_restarts_on_a_new_port_and_answers(
         assert rig.inbox.kinds(token) == ["call"]  # answered: no cancel push to the device that took it
     finally:
         caller.close()
-    (fresh,) = await registered_contacts(rig.asterisk, aor)  # the woken process's, the killed one's gone
+    contacts = await registered_contacts(rig.asterisk, aor)
+    assert len(contacts) == 1, contacts
+    (fresh,) = contacts  # the woken process's; the killed one's is gone
     assert contact_port(fresh) == contact_port(incoming["uri"])
     await phone.quit()
     assert await registered_contacts(rig.asterisk, aor) == []  # a polite exit un-registers (a kill does not)
