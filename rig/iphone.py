@@ -144,7 +144,9 @@ class IPhone:
         out = []
         for call in self.calls.values():
             start = call.woke_at or call.reported_at
-            if (not call.ended_how and now - start >= self.learn_within) or (call.ended_how and call.ended_at - start > self.learn_within):
+            never = not call.ended_how and now - start >= self.learn_within
+            late = bool(call.ended_how) and call.ended_at - start > self.learn_within
+            if never or late:
                 out.append(call.call_id)
         return out
 
