@@ -43,7 +43,8 @@ async def start(tmp_path: Path, asterisk: AsteriskInstance, p: Pushes, redis_url
     assert p.fcm is not None
     if config is None:
         text = ("[refresh]\nenabled = false\n[mwi]\nenabled = false\n[messages]\npoll = 0.2\n" + extra +
-                f'[[fcm]]\nproject_id = "{PROJECT}"\nservice_account_file = "{p.service_account}"\n'
+                '[push]\nallow_plain_http = true\n'  # the local FCM of this test speaks plain http
+            f'[[fcm]]\nproject_id = "{PROJECT}"\nservice_account_file = "{p.service_account}"\n'
                 f'api_url = "{p.fcm.url}"\n')
         config = daemon_config(tmp_path, asterisk, redis_url, text)
     if not asterisk.running:

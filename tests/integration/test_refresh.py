@@ -53,6 +53,7 @@ def refresh_config(tmp_path: Path, asterisk: AsteriskInstance, pushes: Pushes, r
                    extra: str = "", name: str = "ari-push.toml") -> Path:
     assert pushes.fcm is not None
     text = ("[refresh]\nmin_interval = 2\ngrace = 1\ntick = 0.2\n" + extra +
+            '[push]\nallow_plain_http = true\n'  # the local FCM of this test speaks plain http
             f'[[fcm]]\nproject_id = "{PROJECT}"\nservice_account_file = "{pushes.service_account}"\n'
             f'api_url = "{pushes.fcm.url}"\n')
     sub = tmp_path / name.removesuffix(".toml")
