@@ -167,7 +167,7 @@ class Capture:
             binding = await self.store.upsert(binding)
         except StoreUnavailable as exc:
             self.metrics.store_errors.inc()
-            log.warning("could not store the binding of %s: %s", aor, exc)
+            log.warning("could not store the binding of %s (kept; written when the store is back): %s", aor, exc)
             return binding
         self.metrics.registrations.labels(push.dialect.value).inc()
         log.info("captured %s device %s of %s (token %s)", push.provider, binding.device_id, aor, mask(push.token))

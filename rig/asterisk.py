@@ -156,10 +156,12 @@ class AsteriskInstance:
 
     def __init__(self, root: Path, name: str, ports: Ports, app_names: tuple[str, ...] = ("ari-push",),
                  extra_dialplan: str = "", extra_pjsip: str = "",
-                 rtp_ports: tuple[int, int] | None = None) -> None:
+                 rtp_ports: tuple[int, int] | None = None, extra_conf: dict[str, str] | None = None) -> None:
         """``extra_dialplan`` is appended to extensions.conf and ``extra_pjsip`` to pjsip_local.conf
         (the demo and the benchmark add their contexts and AORs there); ``rtp_ports`` widens the
-        RTP range beyond the instance's 999 ports (the capacity benchmark needs thousands)."""
+        RTP range beyond the instance's 999 ports (the capacity benchmark needs thousands);
+        ``extra_conf`` maps a file name to text appended to that file (created when the sample
+        has none), e.g. the ARI outbound websocket of asterisk-conf/outbound/."""
         self.root = root
         self.name = name if rig_slot() == 0 else f"{name}-s{rig_slot()}"
         self.ports = ports
@@ -167,6 +169,7 @@ class AsteriskInstance:
         self.extra_dialplan = extra_dialplan
         self.extra_pjsip = extra_pjsip
         self.rtp_ports = rtp_ports or (ports.rtp_start, ports.rtp_end)
+        self.extra_conf = dict(extra_conf or {})
         self.etc = f"/etc/asterisk-{self.name}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -210,6 +213,9 @@ class AsteriskInstance:
         )
         (etc / "musiconhold.conf").write_text("[general]\n[default]\nmode=files\ndirectory=moh\n")
         (etc / "pjsip_local.conf").write_text(self._test_endpoints())
+        for name, text in self.extra_conf.items():
+            path = etc / name
+            path.write_text((path.read_text() + "\n" if path.exists() else "") + text)
 
     def _asterisk_conf(self) -> str:
         n = self.name
