@@ -100,6 +100,7 @@ class BindingCache:
         if self.clock() - entry.at > self.max_age:
             del self._entries[aor]
             return None
+        self._entries.move_to_end(aor)  # recently used
         return entry
 
     def age(self, entry: CachedEntry) -> float:
