@@ -401,3 +401,18 @@ entityid = 02:fc:00:00:{self.ports.sip // 256 % 256:02x}:{self.ports.sip % 256:0
         if redis_url:
             lines += ["[redis]", f'url = "{redis_url}"']
         return "\n".join(lines) + "\n"
+
+
+def outbound_conf(ws_port: int, password: str, bound: int | None = None) -> dict[str, str]:
+    """``extra_conf`` for an instance in ARI outbound websocket mode: asterisk-conf/outbound/ as
+    documented, pointed at ari-push's port and password; ``bound`` overrides ARI_PUSH_BOUND.
+    The caller (2000, from-internal) reaches the outbound context by dialling o<aor>."""
+    folder = SAMPLE_CONF / "outbound"
+    wsc = (folder / "websocket_client.conf").read_text()
+    wsc = wsc.replace("ws://127.0.0.1:8765/ari", f"ws://127.0.0.1:{ws_port}/ari")
+    wsc = wsc.replace("password = change-me-outbound", f"password = {password}")
+    dialplan = (folder / "extensions.conf").read_text()
+    if bound is not None:
+        dialplan += f"\n[globals]\nARI_PUSH_BOUND={bound}\n"
+    dialplan += "\n[from-internal]\nexten => _oX.,1,Goto(ari-push-outbound,${EXTEN:1},1)\n"
+    return {"websocket_client.conf": wsc, "ari.conf": (folder / "ari.conf").read_text(), "extensions.conf": dialplan}

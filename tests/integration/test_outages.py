@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from ari_push.bindings import StoreUnavailable
-from rig.asterisk import REPO, SAMPLE_CONF, AsteriskInstance, Ports
+from rig.asterisk import REPO, AsteriskInstance, Ports, outbound_conf
 from rig.redis import RedisServer, free_port
 from rig.sipua import SipUA
 from tests.conftest import daemon_config, wait_for
@@ -128,20 +128,6 @@ def daemon_procs() -> Iterator[list[DaemonProc]]:
         p.stop()
 
 
-def outbound_conf(ws_port: int) -> dict[str, str]:
-    """asterisk-conf/outbound/ as documented, pointed at the test daemon's port and password."""
-    folder = SAMPLE_CONF / "outbound"
-    wsc = (folder / "websocket_client.conf").read_text()
-    wsc = wsc.replace("ws://127.0.0.1:8765/ari", f"ws://127.0.0.1:{ws_port}/ari")
-    wsc = wsc.replace("password = change-me-outbound", f"password = {OUTBOUND_PASSWORD}")
-    dialplan = (folder / "extensions.conf").read_text()
-    # the caller (2000, from-internal) reaches the outbound context by dialling o<aor>
-    dialplan += (f"\n[globals]\nARI_PUSH_BOUND={BOUND}\n"
-                 "[from-internal]\nexten => _oX.,1,Goto(ari-push-outbound,${EXTEN:1},1)\n")
-    return {"websocket_client.conf": wsc, "ari.conf": (folder / "ari.conf").read_text(),
-            "extensions.conf": dialplan}
-
-
 @pytest.fixture(scope="module")
 def outbound_ws_port() -> int:
     return free_port()
@@ -149,7 +135,8 @@ def outbound_ws_port() -> int:
 
 @pytest.fixture(scope="module")
 def outbound_asterisk(asterisk_root: Path, outbound_ws_port: int) -> Iterator[AsteriskInstance]:
-    inst = AsteriskInstance(asterisk_root, "t3", Ports.for_index(3), extra_conf=outbound_conf(outbound_ws_port))
+    inst = AsteriskInstance(asterisk_root, "t3", Ports.for_index(3),
+                            extra_conf=outbound_conf(outbound_ws_port, OUTBOUND_PASSWORD, BOUND))
     inst.write_config()
     inst.start()
     yield inst
