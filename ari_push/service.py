@@ -288,7 +288,6 @@ class Daemon:
                     await stop.wait()
 
 
-
 async def _first_up(links: Sequence[LinkState], stop: asyncio.Event) -> None:
     """Wait until a link that is down comes up (or ``stop``), then return (the caller re-checks)."""
     waits = [asyncio.ensure_future(link.up_event.wait()) for link in links if not link.up]

@@ -1,6 +1,7 @@
 """The outage soak of issue 18: one daemon under systemd-style restarts, sleeping phones, calls all
 the time, and a fault every ``--fault-every`` seconds alternating a SIGKILL of the daemon
-(restarted ``--restart-after`` s later, as systemd's RestartSec) and a Redis restart.
+(restarted ``--restart-after`` s later, as systemd's RestartSec) and a Redis restart (down
+``--redis-down`` s, 1 by default).
 
     ARI_PUSH_RIG_SLOT=N .venv/bin/python bench/outage_soak.py [--mode outbound|inbound] [--seconds 300]
 
