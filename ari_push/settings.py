@@ -646,7 +646,7 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]
     """``ARI_PUSH_ARI__PASSWORD=x`` sets ``[ari] password``; ``__`` separates levels."""
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for name, value in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or name in ("ARI_PUSH_CONFIG", "ARI_PUSH_CACHE"):
+        if not name.startswith(ENV_PREFIX) or name in ("ARI_PUSH_CONFIG", "ARI_PUSH_CACHE", "ARI_PUSH_RIG_SLOT"):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         if any(not p for p in path) or len(path) > 2:

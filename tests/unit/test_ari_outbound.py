@@ -136,6 +136,12 @@ def test_outbound_settings_load_and_are_validated(tmp_path: Path) -> None:
     assert err.value.key == "redis.cache_max_age"
 
 
+def test_the_rig_slot_variable_is_not_a_setting(tmp_path: Path) -> None:
+    path = tmp_path / "ari-push.toml"
+    path.write_text(GOOD)
+    assert load(path, environ={"ARI_PUSH_RIG_SLOT": "6"}).ari.connection == "inbound"
+
+
 def test_sd_notify_sends_to_a_path_and_an_abstract_socket(tmp_path: Path) -> None:
     path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
