@@ -14,9 +14,10 @@ How stale it may be, and why that is safe:
   process (the tokens CLI, another daemon) since the last read: a device forgotten there may
   get one more call push, a token refreshed elsewhere is pushed with the previous token. Both
   are harmless for one call: a dead token is refused by the push service (and dropped once the
-  store is back), and a device that registers wakes the call whatever token was pushed. What
-  the cache never does is invent a device, or hide one the store knows (the store wins as
-  soon as it answers).
+  store is back), and a device that registers wakes the call whatever token was pushed. A
+  device only another daemon has seen is missing: a call planned from the cache does not push
+  it (it still rings if awake). The cache never invents a device, and the next read from the
+  store replaces the entry.
 
 ``CachedStore`` also queues the bindings captured while the store is down (at most
 ``max_pending``, newest kept) and writes them when it answers again (``flush``, called by the
