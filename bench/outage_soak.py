@@ -9,7 +9,7 @@ the time, and a fault every ``--fault-every`` seconds alternating a SIGKILL of t
 free one; the push wakes it after 0.2-3 s, it registers from a new port, answers, hangs up
 after 0.5 s and sleeps again. A call is lost when its caller gets no 200. At the end: channels
 left on Asterisk, bindings per phone in Redis, and the daemon's restart-to-READY times (from
-the NOTIFY_SOCKET this script listens on, as systemd would). Asterisk instance 8 of the slot,
+the NOTIFY_SOCKET this script listens on, as systemd would). Asterisk instance 4 of the slot,
 its own Redis and workdir: it runs beside the tests. Not part of the test suite.
 """
 
@@ -90,7 +90,7 @@ async def main(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="ari-push-soak-"))
     ws_port = free_port()
     extra = outbound_conf(ws_port, PASSWORD) if args.mode == "outbound" else {}
-    ast = AsteriskInstance(root, "soak", Ports.for_index(8), extra_conf=extra)
+    ast = AsteriskInstance(root, "soak", Ports.for_index(4), extra_conf=extra)
     redis = RedisServer()
     notify_path = work / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
