@@ -171,7 +171,7 @@ class Capture:
             binding, evicted = await self.store.upsert_capped(binding, self.policy.max_devices_per_aor)
         except StoreUnavailable as exc:
             self.metrics.store_errors.inc()
-            log.warning("could not store the binding of %s: %s", aor, exc)
+            log.warning("could not store the binding of %s (kept; written when the store is back): %s", aor, exc)
             return binding
         self.metrics.registrations.labels(push.dialect.value).inc()
         if evicted:

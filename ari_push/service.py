@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -22,11 +23,14 @@ from redis.backoff import ExponentialWithJitterBackoff
 from ari_push.ami import AmiClient
 from ari_push.ami_frames import AmiMessage
 from ari_push.ari import AriClient
+from ari_push.ari_outbound import AriOutboundServer, lift_bound
 from ari_push.asterisk_pbx import AsteriskPbx
+from ari_push.binding_cache import BindingCache, CachedPushPlanner, CachedStore
 from ari_push.bindings import BindingStore, MemoryStore, RedisStore, StoreUnavailable
-from ari_push.call_events import CallBroadcast, from_ari
+from ari_push.call_events import CallBroadcast, StasisStart, from_ari
 from ari_push.calls import CallManager
 from ari_push.capture import Capture
+from ari_push.channels import DIALED
 from ari_push.cluster import Cluster
 from ari_push.contacts import ContactPolicy
 from ari_push.health import HealthServer
@@ -44,6 +48,7 @@ from ari_push.push.routing import Router
 from ari_push.redis_keys import Keys
 from ari_push.refresh import AsteriskContacts, RefreshScheduler, build_refresh
 from ari_push.refresh_store import MemorySchedule, RedisSchedule
+from ari_push.sd_notify import notify
 from ari_push.settings import RedisSettings, Settings
 from ari_push.wakeups import RedisWakeups, WakeupHub
 
@@ -108,6 +113,8 @@ class Daemon:
         self.wakeups: WakeupHub
         self.keys = Keys(settings.redis.key_prefix)
         self.planner: PushPlanner
+        self.cache: BindingCache | None = None
+        self.redis_store: RedisStore | None = None
         if settings.redis.embedded:
             memory = MemoryStore()
             self.store = memory
@@ -115,14 +122,19 @@ class Daemon:
             self.planner = MemoryPushPlanner(memory, settings.push)
         else:
             self.redis = make_redis(settings.redis)
-            self.store = RedisStore(self.redis, self.keys, settings.capture.retention_days * 86400,
-                                    settings.redis.wait_replicas, settings.redis.wait_timeout)
+            self.redis_store = RedisStore(self.redis, self.keys, settings.capture.retention_days * 86400,
+                                          settings.redis.wait_replicas, settings.redis.wait_timeout)
+            # A Redis blink: calls are planned from what this daemon read or captured recently,
+            # captures are written when Redis is back (binding_cache.py).
+            self.cache = BindingCache(settings.redis.cache_max_age)
+            self.store = CachedStore(self.redis_store, self.cache, max_devices=settings.capture.max_devices_per_aor)
             self.wakeups = RedisWakeups(self.redis, self.keys, self.node_id)
-            self.planner = RedisPushPlanner(self.redis, self.keys, settings.push)
+            self.planner = CachedPushPlanner(RedisPushPlanner(self.redis, self.keys, settings.push), self.cache)
         # MessageWaiting is in AMI's "call" class: asked for only when voicemail pushes are on
         self.ami = AmiClient(settings.ami, on_event=self._on_ami_event, on_connect=self._on_ami_connect,
                              events="system,call" if settings.mwi.enabled else "system")
-        self.ari = AriClient(settings.ari, on_event=self._on_ari_event, on_connect=self._on_ari_connect)
+        ari_link = AriOutboundServer if settings.ari.connection == "outbound" else AriClient
+        self.ari = ari_link(settings.ari, on_event=self._on_ari_event, on_connect=self._on_ari_connect)
         self.policy = ContactPolicy.from_settings(settings.capture)
         self.capture = Capture(self.store, self.wakeups, self.policy, self.ami, self.metrics, self.node_id)
         self.providers: list[PushProvider] = build_providers(settings)
@@ -159,6 +171,8 @@ class Daemon:
         if self.messages is not None:
             self.health.routes += self.messages.routes()
         self.capture.on_binding = self._on_binding
+        self.created_at = time.monotonic()
+        self.ready_at: float | None = None
 
     # ---------------------------------------------------------------- wiring
 
@@ -185,6 +199,10 @@ class Daemon:
         event = from_ari(raw)  # the edge: ARI JSON becomes a typed event here, once
         if event is None:
             return
+        if (isinstance(event, StasisStart) and isinstance(self.ari, AriOutboundServer)
+                and not (event.args and event.args[0] == DIALED)):
+            # the call is ari-push's now: its own deadline bounds it, not the dialplan's
+            self.calls.spawn(lift_bound(self.ari, event.channel_id), f"lift-{event.channel_id}")
         if isinstance(event, CallBroadcast):
             if self.cluster is not None:
                 self.calls.spawn(self.cluster.claim(event.channel_id), "claim")
@@ -239,7 +257,9 @@ class Daemon:
                     tg.create_task(self._redis_monitor(inner_stop), name="redis-monitor")
                 tg.create_task(self._warm(providers), name="warm-providers")
                 self.started.set()
+                tg.create_task(self._notify_ready(inner_stop), name="sd-notify")
                 await stop.wait()
+                notify("STOPPING=1\nSTATUS=draining waiting calls")
                 log.info("stopping: no new calls; draining waiting calls (up to %.0fs)",
                          self.settings.shutdown_timeout)
                 self.health.draining = True
@@ -248,6 +268,17 @@ class Daemon:
         finally:
             await self._close()
             log.info("ari-push stopped")
+
+    async def _notify_ready(self, stop: asyncio.Event) -> None:
+        """READY=1 to systemd (Type=notify) once the daemon can take a call: the links /readyz checks."""
+        links = self.health.links
+        while not stop.is_set():
+            if all(link.up for link in links) and not self.health.draining:
+                self.ready_at = time.monotonic()
+                log.info("ready: taking calls (%.2fs after start)", self.ready_at - self.created_at)
+                notify("READY=1\nSTATUS=taking calls")
+                return
+            await _first_up(links, stop)
 
     async def _warm(self, providers: list[PushProvider]) -> None:
         with contextlib.suppress(TimeoutError):
@@ -269,8 +300,13 @@ class Daemon:
                 async with asyncio.timeout(self.settings.redis.socket_timeout + 1):
                     await self.redis.ping()
                 self.redis_link.set_up(self.settings.redis.url or "sentinel")
-                if isinstance(self.store, RedisStore) and self.store.unconfirmed:
-                    left = await self.store.confirm()
+                if isinstance(self.store, CachedStore) and self.store.pending:
+                    try:
+                        await self.store.flush()
+                    except StoreUnavailable as exc:
+                        log.debug("bindings captured during the outage not written yet: %s", exc)
+                if self.redis_store is not None and self.redis_store.unconfirmed:
+                    left = await self.redis_store.confirm()
                     if left:
                         log.debug("%d binding(s) not yet on a replica; writing them again", left)
             except (aioredis.RedisError, OSError, TimeoutError) as exc:
@@ -294,3 +330,13 @@ class Daemon:
                 async with asyncio.timeout(600):
                     await stop.wait()
 
+
+async def _first_up(links: Sequence[LinkState], stop: asyncio.Event) -> None:
+    """Wait until a link that is down comes up (or ``stop``), then return (the caller re-checks)."""
+    waits = [asyncio.ensure_future(link.up_event.wait()) for link in links if not link.up]
+    waits.append(asyncio.ensure_future(stop.wait()))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

@@ -56,6 +56,13 @@ class AriSettings:
     app: str = "ari-push"
     request_timeout: float = 5.0
     heartbeat: float = 10.0
+    # "inbound": ari-push connects to Asterisk's /ari/events; "outbound": Asterisk connects to
+    # ari-push (websocket_client.conf + ari.conf outbound_websocket, docs/operations.md).
+    connection: str = "inbound"
+    outbound_listen: str = "127.0.0.1:8765"
+    outbound_path: str = "/ari"
+    outbound_username: str = "ari-push"
+    outbound_password: Secret = Secret("")
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,7 @@ class RedisSettings:
     tls_key_file: str = ""
     wait_replicas: int = 0  # > 0: WAIT for that many replicas after each binding write
     wait_timeout: float = 0.1
+    cache_max_age: float = 900.0  # how old a cached binding may be to push a call while Redis is down
 
     @property
     def embedded(self) -> bool:
@@ -532,6 +540,7 @@ def _redis(s: _Section) -> RedisSettings:
         wait_replicas=s._get("wait_replicas", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 16,
                              "an integer from 0 to 16", 0),
         wait_timeout=s.positive("wait_timeout", RedisSettings.wait_timeout),
+        cache_max_age=s.positive("cache_max_age", RedisSettings.cache_max_age),
     )
     s.done()
     if red.wait_timeout > 1.0:
@@ -778,8 +787,18 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         app=ari_s.text("app", AriSettings.app),
         request_timeout=ari_s.positive("request_timeout", AriSettings.request_timeout),
         heartbeat=ari_s.positive("heartbeat", AriSettings.heartbeat),
+        connection=ari_s.choice("connection", AriSettings.connection, ("inbound", "outbound")),
+        outbound_listen=_host_port(ari_s, "outbound_listen", AriSettings.outbound_listen),
+        outbound_path=ari_s.text("outbound_path", AriSettings.outbound_path),
+        outbound_username=ari_s.text("outbound_username", AriSettings.outbound_username),
+        outbound_password=ari_s.secret("outbound_password"),
     )
     ari_s.done()
+    if ari.connection == "outbound" and not str(ari.outbound_password):
+        raise SettingsError("ari.outbound_password", "is required with connection = \"outbound\" (the password "
+                            "of websocket_client.conf, checked on every connection from Asterisk)")
+    if not ari.outbound_path.startswith("/"):
+        raise SettingsError("ari.outbound_path", f"must start with /, got {ari.outbound_path!r}")
     if not ari.app or any(c in ari.app for c in ", |/"):
         raise SettingsError("ari.app", f"must be a plain Stasis application name, got {ari.app!r}")
 
@@ -928,6 +947,9 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
                                        f"'{cluster.app_family}-<name>', got {ari.app!r}")
     if cluster.node_ttl <= cluster.heartbeat:
         raise SettingsError("cluster.node_ttl", "must be longer than cluster.heartbeat")
+    if ari.connection == "outbound" and cluster.mode != "single":
+        raise SettingsError("ari.connection", f"\"outbound\" serves one Asterisk connection; cluster.mode "
+                                              f"{cluster.mode!r} needs connection = \"inbound\"")
 
     refresh = _refresh(_Section(top.table("refresh"), "refresh", base), cap)
     mwi = _mwi(_Section(top.table("mwi"), "mwi", base), cap)

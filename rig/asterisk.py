@@ -156,10 +156,12 @@ class AsteriskInstance:
 
     def __init__(self, root: Path, name: str, ports: Ports, app_names: tuple[str, ...] = ("ari-push",),
                  extra_dialplan: str = "", extra_pjsip: str = "",
-                 rtp_ports: tuple[int, int] | None = None) -> None:
+                 rtp_ports: tuple[int, int] | None = None, extra_conf: dict[str, str] | None = None) -> None:
         """``extra_dialplan`` is appended to extensions.conf and ``extra_pjsip`` to pjsip_local.conf
         (the demo and the benchmark add their contexts and AORs there); ``rtp_ports`` widens the
-        RTP range beyond the instance's 999 ports (the capacity benchmark needs thousands)."""
+        RTP range beyond the instance's 999 ports (the capacity benchmark needs thousands);
+        ``extra_conf`` maps a file name to text appended to that file (created when the sample
+        has none), e.g. the ARI outbound websocket of asterisk-conf/outbound/."""
         self.root = root
         self.name = name if rig_slot() == 0 else f"{name}-s{rig_slot()}"
         self.ports = ports
@@ -167,6 +169,7 @@ class AsteriskInstance:
         self.extra_dialplan = extra_dialplan
         self.extra_pjsip = extra_pjsip
         self.rtp_ports = rtp_ports or (ports.rtp_start, ports.rtp_end)
+        self.extra_conf = dict(extra_conf or {})
         self.etc = f"/etc/asterisk-{self.name}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -210,6 +213,9 @@ class AsteriskInstance:
         )
         (etc / "musiconhold.conf").write_text("[general]\n[default]\nmode=files\ndirectory=moh\n")
         (etc / "pjsip_local.conf").write_text(self._test_endpoints())
+        for name, text in self.extra_conf.items():
+            path = etc / name
+            path.write_text((path.read_text() + "\n" if path.exists() else "") + text)
 
     def _asterisk_conf(self) -> str:
         n = self.name
@@ -395,3 +401,18 @@ entityid = 02:fc:00:00:{self.ports.sip // 256 % 256:02x}:{self.ports.sip % 256:0
         if redis_url:
             lines += ["[redis]", f'url = "{redis_url}"']
         return "\n".join(lines) + "\n"
+
+
+def outbound_conf(ws_port: int, password: str, bound: int | None = None) -> dict[str, str]:
+    """``extra_conf`` for an instance in ARI outbound websocket mode: asterisk-conf/outbound/ as
+    documented, pointed at ari-push's port and password; ``bound`` overrides ARI_PUSH_BOUND.
+    The caller (2000, from-internal) reaches the outbound context by dialling o<aor>."""
+    folder = SAMPLE_CONF / "outbound"
+    wsc = (folder / "websocket_client.conf").read_text()
+    wsc = wsc.replace("ws://127.0.0.1:8765/ari", f"ws://127.0.0.1:{ws_port}/ari")
+    wsc = wsc.replace("password = change-me-outbound", f"password = {password}")
+    dialplan = (folder / "extensions.conf").read_text()
+    if bound is not None:
+        dialplan += f"\n[globals]\nARI_PUSH_BOUND={bound}\n"
+    dialplan += "\n[from-internal]\nexten => _oX.,1,Goto(ari-push-outbound,${EXTEN:1},1)\n"
+    return {"websocket_client.conf": wsc, "ari.conf": (folder / "ari.conf").read_text(), "extensions.conf": dialplan}

@@ -75,7 +75,10 @@ async def test_redis_down_dials_live_contacts_and_reports_push_failed(
     redis = RedisServer()
     redis.start()
     try:
-        rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, redis.url, EXTRA))
+        # a store that cannot be read at all: no binding cache to ride through it (that is
+        # test_outages.py::test_call_while_redis_restarts_is_pushed_from_the_cache_and_answered)
+        rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, redis.url,
+                                              EXTRA + "[redis]\ncache_max_age = 0.001\n"))
         await wait_for(lambda: rd.daemon.redis_link.up, 10, "redis up")
         desk = SipUA(aor, ensure_asterisk.ports.sip)  # an awake phone without push
         await desk.open()

@@ -96,7 +96,12 @@ def test_the_unit_loads_every_credential_the_sample_reads_and_is_hardened() -> N
     assert all(src.split(":", 1)[1].startswith("/etc/ari-push/secrets/")
                for src in service["LoadCredential"].splitlines())
     assert service["ExecStart"].endswith("--config /etc/ari-push/ari-push.toml run")
-    assert service["Type"] == "simple" and service["Restart"] == "on-failure"
+    # readiness through sd_notify (READY=1 when the daemon can take a call, ari_push/sd_notify.py)
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main" and service["Restart"] == "on-failure"
+    # the sample dialplan offers a call again for ARI_PUSH_RETRY s: a restart (RestartSec, then
+    # about 1 s to READY=1, docs/operations.md) must fit in it with margin
+    retry = re.search(r"(?m)^ARI_PUSH_RETRY=(\d+)$", (REPO / "asterisk-conf" / "extensions.conf").read_text())
+    assert retry is not None and int(service["RestartSec"]) + 3 <= int(retry.group(1))
     assert service["RestartPreventExitStatus"] == "2"  # EXIT_CONFIG: a bad config does not loop
     assert int(service["TimeoutStopSec"]) > 10 + 5  # shutdown_timeout plus closing the links
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
