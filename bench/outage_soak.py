@@ -138,7 +138,7 @@ async def main(args: argparse.Namespace) -> int:
         base = base.replace("[ari]\n", "[ari]\nheartbeat = 2\n" + ari_extra, 1)
         config.write_text(base + '''key_prefix = "soak:"
 [capture]
-vendor_allowed_hosts = ["127.0.0.1"]
+vendor_allowed_hosts = ["127.0.0.1:*"]
 [calls]
 default_timeout = 15
 [push]

@@ -41,7 +41,7 @@ from tests.integration.test_calls import (
 
 OUTBOUND_PASSWORD = "rig-outbound-secret"
 BOUND = 5  # ARI_PUSH_BOUND of the outbound test instance (the sample says 30)
-VENDOR = ('[capture]\nvendor_allowed_hosts = ["127.0.0.1"]\n'
+VENDOR = ('[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n'
           '[calls]\ndefault_timeout = 10\n'
           '[vendor]\ntimeout = 2\n'
           'body_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')
