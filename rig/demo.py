@@ -233,6 +233,9 @@ def wait_ready(url: str, timeout: float, alive: Callable[[], bool]) -> None:
 
 def daemon_config(ast: AsteriskInstance, redis_url: str, http_port: int, service_account: Path, fcm_url: str,
                   prefix: str, default_timeout: float = 20.0, extra: str = "") -> str:
+    # The local FCM fake speaks plain http: the documented test setting allows it (a warning at start).
+    plain = "[push]\nallow_plain_http = true\n"
+    extra = extra.replace("[push]\n", plain, 1) if "[push]\n" in extra else extra + plain
     return (ast.daemon_config(redis_url) + f'key_prefix = "{prefix}"\n'
             f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
             f"[calls]\ndefault_timeout = {default_timeout:g}\n"

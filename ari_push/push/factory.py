@@ -7,13 +7,16 @@ webhook (an explicit admin choice to relay some providers) comes first, then APN
 per app), FCM (per project), HMS Core (per app), HarmonyOS (per project), Web Push, vendor URLs,
 and last the installed plug-ins (``[[plugin]]``).
 
-No I/O happens here and no loop is needed: providers open their HTTP clients lazily and close
-them in ``aclose()``. Credentials are parsed here, so a bad key fails start-up (and
-``ari-push check-config``) with a SettingsError.
+No I/O happens here and no loop is needed: the daemon warms every provider at start
+(``warm()`` opens its HTTP clients and fetches credentials, so the first call's push does not
+pay the TLS set-up), a provider not yet warmed opens its client on its first push, and
+``PushDispatcher.aclose()`` closes them all at stop. Credentials are parsed here, so a bad key
+fails start-up (and ``ari-push check-config``) with a SettingsError.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,7 +31,9 @@ from ari_push.push.plugins import PluginContext, load_plugin
 from ari_push.push.vendor import VendorProvider
 from ari_push.push.webhook import WebhookProvider
 from ari_push.push.webpush import WebPushProvider
-from ari_push.settings import Settings, SettingsError
+from ari_push.settings import FcmProject, Settings, SettingsError
+
+log = logging.getLogger("ari_push.push")
 
 
 class _Builtin:
@@ -57,12 +62,21 @@ def _webpush_hosts(settings: Settings) -> tuple[str, ...]:
     return DEFAULT_WEBPUSH_HOSTS if hosts is None else hosts
 
 
+def _fcm(project: FcmProject, ctx: PluginContext) -> FcmProvider:
+    settings: Settings = ctx.settings
+    fcm = FcmProvider(project, default=len(settings.fcm) == 1, clock=ctx.clock)
+    if not fcm.account.token_uri.startswith("https://") and not settings.push.allow_plain_http:
+        raise SettingsError(f"fcm[{settings.fcm.index(project)}].service_account", "its token_uri must be an "
+                            "https:// URL (the OAuth assertion is sent there); [push] allow_plain_http is for "
+                            "test rigs only")
+    return fcm
+
+
 BUILTIN: tuple[_Builtin, ...] = (
     _Builtin("webhook", (), lambda s: [s.webhook] if s.webhook.url and s.webhook.providers else [],
              lambda c, ctx: [WebhookProvider(c, clock=ctx.clock)]),
     _Builtin("apns", ("apns",), lambda s: s.apns, lambda c, ctx: [ApnsProvider(c, clock=ctx.clock)]),
-    _Builtin("fcm", ("fcm",), lambda s: s.fcm,
-             lambda c, ctx: [FcmProvider(c, default=len(ctx.settings.fcm) == 1, clock=ctx.clock)]),
+    _Builtin("fcm", ("fcm",), lambda s: s.fcm, lambda c, ctx: [_fcm(c, ctx)]),
     _Builtin("hms", ("hms",), lambda s: s.hms, lambda c, ctx: [HmsProvider(c, clock=ctx.clock)]),
     _Builtin("hmos", ("hmos",), lambda s: s.hmos, lambda c, ctx: [HmosProvider(c, clock=ctx.clock)]),
     # Without a VAPID key no push service takes our requests: leave webpush bindings unserved
@@ -76,6 +90,11 @@ BUILTIN: tuple[_Builtin, ...] = (
 
 
 def build_providers(settings: Settings, *, clock: Clock = time.time) -> list[PushProvider]:
+    """Every configured provider, credentials parsed. SettingsError (naming the key) for
+    anything ``run`` could not start with; ``check-config`` calls this too."""
+    if settings.push.allow_plain_http:
+        log.warning("[push] allow_plain_http is on: provider URLs may be plain http (test rigs only; "
+                    "tokens and access tokens would cross the network in clear)")
     context = PluginContext(settings=settings, clock=clock)
     providers: list[PushProvider] = []
     for family in BUILTIN:

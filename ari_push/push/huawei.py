@@ -29,7 +29,17 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult
-from ari_push.push.common import Clock, LazyClient, call_fields, closed_result, describe, network_result, retry_after
+from ari_push.push.common import (
+    Clock,
+    LazyClient,
+    ResponseTooLarge,
+    call_fields,
+    closed_result,
+    describe,
+    network_result,
+    retry_after,
+    send_capped,
+)
 from ari_push.settings import HmosProject, HmsApp, SettingsError
 
 log = logging.getLogger(__name__)
@@ -162,6 +172,8 @@ class HmsProvider:
                 response = await self._post(token, body)
         except _AuthFailure as exc:
             return exc.result
+        except ResponseTooLarge as exc:
+            return PushResult(PushOutcome.FAILED, str(exc))
         except httpx.HTTPError as exc:
             return network_result(exc)
         result = result_for(response, self._clock)
@@ -170,8 +182,9 @@ class HmsProvider:
         return result
 
     async def _post(self, token: str, body: bytes) -> httpx.Response:
-        return await self._http.get().post(self._send_url, content=body, headers={
-            "authorization": f"Bearer {token}", "content-type": "application/json;charset=utf-8"})
+        client = self._http.get()
+        return await send_capped(client, client.build_request("POST", self._send_url, content=body, headers={
+            "authorization": f"Bearer {token}", "content-type": "application/json;charset=utf-8"}))
 
     async def _token(self, stale: str | None = None) -> str:
         if self._fresh(stale):
@@ -188,9 +201,13 @@ class HmsProvider:
     async def _fetch(self) -> tuple[str, float]:
         self.token_fetches += 1
         started = self._clock()
-        response = await self._http.get().post(self.app.token_url, data={
-            "grant_type": "client_credentials", "client_id": self.app.client_id,
-            "client_secret": str(self.app.client_secret)})
+        client = self._http.get()
+        try:
+            response = await send_capped(client, client.build_request("POST", self.app.token_url, data={
+                "grant_type": "client_credentials", "client_id": self.app.client_id,
+                "client_secret": str(self.app.client_secret)}))
+        except ResponseTooLarge as exc:
+            raise _AuthFailure(PushResult(PushOutcome.FAILED, f"oauth token endpoint: {exc}")) from None
         where = f"oauth token endpoint HTTP {response.status_code}"
         try:
             body = response.json()
@@ -325,12 +342,16 @@ class HmosProvider:
         try:
             for _attempt in range(2):
                 headers["authorization"] = f"Bearer {self.bearer(stale)}"
-                response = await self._http.get().post(self._send_url, content=body, headers=headers)
+                client = self._http.get()
+                response = await send_capped(client, client.build_request("POST", self._send_url, content=body,
+                                                                          headers=headers))
                 if stale is None and (_code(response) in AUTH_CODES or response.status_code == 401):
                     log.info("hmos %s: JWT refused, signing a new one", self.project.project_id)
                     stale = headers["authorization"].removeprefix("Bearer ")
                     continue
                 break
+        except ResponseTooLarge as exc:
+            return PushResult(PushOutcome.FAILED, str(exc))
         except httpx.HTTPError as exc:
             return network_result(exc)
         result = result_for(response, self._clock)

@@ -9,10 +9,11 @@ from ari_push.contacts import ContactPolicy, parse_contact
 from ari_push.model import Binding, PushOutcome
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
-from ari_push.settings import FcmProject, Settings
+from ari_push.settings import FcmProject, PushSettings, Settings
 from tests.fakes import FakeFcm
 from tests.fakes.builders import message
 
+PLAIN = PushSettings(allow_plain_http=True)  # the local FCM speaks plain http
 LEGACY = "sip:1001@192.0.2.1:5060;pn-type=firebase;pn-tok=dQw4w9WgXcQ:APA91bH-abc_DEF123;app-id=929724111839"
 
 
@@ -25,10 +26,10 @@ async def test_sender_id_app_id_is_pushed_to_its_project(fake_fcm: FakeFcm, fcm_
     assert push is not None and push.param == "929724111839"
     binding = Binding("1001", "1001", push, LEGACY)
     other = dataclasses.replace(fcm_project, project_id="proj-b")  # two projects: no default
-    unserved = PushDispatcher(build_providers(Settings(fcm=(fcm_project, other))), _ignore)
+    unserved = PushDispatcher(build_providers(Settings(fcm=(fcm_project, other), push=PLAIN)), _ignore)
     assert (await unserved.send(binding, message())).outcome is PushOutcome.SKIPPED
     named = dataclasses.replace(fcm_project, sender_id="929724111839")
-    dispatcher = PushDispatcher(build_providers(Settings(fcm=(named, other))), _ignore)
+    dispatcher = PushDispatcher(build_providers(Settings(fcm=(named, other), push=PLAIN)), _ignore)
     try:
         assert (await dispatcher.send(binding, message())).outcome is PushOutcome.DELIVERED
     finally:
