@@ -37,6 +37,7 @@ from ari_push.push.common import (
     closed_result,
     describe,
     network_result,
+    preload_http,
     retry_after,
     send_capped,
 )
@@ -128,6 +129,7 @@ class HmsProvider:
         return binding.push.provider == "hms" and binding.push.param == self.app.app_id
 
     async def warm(self) -> None:
+        preload_http()
         self._http.get()
         try:
             await self._token()
@@ -293,6 +295,7 @@ class HmosProvider:
         return binding.push.provider == "hmos" and binding.push.param == self.project.project_id
 
     async def warm(self) -> None:
+        preload_http()
         self._http.get()
         self.bearer()
 

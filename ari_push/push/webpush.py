@@ -36,6 +36,7 @@ from ari_push.push.common import (
     call_fields,
     closed_result,
     network_result,
+    preload_http,
     retry_after,
     send_capped,
 )
@@ -80,6 +81,7 @@ class WebPushProvider:
         return binding.push.provider == "webpush"
 
     async def warm(self) -> None:
+        preload_http()
         self._http.get()
 
     async def aclose(self) -> None:
