@@ -281,6 +281,7 @@ class CallFlow:
         self.registered: set[str] = set()  # devices that registered during this call
         self.call_results: dict[str, PushResult] = {}  # device -> its call push's result
         self.noticed: set[str] = set()  # devices handed an end notice
+        self.stale_pending: dict[str, str] = {}  # device -> its old UDP contact, to ring after the delay
 
     # ---------------------------------------------------------------- plumbing
 
@@ -351,12 +352,13 @@ class CallFlow:
 
     async def _start(self) -> None:
         """Push first: one store round trip, then the push; everything else beside it."""
-        plan = asyncio.ensure_future(self.planner.call_push(self.target, self.call_id))
+        # The store read is awaited inline, so its request is written before the ringback's and
+        # the contact read's (scheduled beside it, they run as soon as this waits for Redis).
         contacts = asyncio.ensure_future(self._contacts())
         ringback = asyncio.ensure_future(self._ringback())
         try:
             try:
-                plans = await plan
+                plans = await self.planner.call_push(self.target, self.call_id)
             except StoreUnavailable as exc:
                 log.warning("call %s: binding store unavailable (%s); ringing live contacts and reading the "
                             "store again until it answers", self.call_id, exc)
@@ -430,6 +432,7 @@ class CallFlow:
         now: list[tuple[str, str]] = []
         for uri, device in devices:
             if device and device in pushed and not self._ring_at_once(uri, device):
+                self.stale_pending[device] = uri
                 self._after(self.settings.stale_ring_delay, RingStale(uri, device))
             else:
                 now.append((uri, device))
@@ -455,9 +458,8 @@ class CallFlow:
         snapshot = self.dropped.pop(device, None)
         if snapshot is None or device in self.registered or device in self.noticed:
             return
-        dead = self.call_results.get(device)
-        if dead is not None and dead.outcome is PushOutcome.TOKEN_DEAD:
-            return  # its binding was dropped: a restored contact would be captured again, dead token and all
+        if any(r.outcome is PushOutcome.TOKEN_DEAD for r in (self.call_results.get(device),) if r is not None):
+            return  # its binding was dropped: putting the contact back would capture the dead token again
         if snapshot.expires_at and snapshot.expires_at <= time.time():
             return  # it would have expired by now anyway
         if await self._quietly(self.pbx.restore_contact(snapshot), "restore contact"):
@@ -473,7 +475,7 @@ class CallFlow:
         task.add_done_callback(self._timers.discard)
 
     async def _on_ring_stale(self, event: RingStale) -> None:
-        if event.device_id not in self.registered:
+        if self.stale_pending.pop(event.device_id, None) is not None and event.device_id not in self.registered:
             await self._originate(event.uri, event.device_id, awake=False)
 
     async def _push_call(self, plans: Sequence[PlannedPush]) -> None:
@@ -494,6 +496,7 @@ class CallFlow:
     async def _registered(self, reg: Registration, from_gap: bool) -> None:
         if reg.device_id:
             self.registered.add(reg.device_id)
+            self.stale_pending.pop(reg.device_id, None)
         action, leg = self.book.on_registration(reg, from_gap)
         if action is LegAction.IGNORE:
             return
@@ -531,7 +534,13 @@ class CallFlow:
 
     async def _on_pushes_done(self, event: PushesDone) -> None:
         self._push_task = None
-        if not any(r.outcome is PushOutcome.DELIVERED for r in event.results.values()) and not self.book.legs:
+        for device, result in event.results.items():
+            if result.outcome is not PushOutcome.DELIVERED and device in self.stale_pending:
+                # No push reached it: its old contact is the only way, and there is no
+                # re-REGISTER to wait for.
+                await self._originate(self.stale_pending.pop(device), device, awake=False)
+        if (not any(r.outcome is PushOutcome.DELIVERED for r in event.results.values()) and not self.book.legs
+                and not self.stale_pending):
             log.info("call %s: no push was delivered and nothing rings", self.call_id)
             self.end(Status.PUSH_FAILED)
 

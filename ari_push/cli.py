@@ -120,9 +120,18 @@ def binding_view(b: Binding, reveal: bool) -> dict[str, object]:
     push["provider"] = printable(b.push.provider)
     return {
         "aor": printable(b.aor), "endpoint": printable(b.endpoint), "device_id": b.device_id, "push": push,
-        "contact_uri": printable(b.contact_uri) if reveal else mask_contact_uri(b.contact_uri),
+        "contact_uri": printable(b.contact_uri) if reveal else _masked_uri(b),
         "user_agent": printable(b.user_agent), "first_seen": b.first_seen, "last_seen": b.last_seen,
     }
+
+
+def _masked_uri(b: Binding) -> str:
+    """The contact URI with the token and every extra token (Web Push auth secret...) masked,
+    then every push parameter masked by the one rule (contacts.mask_contact_uri)."""
+    uri = b.contact_uri
+    for secret in sorted({b.push.token, *(v for _, v in b.push.extra_tokens)} - {""}, key=len, reverse=True):
+        uri = uri.replace(secret, mask_token(b.push.provider, secret))
+    return mask_contact_uri(uri)
 
 
 def cmd_inspect_contact(args: argparse.Namespace) -> int:

@@ -23,8 +23,8 @@ ENV_PREFIX = "ARI_PUSH_"
 KNOWN_PROVIDERS = ("apns", "fcm", "vendor", "webpush", "hms", "hmos")
 #: Keys whose values are secrets: an error about them never shows the value, and an environment
 #: override of them is always taken as text (``ARI_PUSH_ARI__PASSWORD=12345678`` is a string).
-SECRET_KEYS = frozenset({"password", "secret", "sentinel_password", "key", "service_account",
-                         "client_secret", "vapid_key"})
+SECRET_KEYS = frozenset({"password", "secret", "sentinel_password", "key", "service_account", "client_secret",
+                         "vapid_key"})
 
 
 class SettingsError(ValueError):
@@ -614,6 +614,17 @@ def _fcm(data: Mapping[str, Any], where: str, base: Path | None, plain_http: boo
     return proj
 
 
+def _host_rules(s: _Section, name: str) -> tuple[str, ...]:
+    """An allow-list, each entry checked and normalised (netaddr.parse_host_rule)."""
+    out = []
+    for entry in s.strings(name):
+        try:
+            out.append(str(parse_host_rule(entry)))
+        except ValueError as exc:
+            raise SettingsError(s.key(name), str(exc)) from None
+    return tuple(out)
+
+
 def _digits(s: _Section, name: str, what: str) -> str:
     value = s._get(name, lambda v: isinstance(v, str | int) and not isinstance(v, bool), "a string of digits", "")
     value = str(value)
@@ -700,17 +711,6 @@ def _plugins(raw: Any, base: Path | None) -> tuple[PluginConfig, ...]:
         rest = {k: v for k, v in table.items() if k != "name"}
         config = plugin.configure(rest, where, base)
         out.append(PluginConfig(name=name, provider_names=tuple(plugin.provider_names), config=config))
-    return tuple(out)
-
-
-def _host_rules(s: _Section, name: str) -> tuple[str, ...]:
-    """An allow-list, each entry checked and normalised (netaddr.parse_host_rule)."""
-    out = []
-    for entry in s.strings(name):
-        try:
-            out.append(str(parse_host_rule(entry)))
-        except ValueError as exc:
-            raise SettingsError(s.key(name), str(exc)) from None
     return tuple(out)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import multiprocessing as mp
 import statistics
 import sys
@@ -59,6 +60,22 @@ def endpoint(conn: Connection) -> None:
             conn.send(len(fake.requests))
 
     asyncio.run(serve())
+
+
+class GcPauses:
+    """Garbage-collector pauses (ms) while recording: a lag spike may be the collector's."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self.on = False
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self.on:
+            self.pauses.append((time.perf_counter() - self._start) * 1000)
 
 
 class LagProbe:
@@ -110,6 +127,7 @@ async def main(registers: int, call_bound: float, calls: int) -> None:
     redis = make_redis(RedisSettings(url=server.url))
     probe = LagProbe()
     probe.start()
+    collector = GcPauses()
     try:
         settings = Settings(capture=CaptureSettings(vendor_allowed_hosts=(_allow_entry(),)))
         keys = Keys("fanout:")
@@ -148,6 +166,8 @@ async def main(registers: int, call_bound: float, calls: int) -> None:
             before = parent.recv()
             probe.samples.clear()
             probe.record(True)
+            collector.pauses.clear()
+            collector.on = True
             t0 = time.perf_counter()
             results: dict[str, PushResult] = {}
             try:
@@ -158,12 +178,14 @@ async def main(registers: int, call_bound: float, calls: int) -> None:
             pushed = time.perf_counter() - t0
             await asyncio.sleep(0.05)  # a few more lag samples after the last push
             probe.record(False)
+            collector.on = False
             parent.send("count")
             sent = parent.recv() - before
             delivered = sum(r.outcome is PushOutcome.DELIVERED for r in results.values())
             print(f"call {n + 1}: {len(bindings)} devices to push; {sent} pushes reached the endpoint, "
                   f"{delivered} delivered; {ended} in {pushed:.2f} s")
-            print(f"  event-loop lag while the call pushed: {probe.stats()}")
+            print(f"  event-loop lag while the call pushed: {probe.stats()}; GC pauses meanwhile: "
+                  f"{len(collector.pauses)}, longest {max(collector.pauses, default=0.0):.1f} ms")
         await dispatcher.aclose()
     finally:
         await redis.aclose()

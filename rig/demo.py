@@ -168,6 +168,7 @@ class DaemonProcess:
     def start(self) -> int:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("ARI_PUSH_CONFIG", None)
+        env.pop("ARI_PUSH_RIG_SLOT", None)  # a rig variable: the daemon would refuse it as an unknown setting
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ari_push", "--config", str(self.config), "run"],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

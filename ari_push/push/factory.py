@@ -31,7 +31,7 @@ from ari_push.push.plugins import PluginContext, load_plugin
 from ari_push.push.vendor import VendorProvider
 from ari_push.push.webhook import WebhookProvider
 from ari_push.push.webpush import WebPushProvider
-from ari_push.settings import FcmProject, Settings, SettingsError
+from ari_push.settings import Settings, SettingsError
 
 log = logging.getLogger("ari_push.push")
 
@@ -62,21 +62,12 @@ def _webpush_hosts(settings: Settings) -> tuple[str, ...]:
     return DEFAULT_WEBPUSH_HOSTS if hosts is None else hosts
 
 
-def _fcm(project: FcmProject, ctx: PluginContext) -> FcmProvider:
-    settings: Settings = ctx.settings
-    fcm = FcmProvider(project, default=len(settings.fcm) == 1, clock=ctx.clock)
-    if not fcm.account.token_uri.startswith("https://") and not settings.push.allow_plain_http:
-        raise SettingsError(f"fcm[{settings.fcm.index(project)}].service_account", "its token_uri must be an "
-                            "https:// URL (the OAuth assertion is sent there); [push] allow_plain_http is for "
-                            "test rigs only")
-    return fcm
-
-
 BUILTIN: tuple[_Builtin, ...] = (
     _Builtin("webhook", (), lambda s: [s.webhook] if s.webhook.url and s.webhook.providers else [],
              lambda c, ctx: [WebhookProvider(c, clock=ctx.clock)]),
     _Builtin("apns", ("apns",), lambda s: s.apns, lambda c, ctx: [ApnsProvider(c, clock=ctx.clock)]),
-    _Builtin("fcm", ("fcm",), lambda s: s.fcm, lambda c, ctx: [_fcm(c, ctx)]),
+    _Builtin("fcm", ("fcm",), lambda s: s.fcm,
+             lambda c, ctx: [FcmProvider(c, default=len(ctx.settings.fcm) == 1, clock=ctx.clock)]),
     _Builtin("hms", ("hms",), lambda s: s.hms, lambda c, ctx: [HmsProvider(c, clock=ctx.clock)]),
     _Builtin("hmos", ("hmos",), lambda s: s.hmos, lambda c, ctx: [HmosProvider(c, clock=ctx.clock)]),
     # Without a VAPID key no push service takes our requests: leave webpush bindings unserved
@@ -100,6 +91,10 @@ def build_providers(settings: Settings, *, clock: Clock = time.time) -> list[Pus
     for family in BUILTIN:
         for config in family.configs(settings):
             providers.extend(family.build(config, context))
+    for i, fcm in enumerate(p for p in providers if isinstance(p, FcmProvider)):
+        if not fcm.account.token_uri.startswith("https://") and not settings.push.allow_plain_http:
+            raise SettingsError(f"fcm[{i}].service_account", "its token_uri must be an https:// URL (the OAuth "
+                                "assertion is sent there); [push] allow_plain_http is for test rigs only")
     for i, entry in enumerate(settings.plugins):
         plugin = load_plugin(entry.name, f"plugin[{i}].name")
         providers.extend(plugin.build(entry.config, context))

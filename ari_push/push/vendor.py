@@ -112,8 +112,10 @@ def _host_for_log(url: str) -> str:
         return "?"
 
 
-async def check_url(url: str, allowed: Sequence[str], resolve: Resolver = system_resolver) -> Target:
-    """Apply every rule to ``url``; raise UrlRefused naming the broken one."""
+async def check_url(url: str, allowed: Sequence[str], resolve: Resolver = system_resolver,
+                    setting: str = "capture.vendor_allowed_hosts") -> Target:
+    """Apply every rule to ``url``; raise UrlRefused naming the broken one (``setting``: the
+    allow-list's key, for the message)."""
     if not url or len(url) > 2048 or not URL_CHARS.fullmatch(url):
         raise UrlRefused("URL is empty, too long or has characters outside RFC 3986")
     try:
@@ -139,7 +141,7 @@ async def check_url(url: str, allowed: Sequence[str], resolve: Resolver = system
     ok, exact = host_allowed(host, allowed, explicit_port, parts.scheme)
     if not ok:
         on_port = "" if explicit_port is None else f" (port {explicit_port})"
-        raise UrlRefused(f"host {host!r}{on_port} is not in capture.vendor_allowed_hosts")
+        raise UrlRefused(f"host {host!r}{on_port} is not in {setting}")
     literal = _ip(host)
     if literal is not None:
         if not _public(literal) and not exact:

@@ -125,7 +125,7 @@ class WebPushProvider:
             return closed_result()
         endpoint = binding.push.token
         try:
-            target = await check_url(endpoint, self.allowed_hosts, self._resolve)
+            target = await check_url(endpoint, self.allowed_hosts, self._resolve, "capture.webpush_allowed_hosts")
             if target.scheme != "https":
                 return PushResult(PushOutcome.FAILED, "URL refused: push endpoints must be https")
             body = self.body(binding, message)

@@ -93,7 +93,7 @@ async def service(request: pytest.FixtureRequest, pki: Pki, tmp_path: Path) -> A
         fake = await FakeWebPush(pki).start()
         vapid = tmp_path / "vapid.pem"
         vapid.write_text(private_pem(ec_key()))
-        extra = (f'[capture]\nwebpush_allowed_hosts = ["localhost:{fake.port}"]\n'
+        extra = ('[capture]\nwebpush_allowed_hosts = ["localhost:*"]\n'
                  f'[webpush]\nvapid_key_file = "{vapid}"\nsubject = "mailto:ops@example.com"\n'
                  f'ca_file = "{pki.ca_file}"\n'
                  + base)

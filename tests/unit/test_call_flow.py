@@ -812,3 +812,27 @@ async def test_reconcile_resumes_a_caller_and_ends_a_call_whose_caller_vanished(
     assert resumed.caller_number == "2001" and resumed.started < time.monotonic() - 0.9  # keeps its age
     rig.manager.on_event(StasisEnd("caller-2"))
     await rig.ended(resumed)
+
+
+async def test_a_device_no_push_reached_is_rung_on_its_old_contact_at_once() -> None:
+    h = h_with(stale_ring_delay=60, default_timeout=0.5)
+    h.service.answer = PushOutcome.FAILED
+    await h.add(binding(port=5001))
+    h.pbx.contacts_of[AOR] = [push_uri(5001)]
+    flow = h.call()
+    leg = await h.leg()  # nothing to wait for: its old contact is the only way to reach it
+    assert leg.contact_uri == push_uri(5001)
+    assert await h.ended(flow) is Status.TIMEOUT  # it rang: the call waited its time
+    await h.close()
+
+
+async def test_the_contact_of_a_dead_token_is_not_put_back(rig: Harness) -> None:
+    rig.service.answer = PushOutcome.TOKEN_DEAD
+    await rig.add(binding(port=5001))
+    rig.pbx.contacts_of[AOR] = [push_uri(5001)]
+    flow = rig.call()
+    await rig.leg()
+    rig.manager.on_event(StasisEnd("caller-1"))
+    await rig.ended(flow)
+    assert rig.pbx.restored() == []  # putting it back would capture the dead token again
+    assert await rig.store.bindings_for(AOR) == []

@@ -13,7 +13,8 @@ from ari_push.settings import FcmProject, PushSettings, Settings
 from tests.fakes import FakeFcm
 from tests.fakes.builders import message
 
-PLAIN = PushSettings(allow_plain_http=True)  # the local FCM speaks plain http
+PLAIN = PushSettings(allow_plain_http=True)  # the fake FCM's token_uri may be http
+
 LEGACY = "sip:1001@192.0.2.1:5060;pn-type=firebase;pn-tok=dQw4w9WgXcQ:APA91bH-abc_DEF123;app-id=929724111839"
 
 
