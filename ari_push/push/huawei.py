@@ -52,8 +52,9 @@ DEAD_CODES = frozenset({"80300007"})
 PARTIAL = "80100000"
 #: Our access token / JWT was refused or has expired: get a new one and resend once.
 AUTH_CODES = frozenset({"80200001", "80200003"})
-#: Huawei's side: OAuth service unreachable, internal error, flow control.
-RETRY_CODES = frozenset({"80600003", "81000001", "80300009"})
+#: Huawei's side: a system internal error (HTTP 500). Other transient failures (Huawei's OAuth
+#: service failing, flow control) come as HTTP 5xx or 429 and are retried by status.
+RETRY_CODES = frozenset({"81000001"})
 MAX_MESSAGE_BYTES = 4096
 HUAWEI_TOKEN_URL = "https://oauth-login.cloud.huawei.com/oauth2/v3/token"
 HIGH = frozenset({PushKind.CALL, PushKind.CANCEL, PushKind.ANSWERED_ELSEWHERE})
