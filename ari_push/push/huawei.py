@@ -123,7 +123,8 @@ class HmsProvider:
         self._lock = asyncio.Lock()
         self._access_token = ""
         self._refresh_at = 0.0
-        self._send_url = f"{app.api_url.rstrip('/')}/v1/{quote(app.app_id, safe='')}/messages:send"
+        # Huawei's reference names the path segment the OAuth 2.0 client id (for an app, its app id).
+        self._send_url = f"{app.api_url.rstrip('/')}/v1/{quote(app.client_id or app.app_id, safe='')}/messages:send"
         self.token_fetches = 0
 
     def serves(self, binding: Binding) -> bool:
@@ -156,7 +157,7 @@ class HmsProvider:
         body = json.dumps({"validate_only": False,
                            "message": {"data": text, "android": android, "token": [binding.push.token]}},
                           separators=(",", ":")).encode()
-        if len(body) > MAX_MESSAGE_BYTES:
+        if len(body) - len(binding.push.token.encode()) > MAX_MESSAGE_BYTES:  # Huawei counts without the token
             return PushResult(PushOutcome.FAILED, f"message exceeds {MAX_MESSAGE_BYTES} bytes")
         return body
 
