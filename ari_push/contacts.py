@@ -784,7 +784,7 @@ def parse_contact(uri: str, policy: ContactPolicy) -> PushParams | None:
 # ---------------------------------------------------------------- masking
 
 #: URI parameters whose value is (or holds) a device secret: masked wherever a contact is shown.
-SECRET_PARAMS: frozenset[str] = frozenset({"pn-prid", "pn-tok", _VENDOR_NAME, "pn-purr"})
+SECRET_PARAMS: frozenset[str] = frozenset({"pn-prid", "pn-tok", _VENDOR_NAME, "pn-purr", "pn-auth"})
 
 
 def _mask_param_value(name: str, value: str) -> str:

@@ -690,7 +690,7 @@ def _digits(s: _Section, name: str, what: str) -> str:
     return value
 
 
-def _hms(data: Mapping[str, Any], where: str, base: Path | None) -> HmsApp:
+def _hms(data: Mapping[str, Any], where: str, base: Path | None, plain_http: bool = False) -> HmsApp:
     s = _Section(data, where, base)
     app_id = _digits(s, "app_id", "the app id from AppGallery Connect")
     app = HmsApp(
@@ -698,8 +698,8 @@ def _hms(data: Mapping[str, Any], where: str, base: Path | None) -> HmsApp:
         client_id=str(s._get("client_id", lambda v: isinstance(v, str | int) and not isinstance(v, bool),
                               "a string", app_id)),
         client_secret=s.secret("client_secret", required=True),
-        token_url=s.url("token_url", HmsApp.token_url, ("https",)),
-        api_url=s.url("api_url", HmsApp.api_url, ("https",)),
+        token_url=_provider_url(s, "token_url", HmsApp.token_url, plain_http),
+        api_url=_provider_url(s, "api_url", HmsApp.api_url, plain_http),
         ca_file=s.file("ca_file"),
         timeout=s.positive("timeout", HmsApp.timeout),
     )
@@ -707,13 +707,13 @@ def _hms(data: Mapping[str, Any], where: str, base: Path | None) -> HmsApp:
     return app
 
 
-def _hmos(data: Mapping[str, Any], where: str, base: Path | None) -> HmosProject:
+def _hmos(data: Mapping[str, Any], where: str, base: Path | None, plain_http: bool = False) -> HmosProject:
     s = _Section(data, where, base)
     project_id = _digits(s, "project_id", "the project id from AppGallery Connect")
     proj = HmosProject(
         project_id=project_id,
         service_account=s.secret("service_account", required=True),
-        api_url=s.url("api_url", HmosProject.api_url, ("https",)),
+        api_url=_provider_url(s, "api_url", HmosProject.api_url, plain_http),
         ca_file=s.file("ca_file"),
         timeout=s.positive("timeout", HmosProject.timeout),
         call_push_type=s._get("call_push_type", lambda v: v in (6, 10) and not isinstance(v, bool),
@@ -888,8 +888,8 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         raise SettingsError("hms", "must be an array of tables ([[hms]])")
     if not isinstance(hmos_raw, list):
         raise SettingsError("hmos", "must be an array of tables ([[hmos]])")
-    hms = tuple(_hms(h, f"hms[{i}]", base) for i, h in enumerate(hms_raw))
-    hmos = tuple(_hmos(h, f"hmos[{i}]", base) for i, h in enumerate(hmos_raw))
+    hms = tuple(_hms(h, f"hms[{i}]", base, push.allow_plain_http) for i, h in enumerate(hms_raw))
+    hmos = tuple(_hmos(h, f"hmos[{i}]", base, push.allow_plain_http) for i, h in enumerate(hmos_raw))
     if len({a.app_id for a in hms}) != len(hms):
         raise SettingsError("hms", "the same app_id is configured twice")
     if len({p.project_id for p in hmos}) != len(hmos):

@@ -29,7 +29,18 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult
-from ari_push.push.common import Clock, LazyClient, call_fields, closed_result, describe, network_result, retry_after
+from ari_push.push.common import (
+    Clock,
+    LazyClient,
+    ResponseTooLarge,
+    call_fields,
+    closed_result,
+    describe,
+    network_result,
+    preload_http,
+    retry_after,
+    send_capped,
+)
 from ari_push.settings import HmosProject, HmsApp, SettingsError
 
 log = logging.getLogger(__name__)
@@ -41,8 +52,9 @@ DEAD_CODES = frozenset({"80300007"})
 PARTIAL = "80100000"
 #: Our access token / JWT was refused or has expired: get a new one and resend once.
 AUTH_CODES = frozenset({"80200001", "80200003"})
-#: Huawei's side: OAuth service unreachable, internal error, flow control.
-RETRY_CODES = frozenset({"80600003", "81000001", "80300009"})
+#: Huawei's side: a system internal error (HTTP 500). Other transient failures (Huawei's OAuth
+#: service failing, flow control) come as HTTP 5xx or 429 and are retried by status.
+RETRY_CODES = frozenset({"81000001"})
 MAX_MESSAGE_BYTES = 4096
 HUAWEI_TOKEN_URL = "https://oauth-login.cloud.huawei.com/oauth2/v3/token"
 HIGH = frozenset({PushKind.CALL, PushKind.CANCEL, PushKind.ANSWERED_ELSEWHERE})
@@ -111,13 +123,15 @@ class HmsProvider:
         self._lock = asyncio.Lock()
         self._access_token = ""
         self._refresh_at = 0.0
-        self._send_url = f"{app.api_url.rstrip('/')}/v1/{quote(app.app_id, safe='')}/messages:send"
+        # Huawei's reference names the path segment the OAuth 2.0 client id (for an app, its app id).
+        self._send_url = f"{app.api_url.rstrip('/')}/v1/{quote(app.client_id or app.app_id, safe='')}/messages:send"
         self.token_fetches = 0
 
     def serves(self, binding: Binding) -> bool:
         return binding.push.provider == "hms" and binding.push.param == self.app.app_id
 
     async def warm(self) -> None:
+        preload_http()
         self._http.get()
         try:
             await self._token()
@@ -143,7 +157,7 @@ class HmsProvider:
         body = json.dumps({"validate_only": False,
                            "message": {"data": text, "android": android, "token": [binding.push.token]}},
                           separators=(",", ":")).encode()
-        if len(body) > MAX_MESSAGE_BYTES:
+        if len(body) - len(binding.push.token.encode()) > MAX_MESSAGE_BYTES:  # Huawei counts without the token
             return PushResult(PushOutcome.FAILED, f"message exceeds {MAX_MESSAGE_BYTES} bytes")
         return body
 
@@ -162,6 +176,8 @@ class HmsProvider:
                 response = await self._post(token, body)
         except _AuthFailure as exc:
             return exc.result
+        except ResponseTooLarge as exc:
+            return PushResult(PushOutcome.FAILED, str(exc))
         except httpx.HTTPError as exc:
             return network_result(exc)
         result = result_for(response, self._clock)
@@ -170,8 +186,9 @@ class HmsProvider:
         return result
 
     async def _post(self, token: str, body: bytes) -> httpx.Response:
-        return await self._http.get().post(self._send_url, content=body, headers={
-            "authorization": f"Bearer {token}", "content-type": "application/json;charset=utf-8"})
+        client = self._http.get()
+        return await send_capped(client, client.build_request("POST", self._send_url, content=body, headers={
+            "authorization": f"Bearer {token}", "content-type": "application/json;charset=utf-8"}))
 
     async def _token(self, stale: str | None = None) -> str:
         if self._fresh(stale):
@@ -188,9 +205,13 @@ class HmsProvider:
     async def _fetch(self) -> tuple[str, float]:
         self.token_fetches += 1
         started = self._clock()
-        response = await self._http.get().post(self.app.token_url, data={
-            "grant_type": "client_credentials", "client_id": self.app.client_id,
-            "client_secret": str(self.app.client_secret)})
+        client = self._http.get()
+        try:
+            response = await send_capped(client, client.build_request("POST", self.app.token_url, data={
+                "grant_type": "client_credentials", "client_id": self.app.client_id,
+                "client_secret": str(self.app.client_secret)}))
+        except ResponseTooLarge as exc:
+            raise _AuthFailure(PushResult(PushOutcome.FAILED, f"oauth token endpoint: {exc}")) from None
         where = f"oauth token endpoint HTTP {response.status_code}"
         try:
             body = response.json()
@@ -276,6 +297,7 @@ class HmosProvider:
         return binding.push.provider == "hmos" and binding.push.param == self.project.project_id
 
     async def warm(self) -> None:
+        preload_http()
         self._http.get()
         self.bearer()
 
@@ -325,12 +347,16 @@ class HmosProvider:
         try:
             for _attempt in range(2):
                 headers["authorization"] = f"Bearer {self.bearer(stale)}"
-                response = await self._http.get().post(self._send_url, content=body, headers=headers)
+                client = self._http.get()
+                response = await send_capped(client, client.build_request("POST", self._send_url, content=body,
+                                                                          headers=headers))
                 if stale is None and (_code(response) in AUTH_CODES or response.status_code == 401):
                     log.info("hmos %s: JWT refused, signing a new one", self.project.project_id)
                     stale = headers["authorization"].removeprefix("Bearer ")
                     continue
                 break
+        except ResponseTooLarge as exc:
+            return PushResult(PushOutcome.FAILED, str(exc))
         except httpx.HTTPError as exc:
             return network_result(exc)
         result = result_for(response, self._clock)

@@ -29,7 +29,17 @@ from typing import Any
 import httpx
 
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult
-from ari_push.push.common import Clock, LazyClient, call_fields, closed_result, network_result, retry_after
+from ari_push.push.common import (
+    Clock,
+    LazyClient,
+    ResponseTooLarge,
+    call_fields,
+    closed_result,
+    network_result,
+    preload_http,
+    retry_after,
+    send_capped,
+)
 from ari_push.push.ece import EceError, Vapid, encrypt, load_vapid_key
 from ari_push.push.vendor import Resolver, UrlRefused, check_url, system_resolver
 from ari_push.settings import WebPushSettings
@@ -71,6 +81,7 @@ class WebPushProvider:
         return binding.push.provider == "webpush"
 
     async def warm(self) -> None:
+        preload_http()
         self._http.get()
 
     async def aclose(self) -> None:
@@ -128,8 +139,9 @@ class WebPushProvider:
                 result = await self._post(target, endpoint, message, smaller)
             return result
         except UrlRefused as exc:
-            log.warning("webpush push to %s refused: %s", target_host(endpoint), exc)
-            return PushResult(PushOutcome.FAILED, f"URL refused: {exc}")
+            why = str(exc).replace("capture.vendor_allowed_hosts", "capture.webpush_allowed_hosts")
+            log.warning("webpush push to %s refused: %s", target_host(endpoint), why)
+            return PushResult(PushOutcome.FAILED, f"URL refused: {why}")
         except EceError as exc:
             return PushResult(PushOutcome.FAILED, f"cannot encrypt for this subscription: {exc}")
         except httpx.HTTPError as exc:
@@ -141,11 +153,11 @@ class WebPushProvider:
         client = self._http.get()
         request = client.build_request("POST", target.url, content=body, headers=headers,
                                        extensions={"sni_hostname": target.host})
-        response = await client.send(request, stream=True)
         try:
-            text = await _read_capped(response, MAX_RESPONSE_BYTES)
-        finally:
-            await response.aclose()
+            response = await send_capped(client, request, MAX_RESPONSE_BYTES)
+        except ResponseTooLarge as exc:
+            return PushResult(PushOutcome.FAILED, str(exc))
+        text = response.text
         status = response.status_code
         if status in (200, 201, 202):
             return PushResult(PushOutcome.DELIVERED, response.headers.get("location", "")[:200], status)
@@ -158,16 +170,6 @@ class WebPushProvider:
         if 300 <= status < 400:
             return PushResult(PushOutcome.FAILED, "redirect refused", status)
         return PushResult(PushOutcome.FAILED, reason, status)
-
-
-async def _read_capped(response: httpx.Response, cap: int) -> str:
-    """The start of the answer's body: a push service's error text, never more than ``cap``."""
-    data = bytearray()
-    async for chunk in response.aiter_raw():
-        data.extend(chunk[: cap - len(data)])
-        if len(data) >= cap:
-            break
-    return data.decode("utf-8", "replace")
 
 
 def _reason(body: str) -> str:

@@ -4,7 +4,8 @@ API and the HarmonyOS v3 send API, refusing what Huawei refuses with Huawei's re
 * ``POST /oauth2/v3/token`` (form, ``grant_type=client_credentials``, ``client_id``,
   ``client_secret``) -> ``{"access_token", "expires_in", "token_type": "Bearer"}`` or Huawei's
   OAuth error ``{"error": 1101|1102, "sub_error": ..., "error_description": ...}``.
-* ``POST /v1/{appId}/messages:send`` with ``Authorization: Bearer <access token>``.
+* ``POST /v1/{clientId}/messages:send`` (the app's OAuth client id, usually its app id) with
+  ``Authorization: Bearer <access token>``.
 * ``POST /v3/{projectId}/messages:send`` with ``Authorization: Bearer <service-account JWT>``
   (PS256, ``kid`` = key_id, ``iss`` = sub_account, ``aud`` = the token URI, at most 3600 s) and
   a ``push-type`` header.
@@ -46,7 +47,7 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
     ("oauth", "unknown client_id or wrong client_secret", "1101"),
     ("v1", "no or unknown bearer token", "80200001"),
     ("v1", "expired access token", "80200003"),
-    ("v1", "token issued for another app id", "80300002"),
+    ("v1", "token issued to another client (app) id than the URL's", "80300002"),
     ("v1", "Content-Type is not application/json", "80100003"),
     ("v1", "body is not a JSON object with a message", "80100003"),
     ("v1", "message.token missing or empty", "80100001"),
@@ -56,7 +57,7 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
     ("v1", "android.category not VOIP/PLAY_VOICE on a data message", "80100001"),
     ("v1", "android.ttl malformed or over 15 days", "80100001"),
     ("v1", "android.bi_tag not a string", "80100001"),
-    ("v1", "message over 4096 bytes", "80300008"),
+    ("v1", "message over 4096 bytes (tokens excluded)", "80300008"),
     ("v1", "token malformed or unknown (all tokens invalid)", "80300007"),
     ("v3", "no bearer, bad JWT, unknown kid, not PS256, wrong iss/aud", "80200001"),
     ("v3", "JWT expired or valid for more than 3600 s", "80200003"),
@@ -133,7 +134,7 @@ class FakeHuawei:
 
     def __post_init__(self) -> None:
         self._clients: dict[str, tuple[str, str]] = {}  # client_id -> (secret, app_id)
-        self._issued: dict[str, tuple[str, float]] = {}  # access token -> (app_id, expires)
+        self._issued: dict[str, tuple[str, float]] = {}  # access token -> (client_id, expires)
         self._accounts: dict[str, HarmonyAccount] = {}  # key_id -> account
         self._scripts: dict[str, deque[HuaweiAnswer]] = {}
         self._seq = itertools.count(1)
@@ -238,8 +239,9 @@ class FakeHuawei:
         client = self._clients.get(str(form.get("client_id", "")))
         if client is None or form.get("client_secret") != client[0]:
             return self._oauth_error(1101, 20152, "invalid client", status=401)
-        token = f"DQEDA{next(self._seq):06d}+fake/{client[1]}="
-        self._issued[token] = (client[1], self.clock() + self.token_lifetime)
+        client_id = str(form.get("client_id"))
+        token = f"DQEDA{next(self._seq):06d}+fake/{client_id}="
+        self._issued[token] = (client_id, self.clock() + self.token_lifetime)
         self.token_issuances += 1
         return web.json_response({"access_token": token, "expires_in": self.token_lifetime,
                                   "token_type": "Bearer"})
@@ -247,14 +249,14 @@ class FakeHuawei:
     # ------------------------------------------------------------ v1 (HMS Core)
 
     async def _v1(self, request: web.Request) -> web.Response:
-        app_id = request.match_info["target"]
+        client_id = request.match_info["target"]  # Huawei's reference: the OAuth 2.0 client id
         auth = request.headers.get("Authorization", "")
         issued = self._issued.get(auth[7:]) if auth.startswith("Bearer ") else None
         if issued is None:
             return self._refuse("80200001", "Oauth authentication error")
         if issued[1] <= self.clock():
             return self._refuse("80200003", "Oauth Token expired")
-        if issued[0] != app_id:
+        if issued[0] != client_id:
             return self._refuse("80300002", "APP is forbidden to send")
         if request.content_type != "application/json":
             return self._refuse("80100003", "Message structure error (Content-Type)")
@@ -287,9 +289,9 @@ class FakeHuawei:
             return self._refuse("80100001", "Parameters check error: ttl")
         if "bi_tag" in android and not isinstance(android["bi_tag"], str):
             return self._refuse("80100001", "Parameters check error: bi_tag")
-        if len(raw) > 4096:
+        if len(raw) - sum(len(t.encode()) for t in tokens) > 4096:  # Huawei counts without the tokens
             return self._refuse("80300008", "The message body size exceeds the default value set by the system")
-        return await self._answer("v1", app_id, tokens[0], request, body)
+        return await self._answer("v1", client_id, tokens[0], request, body)
 
     # ------------------------------------------------------------ v3 (HarmonyOS)
 

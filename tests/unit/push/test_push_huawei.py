@@ -140,15 +140,18 @@ async def test_hms_wrong_secret_fails_without_showing_it(huawei: FakeHuawei, pki
     assert not huawei.requests
 
 
-async def test_hms_token_of_another_app_is_refused(huawei: FakeHuawei, pki: Pki, clock: Clock) -> None:
-    huawei.add_app("109999999", "other-secret")
+async def test_hms_url_names_the_oauth_client_id(huawei: FakeHuawei, pki: Pki, clock: Clock) -> None:
+    """An app whose OAuth client id differs from its app id: the URL carries the client id (the
+    local service refuses a token used under another id with 80300002, test_push_fakes_hms_webpush)."""
+    huawei.add_app(APP, "other-secret", client_id="109999999")
     provider = HmsProvider(hms_app(huawei, pki, client_id="109999999", client_secret=Secret("other-secret")),
                            clock=clock)
     try:
         result = await provider.send(binding("hms", TOKEN, APP), message())
     finally:
         await provider.aclose()
-    assert result.outcome is PushOutcome.FAILED and result.reason.startswith("80300002")
+    assert result.outcome is PushOutcome.DELIVERED, result
+    assert huawei.requests[0].target == "109999999"
 
 
 @pytest.mark.parametrize(("answer", "outcome"), [

@@ -33,7 +33,8 @@ def vapid_key() -> ec.EllipticCurvePrivateKey:
 
 
 @pytest.fixture
-async def provider(pki: Pki, vapid_key: ec.EllipticCurvePrivateKey) -> AsyncIterator[WebPushProvider]:
+async def provider(pki: Pki, vapid_key: ec.EllipticCurvePrivateKey,
+                   service: FakeWebPush) -> AsyncIterator[WebPushProvider]:
     settings = WebPushSettings(vapid_key=Secret(private_pem(vapid_key)), subject="mailto:ops@example.com",
                                ca_file=str(pki.ca_file), timeout=2.0)
     prov = WebPushProvider(settings, ["localhost:*"])  # the local service listens on a free port
@@ -138,7 +139,7 @@ async def test_host_not_allowed_is_refused_before_any_request(service: FakeWebPu
         result = await prov.send(wp_binding(service.subscribe()), message())
     finally:
         await prov.aclose()
-    assert result.outcome is PushOutcome.FAILED and "not in" in result.reason
+    assert result.outcome is PushOutcome.FAILED and "not in capture.webpush_allowed_hosts" in result.reason
     assert not service.pushes and not service.refusals
 
 
