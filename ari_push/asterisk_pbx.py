@@ -111,6 +111,12 @@ class AsteriskPbx:
         expires = next((v for k, v in fields if k == "expiration_time"), "0")
         return ContactSnapshot(aor, contact_uri, float(expires) if expires.isdigit() else 0.0, fields)
 
+    async def user_agent_of(self, aor: str, contact_uri: str) -> str:
+        """The User-Agent Asterisk stored with a registered contact ('' when there is none)."""
+        attrs = await self._call("get_config", {"configClass": "res_pjsip", "objectType": "contact",
+                                                "id": contact_object_id(aor, contact_uri)})
+        return next((str(a.get("value", "")) for a in attrs or [] if a.get("attribute") == "user_agent"), "")
+
     async def restore_contact(self, snapshot: ContactSnapshot) -> None:
         # PUT of the same object id with the fields read before the delete: Asterisk stores it
         # as it was (expiration, path, user agent, via) and emits ContactStatus Created (measured).

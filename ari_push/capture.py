@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from ari_push.ami_frames import AmiMessage
@@ -61,6 +61,8 @@ class Capture:
         self.resync_needed = False
         #: Says which provider table serves a binding (push/routing.py); set once providers exist.
         self.explain: Callable[[Binding], str] | None = None
+        #: reads a registered contact's User-Agent (the PBX's contact object; set by the daemon)
+        self.user_agent_of: Callable[[str, str], Awaitable[str]] | None = None
         #: told about every stored push binding; ``fresh``: registered just now (refresh, messages)
         self.on_binding: Callable[[Binding, bool], None] | None = None
 
@@ -143,6 +145,15 @@ class Capture:
 
     # ---------------------------------------------------------------- core
 
+    async def _user_agent(self, aor: str, uri: str) -> str:
+        assert self.user_agent_of is not None
+        try:
+            async with asyncio.timeout(2.0):
+                return (await self.user_agent_of(aor, uri))[:256]
+        except Exception as exc:  # the User-Agent is nice to have: never lose a binding for it
+            log.debug("no user agent for a contact of %s: %s", aor, exc)
+            return ""
+
     async def capture(
         self, aor: str, endpoint: str, uri: str, user_agent: str, signal: bool = True, delivered: bool = False
     ) -> Binding | None:
@@ -165,6 +176,10 @@ class Capture:
             await (self.wakeups.publish_remote(reg) if delivered else self.wakeups.publish(reg))
         if push is None:
             return None
+        if not user_agent and self.user_agent_of is not None:
+            # AMI's ContactStatus carries no User-Agent (Asterisk 22); the contact object has it.
+            # Read after the wake-up above, so no call waits for it.
+            user_agent = await self._user_agent(aor, uri)
         binding = Binding(aor=aor, endpoint=endpoint, push=push, contact_uri=uri, user_agent=user_agent,
                           first_seen=now, last_seen=now)
         try:

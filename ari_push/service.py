@@ -143,8 +143,10 @@ class Daemon:
         # bindings; the dispatcher only applies its verdicts.
         self.dispatcher = PushDispatcher(self.providers, on_token_dead=self._on_token_dead,
                                          fanout=Fanout.from_settings(settings))
-        self.calls = CallManager(settings, AsteriskPbx(self.ari, settings.ari.app), self.planner, self.dispatcher,
-                                 self.wakeups, self.metrics, self.policy)
+        self.pbx = AsteriskPbx(self.ari, settings.ari.app)
+        self.capture.user_agent_of = self.pbx.user_agent_of
+        self.calls = CallManager(settings, self.pbx, self.planner, self.dispatcher, self.wakeups, self.metrics,
+                                 self.policy)
         self.cluster: Cluster | None = None
         if settings.cluster.mode != "single" and self.redis is not None:
             self.cluster = Cluster(settings.cluster, settings.ari.app, self.redis, self.keys, self.ari, self.node_id,

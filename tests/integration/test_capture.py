@@ -54,6 +54,7 @@ async def test_each_dialect_is_captured(capture_daemon, ensure_asterisk: Asteris
         assert b.push.provider == provider and b.push.dialect == kind
         assert b.contact_uri == phone.contact_uri  # as Asterisk reports it
         assert b.endpoint == aor and b.first_seen > 0
+        assert b.user_agent == "ari-push-test-ua/1.0"  # live capture reads it from the contact object
         if dialect == "apple-dual":
             assert b.push.token == "ab" * 32 and b.push.sandbox
             assert b.push.extra_tokens == (("remote", "cd" * 32),)
