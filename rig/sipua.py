@@ -89,8 +89,10 @@ class _Udp(asyncio.DatagramProtocol):
 class SipUA:
     """One SIP phone on 127.0.0.1. ``open()`` binds a fresh local port (a 'new socket')."""
 
-    def __init__(self, user: str, server_port: int, transport: str = "udp") -> None:
+    def __init__(self, user: str, server_port: int, transport: str = "udp", password: str = "") -> None:
+        """``password``: answer digest challenges (401/407) with it, as FreeSWITCH directory users need."""
         self.user = user
+        self.password = password
         self.server = ("127.0.0.1", server_port)
         self.transport = transport
         self.port = 0
@@ -208,12 +210,21 @@ class SipUA:
             self.contact_params = contact_params
         self.cseq += 1
         contact = contact_uri or self.contact_uri
-        resp = await self._request("REGISTER", f"sip:127.0.0.1:{self.server[1]}", [
+        uri = f"sip:127.0.0.1:{self.server[1]}"
+        headers = [
             ("From", f"<sip:{self.user}@127.0.0.1>;tag={self.from_tag}"),
             ("To", f"<sip:{self.user}@127.0.0.1>"),
-            ("Call-ID", self.call_id), ("CSeq", f"{self.cseq} REGISTER"),
+            ("Call-ID", self.call_id),
             ("Contact", f"<{contact}>"), ("Expires", str(expires)), ("User-Agent", "ari-push-test-ua/1.0"),
-        ])
+        ]
+        resp = await self._request("REGISTER", uri, [*headers, ("CSeq", f"{self.cseq} REGISTER")])
+        if resp.status in (401, 407) and self.password:
+            self.cseq += 1
+            name = "Authorization" if resp.status == 401 else "Proxy-Authorization"
+            challenge = resp.header("WWW-Authenticate" if resp.status == 401 else "Proxy-Authenticate")
+            resp = await self._request("REGISTER", uri, [
+                *headers, ("CSeq", f"{self.cseq} REGISTER"),
+                (name, digest_response(challenge, "REGISTER", uri, self.user, self.password))])
         return resp.status
 
     async def unregister(self) -> int:
@@ -350,6 +361,28 @@ class SipUA:
         self.send(build(f"CANCEL {inv['uri']} SIP/2.0", [
             ("Via", self._via(self._invite_branch)), ("Max-Forwards", "70"), ("From", inv["from"]),
             ("To", f"<{inv['uri']}>"), ("Call-ID", inv["call_id"]), ("CSeq", f"{inv['cseq']} CANCEL")]))
+
+
+def digest_response(challenge: str, method: str, uri: str, user: str, password: str) -> str:
+    """An RFC 2617 ``Digest`` answer (MD5, qop=auth when offered) to a WWW-/Proxy-Authenticate."""
+    import hashlib
+
+    fields = {k: a or b for k, a, b in re.findall(r'(\w+)=(?:"([^"]*)"|([^,\s]+))', challenge.partition(" ")[2])}
+
+    def md5(text: str) -> str:
+        return hashlib.md5(text.encode()).hexdigest()
+
+    realm, nonce = fields.get("realm", ""), fields.get("nonce", "")
+    ha1, ha2 = md5(f"{user}:{realm}:{password}"), md5(f"{method}:{uri}")
+    out = f'Digest username="{user}", realm="{realm}", nonce="{nonce}", uri="{uri}", algorithm=MD5'
+    if "auth" in fields.get("qop", "").split(","):
+        cnonce, nc = _tag(), "00000001"
+        out += f', qop=auth, nc={nc}, cnonce="{cnonce}", response="{md5(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}")}"'
+    else:
+        out += f', response="{md5(f"{ha1}:{nonce}:{ha2}")}"'
+    if "opaque" in fields:
+        out += f', opaque="{fields["opaque"]}"'
+    return out
 
 
 def _sdp_media(body: str) -> tuple[str, int] | None:
