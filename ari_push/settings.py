@@ -63,6 +63,18 @@ class AmiSettings:
 
 
 @dataclass(frozen=True)
+class FreeswitchSettings:
+    """The FreeSWITCH event socket (inbound ESL), the alternative to [ari]/[ami] (docs/freeswitch.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8021
+    password: Secret = Secret("")
+    profile: str = "internal"  # the sofia profile the phones register on
+    request_timeout: float = 5.0
+    heartbeat: float = 10.0
+
+
+@dataclass(frozen=True)
 class RedisSettings:
     """``url`` empty and no ``sentinels`` means the embedded single-node store (no Redis at all).
 
@@ -212,6 +224,7 @@ class Settings:
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     node_id: str = ""
     shutdown_timeout: float = 10.0
+    freeswitch: FreeswitchSettings | None = None  # set: FreeSWITCH instead of Asterisk ([ari]/[ami])
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -467,11 +480,12 @@ def _fcm(data: Mapping[str, Any], where: str, base: Path | None) -> FcmProject:
 
 def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
     top = _Section(raw, "", base)
+    freeswitch = _freeswitch(_Section(top.table("freeswitch"), "freeswitch", base)) if "freeswitch" in raw else None
     ari_s = _Section(top.table("ari"), "ari", base)
     ari = AriSettings(
         url=ari_s.url("url", AriSettings.url),
         username=ari_s.text("username", AriSettings.username),
-        password=ari_s.secret("password", required=True),
+        password=ari_s.secret("password", required=freeswitch is None),
         app=ari_s.text("app", AriSettings.app),
         request_timeout=ari_s.positive("request_timeout", AriSettings.request_timeout),
         heartbeat=ari_s.positive("heartbeat", AriSettings.heartbeat),
@@ -485,7 +499,7 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         host=ami_s.text("host", AmiSettings.host),
         port=ami_s.port("port", AmiSettings.port),
         username=ami_s.text("username", AmiSettings.username),
-        secret=ami_s.secret("secret", required=True),
+        secret=ami_s.secret("secret", required=freeswitch is None),
         request_timeout=ami_s.positive("request_timeout", AmiSettings.request_timeout),
         heartbeat=ami_s.positive("heartbeat", AmiSettings.heartbeat),
     )
@@ -606,9 +620,34 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         apns=apns, fcm=fcm, vendor=vendor, webhook=hook,
         node_id=top.text("node_id"),
         shutdown_timeout=top.positive("shutdown_timeout", Settings.shutdown_timeout),
+        freeswitch=freeswitch,
     )
     top.done()
+    if freeswitch is not None:
+        for name in ("ari", "ami"):
+            if name in raw:
+                raise SettingsError(name, "[freeswitch] replaces [ari] and [ami]: give one PBX, not both")
     return settings
+
+
+def _freeswitch(s: _Section) -> FreeswitchSettings:
+    fs = FreeswitchSettings(
+        host=s.text("host", FreeswitchSettings.host),
+        port=s.port("port", FreeswitchSettings.port),
+        password=s.secret("password", required=True),
+        profile=s.text("profile", FreeswitchSettings.profile),
+        request_timeout=s.positive("request_timeout", FreeswitchSettings.request_timeout),
+        heartbeat=s.positive("heartbeat", FreeswitchSettings.heartbeat),
+    )
+    s.done()
+    if not fs.host or any(c.isspace() for c in fs.host) or "/" in fs.host:
+        raise SettingsError(s.key("host"), f"must be a host name or address, got {fs.host!r}")
+    if any(c.isspace() for c in fs.password):
+        raise SettingsError(s.key("password"), "the event socket cannot take a password with spaces or line breaks")
+    if not fs.profile or not all(c.isalnum() or c in "-_." for c in fs.profile):
+        raise SettingsError(s.key("profile"), f"must be a sofia profile name (letters, digits, - _ .), got "
+                                              f"{fs.profile!r}")
+    return fs
 
 
 # ---------------------------------------------------------------- environment overrides
