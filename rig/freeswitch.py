@@ -62,8 +62,11 @@ class FreeswitchInstance:
 
     def __init__(self, tree: Path, name: str, ports: FsPorts,
                  users: range = range(TEST_AOR_FIRST, TEST_AOR_FIRST + TEST_AOR_COUNT),
-                 extra_dialplan: str = "") -> None:
+                 extra_dialplan: str = "", multiple_registrations: str = "contact") -> None:
+        """``multiple_registrations``: the sofia profile parameter (``contact``: one registration per
+        contact URI; ``true``: per Call-ID; ``false``: one per user)."""
         self.tree = tree
+        self.multiple_registrations = multiple_registrations
         self.name = name if rig_slot() == 0 else f"{name}-s{rig_slot()}"
         self.ports = ports
         self.users = users
@@ -187,7 +190,7 @@ class FreeswitchInstance:
             <param name="force-register-domain" value="$${{domain}}"/>
             <param name="force-register-db-domain" value="$${{domain}}"/>
             <param name="challenge-realm" value="auto_from"/>
-            <param name="multiple-registrations" value="contact"/>
+            <param name="multiple-registrations" value="{self.multiple_registrations}"/>
             <param name="accept-blind-reg" value="false"/>
             <param name="nonce-ttl" value="60"/>
             <param name="minimum-session-expires" value="90"/>

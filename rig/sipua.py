@@ -316,36 +316,45 @@ class SipUA:
     # ---------------------------------------------------------------- calls (UAC)
 
     async def call(self, target: str, timeout: float = 60.0) -> SipMessage:
-        """INVITE ``target`` via Asterisk; return the final response (ACKed when 2xx)."""
+        """INVITE ``target`` via the PBX; return the final response (ACKed when 2xx). A digest
+        challenge (401/407) is answered once with ``password`` when the UA has one."""
         self._new_rtp()
         assert self.rtp is not None
         await self.rtp.open()
         call_id = f"{uuid.uuid4().hex}@caller"
         tag = _tag()
-        self.cseq += 1
-        cseq = self.cseq
         uri = f"sip:{target}@127.0.0.1:{self.server[1]}"
         from_h = f"<sip:{self.user}@127.0.0.1>;tag={tag}"
-        self._invite = {"uri": uri, "call_id": call_id, "from": from_h, "cseq": str(cseq)}
-        self._invite_branch = _tag()
-        branch = self._invite_branch
-        fut: asyncio.Future[SipMessage] = asyncio.get_running_loop().create_future()
-        self._waiters[f"{branch}:INVITE"] = fut
-        self.send(build(f"INVITE {uri} SIP/2.0", [
-            ("Via", self._via(branch)), ("Max-Forwards", "70"), ("From", from_h), ("To", f"<{uri}>"),
-            ("Call-ID", call_id), ("CSeq", f"{cseq} INVITE"),
-            ("Contact", f"<sip:{self.user}@127.0.0.1:{self.port};transport={self.transport}>"),
-            ("Content-Type", "application/sdp")], self.rtp.sdp(self.user)))
-        try:
-            async with asyncio.timeout(timeout):
-                resp = await fut
-        finally:
-            self._waiters.pop(f"{branch}:INVITE", None)
-        ack_to = resp.header("To")
-        ack_uri = re.sub(r"^.*<([^>]+)>.*$", r"\1", resp.header("Contact")) if resp.status < 300 else uri
-        self.send(build(f"ACK {ack_uri} SIP/2.0", [
-            ("Via", self._via(branch if resp.status >= 300 else None)), ("Max-Forwards", "70"),
-            ("From", from_h), ("To", ack_to), ("Call-ID", call_id), ("CSeq", f"{cseq} ACK")]))
+        auth: list[tuple[str, str]] = []
+        for attempt in range(2):
+            self.cseq += 1
+            cseq = self.cseq
+            self._invite = {"uri": uri, "call_id": call_id, "from": from_h, "cseq": str(cseq)}
+            self._invite_branch = _tag()
+            branch = self._invite_branch
+            fut: asyncio.Future[SipMessage] = asyncio.get_running_loop().create_future()
+            self._waiters[f"{branch}:INVITE"] = fut
+            self.send(build(f"INVITE {uri} SIP/2.0", [
+                ("Via", self._via(branch)), ("Max-Forwards", "70"), ("From", from_h), ("To", f"<{uri}>"),
+                ("Call-ID", call_id), ("CSeq", f"{cseq} INVITE"),
+                ("Contact", f"<sip:{self.user}@127.0.0.1:{self.port};transport={self.transport}>"), *auth,
+                ("Content-Type", "application/sdp")], self.rtp.sdp(self.user)))
+            try:
+                async with asyncio.timeout(timeout):
+                    resp = await fut
+            finally:
+                self._waiters.pop(f"{branch}:INVITE", None)
+            ack_to = resp.header("To")
+            ack_uri = re.sub(r"^.*<([^>]+)>.*$", r"\1", resp.header("Contact")) if resp.status < 300 else uri
+            self.send(build(f"ACK {ack_uri} SIP/2.0", [
+                ("Via", self._via(branch if resp.status >= 300 else None)), ("Max-Forwards", "70"),
+                ("From", from_h), ("To", ack_to), ("Call-ID", call_id), ("CSeq", f"{cseq} ACK")]))
+            if resp.status in (401, 407) and self.password and attempt == 0:
+                name = "Authorization" if resp.status == 401 else "Proxy-Authorization"
+                challenge = resp.header("WWW-Authenticate" if resp.status == 401 else "Proxy-Authenticate")
+                auth = [(name, digest_response(challenge, "INVITE", uri, self.user, self.password))]
+                continue
+            break
         if resp.status < 300:
             remote = _sdp_media(resp.body)
             if remote:
