@@ -206,8 +206,9 @@ class FreeswitchInstance:
            channel; ari-push (inbound event socket) takes it over by UUID. -->
       <extension name="push_user">
         <condition field="destination_number" expression="^(\\d{{4}})$">
-          <action application="set" data="push_target=$1"/>
+          <action application="set" data="push_target=$1@$${{domain}}"/>
           <action application="set" data="ari_push=1"/>
+          <action application="set" data="park_timeout=150:RECOVERY_ON_TIMER_EXPIRE"/>
           <action application="ring_ready"/>
           <action application="park"/>
         </condition>
