@@ -31,13 +31,11 @@ ConnectHandler = Callable[[], Awaitable[None]]
 OPERATIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "asterisk_info": ("GET", "/asterisk/info", (), ()),
     "list_channels": ("GET", "/channels", (), ()),
-    "get_channel": ("GET", "/channels/{channelId}", (), ()),
     "originate": (
         "POST", "/channels/{channelId}", (),
         ("endpoint", "app", "appArgs", "callerId", "timeout", "variables", "originator"),
     ),
     "ring": ("POST", "/channels/{channelId}/ring", (), ()),
-    "ring_stop": ("DELETE", "/channels/{channelId}/ring", (), ()),
     "answer": ("POST", "/channels/{channelId}/answer", (), ()),
     "hangup": ("DELETE", "/channels/{channelId}", ("reason",), ()),
     "set_variable": ("POST", "/channels/{channelId}/variable", ("variable", "value"), ()),

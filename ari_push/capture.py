@@ -6,7 +6,8 @@ Feeds (docs/capture.md):
 - ``PeerStatus`` ``Registered`` (chan_sip, Asterisk <= 20): the contact is read from astdb
   ``SIP/Registry/<peer>`` with ``DBGet``.
 - Resynchronisation with ``PJSIPShowContacts`` at start-up and after every AMI reconnect.
-Events are queued by the AMI reader and handled in order by one worker task.
+The AMI reader wakes waiting calls at once, then queues the event for one of ``WORKERS``
+workers chosen by AOR (the events of one AOR stay in order).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ unchanged. Nothing here does I/O.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -63,15 +63,6 @@ class Binding:
     @property
     def device_id(self) -> str:
         return self.push.device_id
-
-    def seen_again(self, contact_uri: str, user_agent: str, now: float, endpoint: str = "") -> Binding:
-        return replace(
-            self,
-            contact_uri=contact_uri,
-            user_agent=user_agent or self.user_agent,
-            endpoint=endpoint or self.endpoint,
-            last_seen=now,
-        )
 
 
 class PushKind(StrEnum):

@@ -106,7 +106,6 @@ class CaptureSettings:
     retention_days: float = 30.0
     vendor_allowed_hosts: tuple[str, ...] = ()
     extra_providers: tuple[str, ...] = ()
-    resync_interval: float = 300.0
     webpush_allowed_hosts: tuple[str, ...] | None = None  # None: the public push services
 
 
@@ -512,7 +511,6 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         retention_days=cap_s.positive("retention_days", CaptureSettings.retention_days),
         vendor_allowed_hosts=tuple(h.lower() for h in cap_s.strings("vendor_allowed_hosts")),
         extra_providers=tuple(p.lower() for p in cap_s.strings("extra_providers")),
-        resync_interval=cap_s.positive("resync_interval", CaptureSettings.resync_interval),
         webpush_allowed_hosts=(tuple(h.lower() for h in cap_s.strings("webpush_allowed_hosts"))
                                if "webpush_allowed_hosts" in cap_s.data else None),
     )

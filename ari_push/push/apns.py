@@ -1,6 +1,7 @@
 """APNs VoIP provider over HTTP/2 (httpx), for one iOS app.
 
-One long-lived client per environment (production, sandbox), created lazily: Apple asks
+One long-lived client per environment (production, sandbox), opened by ``warm()`` at start
+(or on the first push to that environment): Apple asks
 providers to keep connections open, and HTTP/2 multiplexes every push on one of them.
 
 Token auth signs an ES256 JWT with the app's .p8 key and reuses it for ``jwt_lifetime``

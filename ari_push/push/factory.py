@@ -4,8 +4,10 @@ Order matters: the dispatcher uses the first provider that serves a binding, so 
 webhook (an explicit admin choice to relay some providers) comes first, then one APNs
 provider per app, one FCM provider per project, then vendor URLs.
 
-No I/O happens here and no loop is needed: providers open their HTTP clients lazily, on
-their first push, and close them in ``aclose()`` (``PushDispatcher.aclose()`` closes all).
+No I/O happens here and no loop is needed: the daemon warms every provider at start
+(``warm()`` opens its HTTP clients and fetches credentials, so the first call's push does not
+pay the TLS set-up), a provider not yet warmed opens its client on its first push, and
+``PushDispatcher.aclose()`` closes them all at stop.
 Credentials are parsed here, so a bad key fails start-up with a SettingsError.
 """
 

@@ -100,8 +100,8 @@ class FcmProvider:
     """Sends to one FCM project. ``default=True`` also serves FCM bindings that name no
     project (set by the factory when exactly one project is configured).
 
-    The HTTP client is created lazily on first use (so this may be built outside a loop)
-    and lives until :meth:`aclose`.
+    The HTTP client and the access token are made by :meth:`warm` when the daemon starts (or
+    on the first push, so this may be built outside a loop) and live until :meth:`aclose`.
     """
 
     name = "fcm"

@@ -1,9 +1,9 @@
-"""Pure parts of cluster.py: reading a channel's Stasis arguments and role; the push ledger."""
+"""Channel helpers (channels.py: Stasis arguments, roles, call ids) and the push ledger."""
 
 from __future__ import annotations
 
-from ari_push.calls import call_id_for
-from ari_push.cluster import MemoryLedger, channel_role, stasis_args
+from ari_push.channels import call_id_for, channel_role, stasis_args
+from ari_push.push.ledger import MemoryLedger
 
 
 def test_stasis_args_for_stasis_and_stasisbroadcast() -> None:
