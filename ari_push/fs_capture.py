@@ -7,8 +7,8 @@ Feeds (docs/freeswitch.md):
   parameters, stored; waiting calls of that user are woken at once.
 - ``sofia::unregister`` and ``sofia::expire`` never delete a binding (a sleeping phone's
   registration expires; its token stays valid), as Asterisk's ``Removed`` does not.
-- Resynchronisation with ``sofia xmlstatus profile <p> reg`` on every (re)connect and every
-  ``[capture] resync_interval``.
+- Resynchronisation with ``sofia xmlstatus profile <p> reg`` on every (re)connect (and, with
+  ``run(resync_interval=...)``, periodically).
 Only the configured sofia profile is captured: calls are originated through it.
 
 A user is ``<user>@<domain>`` (``3000@pbx.example.com``): FreeSWITCH directory users live in
@@ -206,4 +206,4 @@ class FreeswitchFeed:
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.esl.run(stop), name="freeswitch-esl")
-            tg.create_task(self.feed.run(stop, self.settings.capture.resync_interval), name="freeswitch-capture")
+            tg.create_task(self.feed.run(stop), name="freeswitch-capture")

@@ -659,6 +659,10 @@ def _coerce_env(text: str) -> Any:
         return text
 
 
+# ARI_PUSH_RIG_SLOT (test port blocks) and the FreeSWITCH provisioning switches (rig/provision.py)
+RIG_VARIABLES = frozenset({"rig_slot", "freeswitch_sources", "freeswitch_build"})
+
+
 def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """``ARI_PUSH_ARI__PASSWORD=x`` sets ``[ari] password``; ``__`` separates levels."""
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
@@ -668,7 +672,7 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         if any(not p for p in path) or len(path) > 2:
             raise SettingsError(name, "environment overrides look like ARI_PUSH_SECTION__KEY")
-        if path[0].startswith("debian"):
+        if path[0].startswith("debian") or path[0] in RIG_VARIABLES:
             continue  # rig variables, not settings
         target = merged
         if len(path) == 2:

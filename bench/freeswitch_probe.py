@@ -79,6 +79,10 @@ class Probe:
             self.events.get_nowait()
 
 
+def parked_for(event: EslEvent, user: str) -> bool:
+    return event.name == "CHANNEL_PARK" and event.get("variable_push_target") == f"{user}@127.0.0.1"
+
+
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
@@ -93,7 +97,7 @@ async def one_call(p: Probe, callee: SipUA, caller: SipUA, same_uri: bool) -> di
     p.drain()
     t_call = time.monotonic()
     call = caller.start_call(user, timeout=30)
-    t_park, park = await p.event(lambda e: e.name == "CHANNEL_PARK" and e.get("variable_push_target") == f"{user}@127.0.0.1")
+    t_park, park = await p.event(lambda e: parked_for(e, user))
     a_leg = park.uuid
     # the push would go out here; the phone wakes
     if not same_uri:
@@ -179,7 +183,7 @@ async def main(rounds: int, multiple_registrations: str) -> dict[str, object]:
         sleeper.close()
         p.drain()
         call = caller.start_call("3102", timeout=30)
-        _, park = await p.event(lambda e: e.name == "CHANNEL_PARK" and e.get("variable_push_target") == "3102@127.0.0.1")
+        _, park = await p.event(lambda e: parked_for(e, "3102"))
         t_hb = time.monotonic()
         await p.esl.api(f"uuid_setvar {park.uuid} push_status TIMEOUT")
         await p.esl.api(f"uuid_transfer {park.uuid} push-done XML ari-push")
@@ -191,7 +195,7 @@ async def main(rounds: int, multiple_registrations: str) -> dict[str, object]:
         # cancel: the caller gives up while parked
         p.drain()
         call = caller.start_call("3102", timeout=30)
-        _, park = await p.event(lambda e: e.name == "CHANNEL_PARK" and e.get("variable_push_target") == "3102@127.0.0.1")
+        _, park = await p.event(lambda e: parked_for(e, "3102"))
         t_c = time.monotonic()
         await caller.cancel()
         at, hup = await p.event(lambda e: e.name == "CHANNEL_HANGUP" and e.uuid == park.uuid)

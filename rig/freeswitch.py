@@ -41,16 +41,18 @@ class FsPorts:
 
     @classmethod
     def for_index(cls, index: int) -> FsPorts:
-        """Instance i: SIP 61000+40i, ESL 61001+40i, RTP 61010+40i..61039+40i (15 calls).
+        """Instance i: SIP 63200+28i, ESL 63201+28i, RTP 63204+28i..63227+28i (24 ports: 6 calls
+        with both legs on FreeSWITCH).
 
         ``ARI_PUSH_RIG_SLOT=s`` moves the index by 10*s, as for Asterisk (rig/asterisk.py Ports),
-        so 60 indexes span 61000-63399: above the kernel's ephemeral range (32768-60999, so
-        Redis and the fakes never take one) and above every Asterisk block (10000-59998)."""
+        so 80 indexes (slots 0-7) span 63200-65439: above the kernel's ephemeral range
+        (32768-60999, so Redis and the fakes never take one) and above every Asterisk block
+        (the highest, slots 6-7 RTP, ends at 63188)."""
         index += 10 * rig_slot()
-        if not 0 <= index < 60:
-            raise ValueError(f"FreeSWITCH instance index {index} is outside 0-59")
-        base = 61000 + 40 * index
-        return cls(sip=base, esl=base + 1, rtp_start=base + 10, rtp_end=base + 39)
+        if not 0 <= index < 80:
+            raise ValueError(f"FreeSWITCH instance index {index} is outside 0-79")
+        base = 63200 + 28 * index
+        return cls(sip=base, esl=base + 1, rtp_start=base + 4, rtp_end=base + 27)
 
 
 class FreeswitchError(RuntimeError):

@@ -73,3 +73,10 @@ def test_check_config_validates_and_masks_the_esl_password(tmp_path: Path) -> No
                           capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and "freeswitch.port" in proc.stderr
     assert "esl-secret-42" not in proc.stdout + proc.stderr
+
+
+def test_rig_variables_in_the_environment_are_not_settings(tmp_path: Path) -> None:
+    env = {"ARI_PUSH_RIG_SLOT": "4", "ARI_PUSH_FREESWITCH_SOURCES": "/srv/fs", "ARI_PUSH_FREESWITCH_BUILD": "1",
+           "ARI_PUSH_FREESWITCH__PORT": "8022"}
+    s = load(write(tmp_path, '[freeswitch]\npassword = "p"\n'), environ=env)
+    assert s.freeswitch is not None and s.freeswitch.port == 8022
