@@ -11,8 +11,9 @@ Feeds (docs/freeswitch.md):
   ``run(resync_interval=...)``, periodically).
 Only the configured sofia profile is captured: calls are originated through it.
 
-A user is ``<user>@<domain>`` (``3000@pbx.example.com``): FreeSWITCH directory users live in
-domains, and the same number may exist in two of them.
+A FreeSWITCH user is stored under its directory user id (``3000``), the domain left out: the
+call flow takes the same plain AOR names as on Asterisk (``push_target`` in the dialplan). One
+ari-push serves one directory domain per profile (docs/freeswitch.md).
 """
 
 from __future__ import annotations
@@ -54,14 +55,9 @@ def sofia_contact_uri(contact: str) -> str:
     return text[start + 1 : end].strip() if end > start else ""
 
 
-def user_id(user: str, domain: str) -> str:
-    """The binding's AOR for a FreeSWITCH directory user: ``user@domain``."""
-    user, domain = user.strip(), domain.strip()
-    if not user:
-        return ""
-    if "@" in user:
-        return user
-    return f"{user}@{domain}" if domain else user
+def user_id(user: str) -> str:
+    """The binding's AOR for a FreeSWITCH directory user: the user id, without ``@domain``."""
+    return user.strip().partition("@")[0].strip()
 
 
 class FreeswitchCapture:
@@ -101,8 +97,7 @@ class FreeswitchCapture:
 
     @staticmethod
     def _aor(event: EslEvent) -> str:
-        return user_id(event.get("username") or event.get("from-user"),
-                       event.get("realm") or event.get("domain_name") or event.get("from-host"))
+        return user_id(event.get("username") or event.get("from-user"))
 
     async def run(self, stop: asyncio.Event, resync_interval: float = 0.0) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -166,7 +161,7 @@ class FreeswitchCapture:
         regs = root.findall("./registrations/registration")
         stored = 0
         for reg in regs:
-            aor = user_id(reg.findtext("user", ""), "")
+            aor = user_id(reg.findtext("user", ""))
             uri = sofia_contact_uri(reg.findtext("contact", ""))
             if await self.core.capture(aor, aor, uri, reg.findtext("agent", ""), signal=False):
                 stored += 1

@@ -102,7 +102,9 @@ class FreeswitchInstance:
     # ---------------------------------------------------------------- config
 
     def write_config(self) -> None:
-        """A fresh home: config, and empty db/log/run (no registrations left from an earlier run)."""
+        """A fresh home: config, and empty db/log/run (no registrations left from an earlier run).
+        Refused while the instance's ports are taken: another session may be running it."""
+        self._check_ports_free()
         if self.home.exists():
             shutil.rmtree(self.home)
         for d in ("conf", "log", "run", "db", "temp", "recordings", "storage", "cache", "certs", "scripts",
@@ -208,7 +210,7 @@ class FreeswitchInstance:
            channel; ari-push (inbound event socket) takes it over by UUID. -->
       <extension name="push_user">
         <condition field="destination_number" expression="^(\\d{{4}})$">
-          <action application="set" data="push_target=$1@$${{domain}}"/>
+          <action application="set" data="push_target=$1"/>
           <action application="set" data="ari_push=1"/>
           <action application="set" data="park_timeout=150:RECOVERY_ON_TIMER_EXPIRE"/>
           <action application="ring_ready"/>
@@ -217,7 +219,7 @@ class FreeswitchInstance:
       </extension>
       <extension name="push_done">
         <condition field="destination_number" expression="^push-done$">
-          <action application="log" data="NOTICE push_status=${{push_status}}"/>
+          <action application="log" data="NOTICE push_status=${{push_status}} target=${{push_target}}"/>
           <action application="hangup" data="NORMAL_CLEARING"/>
         </condition>
       </extension>

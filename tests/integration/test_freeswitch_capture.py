@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -20,32 +19,12 @@ from ari_push.redis_keys import Keys
 from ari_push.service import make_redis
 from ari_push.settings import load
 from ari_push.wakeups import WakeupHub
-from rig.freeswitch import ESL_PASSWORD, PROFILE, SIP_PASSWORD, FreeswitchInstance, FsPorts
+from rig.freeswitch import ESL_PASSWORD, PROFILE, SIP_PASSWORD, FreeswitchInstance
 from rig.redis import RedisServer
 from rig.sipua import SipUA
 from rig.tcpproxy import TcpProxy
 from tests.conftest import wait_for
 from tests.integration.test_capture import DIALECTS, EXTRA
-
-DOMAIN = "127.0.0.1"
-
-
-@pytest.fixture(scope="session")
-def freeswitch() -> Iterator[FreeswitchInstance]:
-    if os.geteuid() != 0:
-        pytest.fail("FreeSWITCH integration tests need root (provisioning installs runtime libraries)")
-    inst = FreeswitchInstance.provisioned("f0", FsPorts.for_index(0))
-    inst.write_config()
-    inst.start()
-    yield inst
-    inst.stop()
-
-
-@pytest.fixture
-def ensure_freeswitch(freeswitch: FreeswitchInstance) -> FreeswitchInstance:
-    if not freeswitch.running:
-        freeswitch.start()
-    return freeswitch
 
 
 class RunningFeed:
@@ -54,7 +33,7 @@ class RunningFeed:
         self.feed, self.task, self.stop_event, self.store, self.wakeups = feed, task, stop, store, wakeups
 
     async def bindings(self, user: str) -> list:
-        return await self.store.bindings_for(f"{user}@{DOMAIN}")
+        return await self.store.bindings_for(user)
 
 
 StartFeed = Callable[..., Awaitable[RunningFeed]]
@@ -117,7 +96,7 @@ async def test_each_dialect_is_captured(start_feed: StartFeed, ensure_freeswitch
         bindings = await wait_for(lambda: rf.bindings(aor), 5, "binding stored")
         assert len(bindings) == 1
         b = bindings[0]
-        assert b.aor == f"{aor}@{DOMAIN}" and b.endpoint == b.aor
+        assert b.aor == aor and b.endpoint == aor
         assert b.push.provider == provider and b.push.dialect == kind
         assert b.contact_uri == ua.contact_uri  # FreeSWITCH keeps every URI parameter
         assert b.user_agent == "ari-push-test-ua/1.0"
@@ -133,7 +112,7 @@ async def test_same_uri_reregistration_signals_and_unregister_keeps_the_binding(
     """FreeSWITCH sends sofia::register for every REGISTER, a refresh of the same contact URI too:
     each one wakes a waiting call (no stale-contact trick needed, docs/freeswitch.md)."""
     rf = await start_feed(ensure_freeswitch)
-    user = f"{aor}@{DOMAIN}"
+    user = aor
     async with phone(aor, ensure_freeswitch) as ua:
         assert await ua.register(DIALECTS["rfc8599-fcm"][0]) == 200
         first = (await wait_for(lambda: rf.bindings(aor), 5, "first binding"))[0]

@@ -126,7 +126,7 @@ def test_sofia_contact_uri(contact: str, uri: str) -> None:
 
 
 def test_user_id() -> None:
-    assert user_id("3000", "pbx.example.com") == "3000@pbx.example.com"
-    assert user_id("3000@a.example", "") == "3000@a.example"
-    assert user_id(" 3000 ", "") == "3000"
-    assert user_id("", "pbx.example.com") == ""
+    assert user_id("3000") == "3000"
+    assert user_id("3000@a.example") == "3000"
+    assert user_id(" 3000 ") == "3000"
+    assert user_id("") == "" and user_id("@pbx.example.com") == ""
