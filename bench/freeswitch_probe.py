@@ -80,7 +80,7 @@ class Probe:
 
 
 def parked_for(event: EslEvent, user: str) -> bool:
-    return event.name == "CHANNEL_PARK" and event.get("variable_push_target") == f"{user}@127.0.0.1"
+    return event.name == "CHANNEL_PARK" and event.get("variable_push_target") == user
 
 
 def ms(seconds: float) -> float:

@@ -160,3 +160,83 @@ async def test_unknown_user_or_no_devices_is_handed_back_at_once(
     assert final.status >= 400  # NO_DEVICES (below), not TIMEOUT: handed back without waiting
     await wait_for(lambda: f"push_status=NO_DEVICES target={callee}" in fs.log_text(), 5, "NO_DEVICES hand-back")
     caller.close()
+
+
+async def test_link_loss_while_a_call_waits_the_call_continues(
+        tmp_path: Path, ensure_freeswitch: FreeswitchInstance, ensure_redis: RedisServer,
+        push_endpoint: PushEndpoint, aor: str, aor2: str) -> None:  # noqa: F811
+    """The event socket drops while the phone wakes: its REGISTER is missed live, found by the
+    resync on reconnect (a gap for the waiting call), and the call is answered all the same."""
+    from rig.tcpproxy import TcpProxy
+
+    fs, ep = ensure_freeswitch, push_endpoint
+    proxy = TcpProxy(fs.ports.esl)
+    await proxy.start()
+    text = (f'[freeswitch]\nport = {proxy.port}\npassword = "{ESL_PASSWORD}"\nheartbeat = 1\nrequest_timeout = 2\n'
+            f'[redis]\nurl = "{ensure_redis.url}"\nkey_prefix = "t-{uuid.uuid4().hex[:8]}:"\n'
+            '[capture]\nvendor_allowed_hosts = ["127.0.0.1"]\n[calls]\ndefault_timeout = 20\n')
+    path = tmp_path / "fs-proxy.toml"
+    path.write_text(text)
+    daemon = FreeswitchDaemon(load(path, environ={}))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        await wait_for(lambda: daemon.esl.link.up, 15, "link up")
+        phone = await sleeping_phone(fs, aor, ep, daemon)
+        caller = SipUA(aor2, fs.ports.sip, password=SIP_PASSWORD)
+        await caller.open()
+        call = caller.start_call(aor, timeout=30)
+        await asyncio.wait_for(ep.on_call.get(), 10)
+        proxy.refusing = True
+        proxy.drop_all()
+        await wait_for(lambda: not daemon.esl.link.up, 10, "link down")
+        await phone.open()
+        assert await phone.register() == 200  # while the daemon is cut off
+        proxy.refusing = False
+        await wait_for(lambda: daemon.esl.link.up, 20, "link up again")
+        async with asyncio.timeout(10):
+            await phone.invites.get()
+        assert (await call).status == 200
+        assert await caller.hangup() == 200
+        async with asyncio.timeout(5):
+            await phone.byes.get()
+        phone.close()
+        caller.close()
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(20):
+                await task
+        await proxy.stop()
+
+
+async def test_freeswitch_restart_while_a_call_waits_ends_it_and_the_next_call_works(
+        fs_daemon: FreeswitchDaemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
+        aor: str, aor2: str) -> None:
+    fs, ep = ensure_freeswitch, push_endpoint
+    phone = await sleeping_phone(fs, aor, ep, fs_daemon)
+    caller = SipUA(aor2, fs.ports.sip, password=SIP_PASSWORD)
+    await caller.open()
+    call = caller.start_call(aor, timeout=30)
+    await asyncio.wait_for(ep.on_call.get(), 10)
+    await wait_for(lambda: fs_daemon.calls.calls, 5, "the call is waiting")
+    link = fs_daemon.esl.link
+    changes = link.changes
+    await asyncio.to_thread(fs.restart)  # the caller's channel dies with FreeSWITCH
+    call.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await call
+    await wait_for(lambda: link.up and link.changes >= changes + 2, 30, "link back after the restart")
+    await wait_for(lambda: not fs_daemon.calls.calls, 10, "the lost call ended in the daemon")
+    # the registrations were in FreeSWITCH's database: the phone is still known; a new call works
+    caller2 = SipUA(aor2, fs.ports.sip, password=SIP_PASSWORD)
+    await caller2.open()
+    call2 = caller2.start_call(aor, timeout=30)
+    await wake_on_push(phone, ep, same_port=False)
+    assert (await call2).status == 200
+    assert await phone.hangup() == 200
+    async with asyncio.timeout(5):
+        await caller2.byes.get()
+    phone.close()
+    caller.close()
+    caller2.close()
