@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -222,12 +223,30 @@ class FreeswitchPbx:
             raise PbxError("continue", out, gone="no such channel" in out.lower())
 
     async def contacts(self, aor: str) -> list[str] | None:
-        """The user's registered contact URIs on the profile; None when the directory has no such user."""
+        """The user's live contact URIs on the profile, the newest per Call-ID; None when the
+        directory has no such user.
+
+        With ``multiple-registrations=contact`` a phone that wakes on a new address leaves its old
+        contacts registered until they expire (measured: N + 1 after N wakes). A UA keeps its
+        Call-ID across REGISTERs, so only its newest contact is live: ringing the others would send
+        INVITEs to dead addresses at every call (and take RTP ports for nothing)."""
         text = await self._api("get_config", f"sofia xmlstatus profile {self.profile} reg")
-        uris = re.findall(r"<user>([^<]*)</user>\s*<contact>([^<]*)</contact>", text)
-        found = [sofia_contact_uri(_unescape(contact)) for user, contact in uris if user_id(user) == aor]
-        if found:
-            return [u for u in found if u]
+        newest: dict[str, tuple[int, str]] = {}
+        try:
+            root = ET.fromstring(text)  # noqa: S314 - from the configured FreeSWITCH, authenticated
+        except ET.ParseError:
+            raise PbxError("get_config", f"sofia xmlstatus answered with broken XML: {text[:60]!r}") from None
+        for reg in root.findall("./registrations/registration"):
+            if user_id(reg.findtext("user", "")) != aor:
+                continue
+            uri = sofia_contact_uri(reg.findtext("contact", ""))
+            left = re.search(r"expsecs\((\d+)\)", reg.findtext("status", ""), re.IGNORECASE)
+            key = reg.findtext("call-id", "") or uri
+            ttl = int(left.group(1)) if left else 0
+            if uri and (key not in newest or ttl > newest[key][0]):
+                newest[key] = (ttl, uri)
+        if newest:
+            return [uri for _, uri in newest.values()]
         domain = await self._api("get_config", "global_getvar domain")
         exists = await self._api("get_config", f"user_exists id {aor} {domain}")
         return [] if exists == "true" else None
@@ -283,5 +302,3 @@ class FreeswitchPbx:
         """Nothing to do: the connection receives every channel's events."""
 
 
-def _unescape(text: str) -> str:
-    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"').replace("&amp;", "&")

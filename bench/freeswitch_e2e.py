@@ -73,9 +73,15 @@ async def wake(phone: SipUA, when: asyncio.Future[float] | float, delay: float, 
     return sent
 
 
-async def one(phone: SipUA, caller: SipUA, pushes: Pushes, target: str, delay: float, same_uri: bool,
-              recipe: bool) -> tuple[float | None, float | None]:
-    """(time to answer, REGISTER -> INVITE) in ms; None when the call was not answered."""
+async def one(fs: FreeswitchInstance, phone: SipUA, caller: SipUA, pushes: Pushes, target: str, delay: float,
+              same_uri: bool, recipe: bool) -> tuple[float | None, float | None]:
+    """(time to answer, REGISTER -> INVITE) in ms; None when the call was not answered.
+
+    Each call starts from one registration: the user's registrations are flushed and the phone
+    registers once more before it sleeps, so stale contacts of earlier wakes (FreeSWITCH keeps
+    them until they expire) do not pile up forks across rounds (docs/freeswitch.md)."""
+    await asyncio.to_thread(fs.api, f"sofia profile {PROFILE} flush_inbound_reg {phone.user}@127.0.0.1")
+    assert await phone.register() == 200
     port = phone.port
     phone.close()
     while not phone.invites.empty():
@@ -99,6 +105,9 @@ async def one(phone: SipUA, caller: SipUA, pushes: Pushes, target: str, delay: f
     answered = time.monotonic()
     if answer.status != 200:
         return None, None
+    # FreeSWITCH answers the caller just before uuid_bridge (it refuses to bridge a ringing
+    # caller): a hang-up within those few ms would beat the bridge. Talk for a moment.
+    await asyncio.sleep(0.3)
     with contextlib.suppress(Exception):
         await caller.hangup()
     await asyncio.sleep(0.2)
@@ -141,7 +150,7 @@ async def main(rounds: int, answer_rounds: int) -> dict[str, object]:
                 await asyncio.sleep(0.3)
                 lat = []
                 for _ in range(rounds):
-                    _, r2i = await one(phone, caller, pushes, "3100", 0.05, same_uri, recipe=False)
+                    _, r2i = await one(fs, phone, caller, pushes, "3100", 0.05, same_uri, recipe=False)
                     if r2i is not None:
                         lat.append(r2i)
                 out[f"register_to_invite_{'same' if same_uri else 'new'}_uri"] = stats(lat)
@@ -151,7 +160,7 @@ async def main(rounds: int, answer_rounds: int) -> dict[str, object]:
                     for recipe in (False, True):
                         answered = []
                         for _ in range(answer_rounds):
-                            tta, _ = await one(phone, caller, pushes, "3100", delay, same_uri, recipe)
+                            tta, _ = await one(fs, phone, caller, pushes, "3100", delay, same_uri, recipe)
                             if tta is not None:
                                 answered.append(tta)
                         row["recipe" if recipe else "ari-push"] = {
