@@ -229,24 +229,16 @@ class FreeswitchPbx:
         With ``multiple-registrations=contact`` a phone that wakes on a new address leaves its old
         contacts registered until they expire (measured: N + 1 after N wakes). A UA keeps its
         Call-ID across REGISTERs, so only its newest contact is live: ringing the others would send
-        INVITEs to dead addresses at every call (and take RTP ports for nothing)."""
+        INVITEs to dead addresses at every call (and take RTP ports for nothing). FreeSWITCH shows
+        the time left in whole seconds, so contacts of one Call-ID registered within the same second
+        are all kept."""
         text = await self._api("get_config", f"sofia xmlstatus profile {self.profile} reg")
-        newest: dict[str, tuple[int, str]] = {}
         try:
-            root = ET.fromstring(text)  # noqa: S314 - from the configured FreeSWITCH, authenticated
-        except ET.ParseError:
-            raise PbxError("get_config", f"sofia xmlstatus answered with broken XML: {text[:60]!r}") from None
-        for reg in root.findall("./registrations/registration"):
-            if user_id(reg.findtext("user", "")) != aor:
-                continue
-            uri = sofia_contact_uri(reg.findtext("contact", ""))
-            left = re.search(r"expsecs\((\d+)\)", reg.findtext("status", ""), re.IGNORECASE)
-            key = reg.findtext("call-id", "") or uri
-            ttl = int(left.group(1)) if left else 0
-            if uri and (key not in newest or ttl > newest[key][0]):
-                newest[key] = (ttl, uri)
-        if newest:
-            return [uri for _, uri in newest.values()]
+            found = live_contacts(text, aor)
+        except ValueError as exc:
+            raise PbxError("get_config", str(exc)) from None
+        if found:
+            return found
         domain = await self._api("get_config", "global_getvar domain")
         exists = await self._api("get_config", f"user_exists id {aor} {domain}")
         return [] if exists == "true" else None
@@ -302,3 +294,28 @@ class FreeswitchPbx:
         """Nothing to do: the connection receives every channel's events."""
 
 
+
+
+def live_contacts(xmlstatus: str, aor: str) -> list[str]:
+    """From ``sofia xmlstatus profile <p> reg``: the contact URIs of ``aor``, the newest per Call-ID
+    (the most time left; ties, registered within the same second, all kept). ValueError on
+    unreadable XML."""
+    try:
+        root = ET.fromstring(xmlstatus)  # noqa: S314 - from the configured FreeSWITCH, authenticated
+    except ET.ParseError:
+        raise ValueError(f"sofia xmlstatus answered with broken XML: {xmlstatus[:60]!r}") from None
+    newest: dict[str, tuple[int, list[str]]] = {}
+    for reg in root.findall("./registrations/registration"):
+        if user_id(reg.findtext("user", "")) != aor:
+            continue
+        uri = sofia_contact_uri(reg.findtext("contact", ""))
+        if not uri:
+            continue
+        left = re.search(r"expsecs\((\d+)\)", reg.findtext("status", ""), re.IGNORECASE)
+        key = reg.findtext("call-id", "") or uri
+        ttl = int(left.group(1)) if left else 0
+        if key not in newest or ttl > newest[key][0]:
+            newest[key] = (ttl, [uri])
+        elif ttl == newest[key][0]:
+            newest[key][1].append(uri)
+    return [uri for _, uris in newest.values() for uri in uris]
