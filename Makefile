@@ -5,7 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: all venv sandbox test unit lint types run demo clean bench bench-push bench-deps bench-fanout
+.PHONY: all venv sandbox test unit lint types run demo clean bench bench-push bench-deps bench-fanout bench-freeswitch
 
 all: test
 
@@ -59,3 +59,7 @@ bench-fanout: venv sandbox
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# FreeSWITCH: re-REGISTER -> INVITE and time to answer vs the sleep-2000 recipe (docs/freeswitch.md).
+bench-freeswitch: venv sandbox
+	$(BIN)/python bench/freeswitch_e2e.py $(BENCH_ARGS)

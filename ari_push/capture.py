@@ -44,7 +44,7 @@ class Capture:
         store: BindingStore,
         wakeups: WakeupHub,
         policy: ContactPolicy,
-        ami: AmiActions,
+        ami: AmiActions | None,
         metrics: Metrics,
         node_id: str = "",
         clock: Callable[[], float] = time.time,
@@ -75,7 +75,7 @@ class Capture:
             return
         aor = msg.get("AOR") or msg.get("Peer")
         if msg.event == "ContactStatus" and msg.get("ContactStatus").lower() in LIVE_STATUSES:
-            self._deliver_now(aor, msg.get("URI"))
+            self.deliver_now(aor, msg.get("URI"))
         try:
             self.queues[hash(aor) % WORKERS].put_nowait(msg)
         except asyncio.QueueFull:
@@ -84,7 +84,8 @@ class Capture:
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("capture queue full; %d events dropped so far", self.dropped)
 
-    def _deliver_now(self, aor: str, uri: str) -> None:
+    def deliver_now(self, aor: str, uri: str) -> None:
+        """Wake the calls waiting for ``aor`` on this daemon (the PBX feeds call it from their reader)."""
         if not aor or not uri:
             return
         try:
@@ -132,6 +133,8 @@ class Capture:
 
     async def resync(self) -> int:
         """Read every registered contact from Asterisk and store what carries push parameters."""
+        if self.ami is None:  # FreeSWITCH: fs_capture.py resynchronises over the event socket
+            return 0
         contacts = await self.ami.action_list("PJSIPShowContacts")
         stored = 0
         for c in contacts:
@@ -202,7 +205,7 @@ class Capture:
 
     async def _chan_sip(self, msg: AmiMessage) -> Binding | None:
         peer = msg.get("Peer").removeprefix("SIP/")
-        if not peer:
+        if not peer or self.ami is None:
             return None
         try:
             replies = await self.ami.action_list("DBGet", Family="SIP/Registry", Key=peer)

@@ -71,7 +71,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Daemon(settings).run(stop)
+        if settings.freeswitch is not None:  # FreeSWITCH over its event socket (docs/freeswitch.md)
+            from ari_push.freeswitch_daemon import FreeswitchDaemon
+
+            await FreeswitchDaemon(settings).run(stop)
+        else:
+            await Daemon(settings).run(stop)
 
     try:
         asyncio.run(main())

@@ -76,6 +76,18 @@ class AmiSettings:
 
 
 @dataclass(frozen=True)
+class FreeswitchSettings:
+    """The FreeSWITCH event socket (inbound ESL), the alternative to [ari]/[ami] (docs/freeswitch.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8021
+    password: Secret = Secret("")
+    profile: str = "internal"  # the sofia profile the phones register on
+    request_timeout: float = 5.0
+    heartbeat: float = 10.0
+
+
+@dataclass(frozen=True)
 class RedisSettings:
     """``url`` empty and no ``sentinels`` means the embedded single-node store (no Redis at all).
 
@@ -343,6 +355,7 @@ class Settings:
     refresh: RefreshSettings = field(default_factory=RefreshSettings)
     mwi: MwiSettings = field(default_factory=MwiSettings)
     messages: MessageSettings = field(default_factory=MessageSettings)
+    freeswitch: FreeswitchSettings | None = None  # set: FreeSWITCH instead of Asterisk ([ari]/[ami])
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -771,6 +784,7 @@ def _plugins(raw: Any, base: Path | None) -> tuple[PluginConfig, ...]:
 
 def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
     top = _Section(raw, "", base)
+    freeswitch = _freeswitch(_Section(top.table("freeswitch"), "freeswitch", base)) if "freeswitch" in raw else None
     ari_s = _Section(top.table("ari"), "ari", base)
     # Credentials in the URL are moved out of it (the URL is logged on "ari link up").
     ari_url, url_user, url_password = _split_userinfo(ari_s.url("url", AriSettings.url, userinfo=True))
@@ -779,7 +793,7 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         raise SettingsError("ari.username", "the url names another user")
     if url_password and (ari_s.data.get("password") or ari_s.data.get("password_file")):
         raise SettingsError("ari.password", "the url has a password too; give it once")
-    ari_password = ari_s.secret("password", required=not url_password)
+    ari_password = ari_s.secret("password", required=not url_password and freeswitch is None)
     ari = AriSettings(
         url=ari_url,
         username=ari_user or url_user or AriSettings.username,
@@ -807,7 +821,7 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         host=ami_s.text("host", AmiSettings.host),
         port=ami_s.port("port", AmiSettings.port),
         username=ami_s.text("username", AmiSettings.username),
-        secret=ami_s.secret("secret", required=True),
+        secret=ami_s.secret("secret", required=freeswitch is None),
         request_timeout=ami_s.positive("request_timeout", AmiSettings.request_timeout),
         heartbeat=ami_s.positive("heartbeat", AmiSettings.heartbeat),
     )
@@ -960,8 +974,13 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         node_id=top.text("node_id"),
         shutdown_timeout=top.positive("shutdown_timeout", Settings.shutdown_timeout),
         refresh=refresh, mwi=mwi, messages=messages,
+        freeswitch=freeswitch,
     )
     top.done()
+    if freeswitch is not None:
+        for name in ("ari", "ami"):
+            if name in raw:
+                raise SettingsError(name, "[freeswitch] replaces [ari] and [ami]: give one PBX, not both")
     return settings
 
 
@@ -1032,6 +1051,26 @@ def _messages(s: _Section) -> MessageSettings:
     return m
 
 
+def _freeswitch(s: _Section) -> FreeswitchSettings:
+    fs = FreeswitchSettings(
+        host=s.text("host", FreeswitchSettings.host),
+        port=s.port("port", FreeswitchSettings.port),
+        password=s.secret("password", required=True),
+        profile=s.text("profile", FreeswitchSettings.profile),
+        request_timeout=s.positive("request_timeout", FreeswitchSettings.request_timeout),
+        heartbeat=s.positive("heartbeat", FreeswitchSettings.heartbeat),
+    )
+    s.done()
+    if not fs.host or any(c.isspace() for c in fs.host) or "/" in fs.host:
+        raise SettingsError(s.key("host"), f"must be a host name or address, got {fs.host!r}")
+    if any(c.isspace() for c in fs.password):
+        raise SettingsError(s.key("password"), "the event socket cannot take a password with spaces or line breaks")
+    if not fs.profile or not all(c.isalnum() or c in "-_." for c in fs.profile):
+        raise SettingsError(s.key("profile"), f"must be a sofia profile name (letters, digits, - _ .), got "
+                                              f"{fs.profile!r}")
+    return fs
+
+
 # ---------------------------------------------------------------- environment overrides
 
 
@@ -1043,6 +1082,10 @@ def _coerce_env(text: str) -> Any:
         return text
 
 
+# ARI_PUSH_RIG_SLOT (test port blocks) and the FreeSWITCH provisioning switches (rig/provision.py)
+RIG_VARIABLES = frozenset({"rig_slot", "freeswitch_sources", "freeswitch_build"})
+
+
 def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """``ARI_PUSH_ARI__PASSWORD=x`` sets ``[ari] password``; ``__`` separates levels."""
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
@@ -1052,8 +1095,8 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         if any(not p for p in path) or len(path) > 2:
             raise SettingsError(name, "environment overrides look like ARI_PUSH_SECTION__KEY")
-        if path[0].startswith(("debian", "rig_")):
-            continue  # rig variables (ARI_PUSH_DEBIAN_MIRROR, ARI_PUSH_RIG_SLOT), not settings
+        if path[0].startswith(("debian", "rig_")) or path[0] in RIG_VARIABLES:
+            continue  # rig variables (ARI_PUSH_DEBIAN_MIRROR, ARI_PUSH_RIG_SLOT, FreeSWITCH's), not settings
         target = merged
         if len(path) == 2:
             existing = target.get(path[0], {})

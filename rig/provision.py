@@ -268,5 +268,146 @@ def provision() -> Path:
     ensure_packages()
     root = ensure_asterisk_root()
     mount_proc(root)
-    _say(f"ready: Asterisk {asterisk_version(root)} in {root} ({time.monotonic() - started:.1f}s)")
+    fs = ensure_freeswitch()
+    _say(f"ready: Asterisk {asterisk_version(root)} in {root}, FreeSWITCH {FS_VERSION} in {fs} "
+         f"({time.monotonic() - started:.1f}s)")
     return root
+
+
+# ---------------------------------------------------------------- FreeSWITCH (issue 13)
+
+FS_VERSION = "1.10.12"
+# The stripped minimal tree rig/build_freeswitch.sh makes on Debian 12; a copy whose checksum is
+# this one is unpacked instead of building (15 min). Any other copy is ignored.
+FS_PREBUILT = f"freeswitch-{FS_VERSION}-bookworm-min.tar.gz"
+FS_PREBUILT_SHA256 = "0e447ad0d54f7e06eb0c60eb65916d236fa5423ad363485d6167882f30b8e4ab"
+FS_BUILT = f"freeswitch-{FS_VERSION}-built.tar.gz"  # what a local build leaves in the cache
+FS_BUILD_PACKAGES = [
+    "build-essential", "autoconf", "automake", "libtool", "libtool-bin", "pkg-config", "libssl-dev",
+    "libcurl4-openssl-dev", "libpcre3-dev", "libspeexdsp-dev", "libspeex-dev", "libsqlite3-dev", "libedit-dev",
+    "libtiff-dev", "libldns-dev", "uuid-dev", "zlib1g-dev", "libjpeg-dev", "yasm", "libsndfile1-dev"
+]
+FS_RUNTIME_PACKAGES = [
+    "libspeexdsp1", "libspeex1", "libedit2", "libtiff6", "libsndfile1", "libcurl4", "libsqlite3-0",
+    "libjpeg62-turbo", "libuuid1", "libssl3", "zlib1g", "libstdc++6"
+]
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def freeswitch_tree() -> Path:
+    return cache_dir() / f"freeswitch-{FS_VERSION}"
+
+
+def freeswitch_sources() -> list[Path]:
+    """Where the prebuilt tree and the source tarballs are looked for, in order:
+    ``ARI_PUSH_FREESWITCH_SOURCES``, ``<cache>/freeswitch-sources``, then a ``shared/vendor/freeswitch``
+    directory beside the checkout (the layout of the machines this project is developed on)."""
+    dirs = [Path(os.environ["ARI_PUSH_FREESWITCH_SOURCES"])] if os.environ.get("ARI_PUSH_FREESWITCH_SOURCES") else []
+    dirs += [cache_dir() / "freeswitch-sources"]
+    dirs += [parent / "shared" / "vendor" / "freeswitch" for parent in _REPO.parents]
+    return [d for d in dirs if d.is_dir()]
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _missing_libraries(tree: Path) -> list[str]:
+    env = dict(os.environ, LD_LIBRARY_PATH=str(tree / "lib"))
+    files = [tree / "bin" / "freeswitch", *sorted((tree / "mod").glob("*.so"))]
+    out = subprocess.run(["ldd", *map(str, files)], capture_output=True, text=True, env=env, check=False).stdout
+    return sorted({line.split()[0] for line in out.splitlines() if "not found" in line})
+
+
+def _apt_install(packages: list[str], what: str) -> None:
+    if os.geteuid() != 0:
+        raise ProvisionError(f"{what} needs `apt-get install {' '.join(packages)}` (run as root)")
+    log = cache_dir() / "apt.log"
+    cmd = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", "--no-install-recommends",
+           *packages]
+    try:
+        _run(cmd, timeout=900, what=f"apt-get install ({what})", log=log)
+    except ProvisionError:
+        _run(["apt-get", "update", "-q"], timeout=300, what="apt-get update", log=log)
+        _run(cmd, timeout=900, what=f"apt-get install ({what})", log=log)
+
+
+def _unpack_tree(tarball: Path, tree: Path) -> None:
+    partial = tree.with_name(tree.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    _run(["tar", "-xzf", str(tarball), "-C", str(partial)], timeout=300, what=f"unpack {tarball.name}")
+    if not (partial / "freeswitch" / "bin" / "freeswitch").is_file():
+        raise ProvisionError(f"{tarball} has no freeswitch/bin/freeswitch")
+    (partial / "freeswitch" / ".ari-push-source").write_text(f"{tarball.name} {_sha256(tarball)}\n")
+    if tree.exists():
+        shutil.rmtree(tree)
+    (partial / "freeswitch").rename(tree)
+    shutil.rmtree(partial)
+
+
+def _build_freeswitch(sources: list[Path]) -> Path:
+    """Build the tree from the three source tarballs with rig/build_freeswitch.sh (about 15 min)."""
+    for src in sources:
+        if all(list(src.glob(pattern)) for pattern in
+               (f"freeswitch-*{FS_VERSION}*.tar.gz", "sofia-sip-*.tar.gz", "spandsp-*.tar.gz")):
+            break
+    else:
+        raise ProvisionError(
+            f"no FreeSWITCH {FS_VERSION} tree or sources: put {FS_PREBUILT}, or the freeswitch, sofia-sip and "
+            f"spandsp source tarballs (docs/freeswitch.md), in {cache_dir() / 'freeswitch-sources'} or set "
+            "ARI_PUSH_FREESWITCH_SOURCES to their directory")
+    missing = [p for p in FS_BUILD_PACKAGES
+               if subprocess.run(["dpkg", "-s", p], capture_output=True, check=False).returncode != 0]
+    if missing:
+        _apt_install(missing, "FreeSWITCH build dependencies")
+    out = cache_dir() / FS_BUILT
+    _run(["bash", str(_REPO / "rig" / "build_freeswitch.sh"), str(src), str(cache_dir() / "freeswitch-build"),
+          str(out)], timeout=5400, what=f"build FreeSWITCH {FS_VERSION} from {src} (about 15 min)",
+         log=cache_dir() / "freeswitch-build.log")
+    shutil.rmtree(cache_dir() / "freeswitch-build", ignore_errors=True)
+    return out
+
+
+def ensure_freeswitch() -> Path:
+    """The FreeSWITCH tree in the cache: unpacked from the prebuilt tree when its checksum matches,
+    else from an earlier local build, else built from the sources. Safe to run from several
+    sessions at once (a lock file serialises them). Runtime libraries missing on the host are
+    installed with apt."""
+    import fcntl
+
+    tree = freeswitch_tree()
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / "freeswitch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (tree / ".ari-push-source").is_file() or not (tree / "bin" / "freeswitch").is_file():
+            sources = freeswitch_sources()
+            prebuilt = [p for d in sources if (p := d / FS_PREBUILT).is_file()]
+            good = [p for p in prebuilt if _sha256(p) == FS_PREBUILT_SHA256]
+            for p in prebuilt:
+                if p not in good:
+                    _say(f"ignoring {p}: its sha256 is not {FS_PREBUILT_SHA256[:16]}...")
+            if os.environ.get("ARI_PUSH_FREESWITCH_BUILD") == "1":  # build from source even with a prebuilt tree
+                tarball = _build_freeswitch(sources)
+            elif good:
+                tarball = good[0]
+            elif (cache_dir() / FS_BUILT).is_file():
+                tarball = cache_dir() / FS_BUILT
+            else:
+                tarball = _build_freeswitch(sources)
+            _unpack_tree(tarball, tree)
+        missing = _missing_libraries(tree)
+        if missing:
+            _say(f"FreeSWITCH needs {', '.join(missing)}")
+            _apt_install(list(FS_RUNTIME_PACKAGES), "FreeSWITCH runtime libraries")
+            missing = _missing_libraries(tree)
+            if missing:
+                raise ProvisionError(f"FreeSWITCH in {tree} still misses {', '.join(missing)}")
+    return tree

@@ -89,8 +89,10 @@ class _Udp(asyncio.DatagramProtocol):
 class SipUA:
     """One SIP phone on 127.0.0.1. ``open()`` binds a fresh local port (a 'new socket')."""
 
-    def __init__(self, user: str, server_port: int, transport: str = "udp") -> None:
+    def __init__(self, user: str, server_port: int, transport: str = "udp", password: str = "") -> None:
+        """``password``: answer digest challenges (401/407) with it, as FreeSWITCH directory users need."""
         self.user = user
+        self.password = password
         self.server = ("127.0.0.1", server_port)
         self.transport = transport
         self.port = 0
@@ -209,12 +211,21 @@ class SipUA:
             self.contact_params = contact_params
         self.cseq += 1
         contact = contact_uri or self.contact_uri
-        resp = await self._request("REGISTER", f"sip:127.0.0.1:{self.server[1]}", [
+        uri = f"sip:127.0.0.1:{self.server[1]}"
+        headers = [
             ("From", f"<sip:{self.user}@127.0.0.1>;tag={self.from_tag}"),
             ("To", f"<sip:{self.user}@127.0.0.1>"),
-            ("Call-ID", self.call_id), ("CSeq", f"{self.cseq} REGISTER"),
+            ("Call-ID", self.call_id),
             ("Contact", f"<{contact}>"), ("Expires", str(expires)), ("User-Agent", "ari-push-test-ua/1.0"),
-        ])
+        ]
+        resp = await self._request("REGISTER", uri, [*headers, ("CSeq", f"{self.cseq} REGISTER")])
+        if resp.status in (401, 407) and self.password:
+            self.cseq += 1
+            name = "Authorization" if resp.status == 401 else "Proxy-Authorization"
+            challenge = resp.header("WWW-Authenticate" if resp.status == 401 else "Proxy-Authenticate")
+            resp = await self._request("REGISTER", uri, [
+                *headers, ("CSeq", f"{self.cseq} REGISTER"),
+                (name, digest_response(challenge, "REGISTER", uri, self.user, self.password))])
         return resp.status
 
     async def send_message(self, target: str, body: str, content_type: str = "text/plain") -> int:
@@ -318,36 +329,45 @@ class SipUA:
     # ---------------------------------------------------------------- calls (UAC)
 
     async def call(self, target: str, timeout: float = 60.0) -> SipMessage:
-        """INVITE ``target`` via Asterisk; return the final response (ACKed when 2xx)."""
+        """INVITE ``target`` via the PBX; return the final response (ACKed when 2xx). A digest
+        challenge (401/407) is answered once with ``password`` when the UA has one."""
         self._new_rtp()
         assert self.rtp is not None
         await self.rtp.open()
         call_id = f"{uuid.uuid4().hex}@caller"
         tag = _tag()
-        self.cseq += 1
-        cseq = self.cseq
         uri = f"sip:{target}@127.0.0.1:{self.server[1]}"
         from_h = f"<sip:{self.user}@127.0.0.1>;tag={tag}"
-        self._invite = {"uri": uri, "call_id": call_id, "from": from_h, "cseq": str(cseq)}
-        self._invite_branch = _tag()
-        branch = self._invite_branch
-        fut: asyncio.Future[SipMessage] = asyncio.get_running_loop().create_future()
-        self._waiters[f"{branch}:INVITE"] = fut
-        self.send(build(f"INVITE {uri} SIP/2.0", [
-            ("Via", self._via(branch)), ("Max-Forwards", "70"), ("From", from_h), ("To", f"<{uri}>"),
-            ("Call-ID", call_id), ("CSeq", f"{cseq} INVITE"),
-            ("Contact", f"<sip:{self.user}@127.0.0.1:{self.port};transport={self.transport}>"),
-            ("Content-Type", "application/sdp")], self.rtp.sdp(self.user)))
-        try:
-            async with asyncio.timeout(timeout):
-                resp = await fut
-        finally:
-            self._waiters.pop(f"{branch}:INVITE", None)
-        ack_to = resp.header("To")
-        ack_uri = re.sub(r"^.*<([^>]+)>.*$", r"\1", resp.header("Contact")) if resp.status < 300 else uri
-        self.send(build(f"ACK {ack_uri} SIP/2.0", [
-            ("Via", self._via(branch if resp.status >= 300 else None)), ("Max-Forwards", "70"),
-            ("From", from_h), ("To", ack_to), ("Call-ID", call_id), ("CSeq", f"{cseq} ACK")]))
+        auth: list[tuple[str, str]] = []
+        for attempt in range(2):
+            self.cseq += 1
+            cseq = self.cseq
+            self._invite = {"uri": uri, "call_id": call_id, "from": from_h, "cseq": str(cseq)}
+            self._invite_branch = _tag()
+            branch = self._invite_branch
+            fut: asyncio.Future[SipMessage] = asyncio.get_running_loop().create_future()
+            self._waiters[f"{branch}:INVITE"] = fut
+            self.send(build(f"INVITE {uri} SIP/2.0", [
+                ("Via", self._via(branch)), ("Max-Forwards", "70"), ("From", from_h), ("To", f"<{uri}>"),
+                ("Call-ID", call_id), ("CSeq", f"{cseq} INVITE"),
+                ("Contact", f"<sip:{self.user}@127.0.0.1:{self.port};transport={self.transport}>"), *auth,
+                ("Content-Type", "application/sdp")], self.rtp.sdp(self.user)))
+            try:
+                async with asyncio.timeout(timeout):
+                    resp = await fut
+            finally:
+                self._waiters.pop(f"{branch}:INVITE", None)
+            ack_to = resp.header("To")
+            ack_uri = re.sub(r"^.*<([^>]+)>.*$", r"\1", resp.header("Contact")) if resp.status < 300 else uri
+            self.send(build(f"ACK {ack_uri} SIP/2.0", [
+                ("Via", self._via(branch if resp.status >= 300 else None)), ("Max-Forwards", "70"),
+                ("From", from_h), ("To", ack_to), ("Call-ID", call_id), ("CSeq", f"{cseq} ACK")]))
+            if resp.status in (401, 407) and self.password and attempt == 0:
+                name = "Authorization" if resp.status == 401 else "Proxy-Authorization"
+                challenge = resp.header("WWW-Authenticate" if resp.status == 401 else "Proxy-Authenticate")
+                auth = [(name, digest_response(challenge, "INVITE", uri, self.user, self.password))]
+                continue
+            break
         if resp.status < 300:
             remote = _sdp_media(resp.body)
             if remote:
@@ -363,6 +383,28 @@ class SipUA:
         self.send(build(f"CANCEL {inv['uri']} SIP/2.0", [
             ("Via", self._via(self._invite_branch)), ("Max-Forwards", "70"), ("From", inv["from"]),
             ("To", f"<{inv['uri']}>"), ("Call-ID", inv["call_id"]), ("CSeq", f"{inv['cseq']} CANCEL")]))
+
+
+def digest_response(challenge: str, method: str, uri: str, user: str, password: str) -> str:
+    """An RFC 2617 ``Digest`` answer (MD5, qop=auth when offered) to a WWW-/Proxy-Authenticate."""
+    import hashlib
+
+    fields = {k: a or b for k, a, b in re.findall(r'(\w+)=(?:"([^"]*)"|([^,\s]+))', challenge.partition(" ")[2])}
+
+    def md5(text: str) -> str:
+        return hashlib.md5(text.encode()).hexdigest()
+
+    realm, nonce = fields.get("realm", ""), fields.get("nonce", "")
+    ha1, ha2 = md5(f"{user}:{realm}:{password}"), md5(f"{method}:{uri}")
+    out = f'Digest username="{user}", realm="{realm}", nonce="{nonce}", uri="{uri}", algorithm=MD5'
+    if "auth" in fields.get("qop", "").split(","):
+        cnonce, nc = _tag(), "00000001"
+        out += f', qop=auth, nc={nc}, cnonce="{cnonce}", response="{md5(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}")}"'
+    else:
+        out += f', response="{md5(f"{ha1}:{nonce}:{ha2}")}"'
+    if "opaque" in fields:
+        out += f', opaque="{fields["opaque"]}"'
+    return out
 
 
 def _sdp_media(body: str) -> tuple[str, int] | None:

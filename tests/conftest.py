@@ -183,3 +183,28 @@ async def wait_for(predicate: Callable[[], Any], timeout: float, what: str, inte
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+# ---------------------------------------------------------------- FreeSWITCH (docs/freeswitch.md)
+
+
+@pytest.fixture(scope="session")
+def freeswitch() -> Iterator[Any]:
+    """One FreeSWITCH 1.10.12 for the session (rig/freeswitch.py, instance index 0)."""
+    if os.geteuid() != 0:
+        pytest.fail("FreeSWITCH integration tests need root (provisioning installs runtime libraries)")
+    from rig.freeswitch import FreeswitchInstance, FsPorts
+
+    inst = FreeswitchInstance.provisioned("f0", FsPorts.for_index(0))
+    inst.write_config()
+    inst.start()
+    yield inst
+    inst.stop()
+
+
+@pytest.fixture
+def ensure_freeswitch(freeswitch: Any) -> Any:
+    """The session FreeSWITCH, started again if an earlier test stopped it."""
+    if not freeswitch.running:
+        freeswitch.start()
+    return freeswitch
