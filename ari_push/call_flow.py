@@ -715,6 +715,16 @@ class CallFlow:
         return {**earlier, **results}
 
     async def _follow_up(self, bindings: Sequence[Binding], kind: PushKind) -> None:
+        push = self._push_task
+        if push is not None and not push.done():
+            # Answered before every call push had its answer: wait for it (bounded by the push
+            # deadline), so that the end notice below knows which devices were reached.
+            try:
+                await asyncio.shield(push)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # this follow-up itself is being cancelled: let it go
         plans = await self.planner.follow_up(self.call_id, bindings, kind)
         results = await self._send(plans, self._message(kind))
         if kind not in (PushKind.CANCEL, PushKind.ANSWERED_ELSEWHERE):

@@ -57,6 +57,8 @@ class IPhone:
 
     @property
     def contact_params(self) -> str:
+        if not self.remote_token:  # an app that asked iOS for a VoIP token only
+            return f"pn-provider=apns;pn-prid={self.voip_token};pn-param={self.team}.{self.bundle}.voip"
         return (f"pn-provider=apns;pn-prid={self.voip_token}:voip&{self.remote_token}:remote;"
                 f"pn-param={self.team}.{self.bundle}.voip&remote")
 

@@ -193,6 +193,10 @@ class FakeApns:
         self._scripts: dict[str, deque[ApnsAnswer]] = {}
         self._server: asyncio.Server | None = None
         self._protocols: set[_Protocol] = set()
+        #: token -> (voip | remote, bundle id), from register_device
+        self.device_kinds: dict[str, tuple[str, str]] = {}
+        #: told about every accepted push (token, headers, payload): a device model takes it here
+        self.on_push: Callable[[str, dict[str, str], dict[str, Any]], None] | None = None
 
     @property
     def url(self) -> str:
@@ -267,6 +271,8 @@ class FakeApns:
         if answer is None:
             token = PATH_RE.match(headers[":path"]).group(1).lower()  # type: ignore[union-attr]
             self.requests.append(ApnsRequest(token, headers, json.loads(body), connection))
+            if self.on_push is not None:
+                self.on_push(token, headers, self.requests[-1].payload)
             queue = self._scripts.get(token)
             answer = queue.popleft() if queue else ApnsAnswer()
         self.answers.append((answer.status, answer.reason))
@@ -323,7 +329,38 @@ class FakeApns:
             return bad(400, "BadPayload")
         if not isinstance(payload, dict):
             return bad(400, "BadPayload")
+        return self._check_kind(match.group(1).lower(), push_type, topic, h.get("apns-priority", "10"), payload)
+
+    def _check_kind(self, token: str, push_type: str, topic: str, priority: str,
+                    payload: dict[str, Any]) -> ApnsAnswer | None:
+        """Apple's rules per push type and token: a VoIP token takes VoIP pushes only (topic
+        ``<bundle>.voip``), a remote token alert/background pushes only (topic ``<bundle>``); a
+        background push is priority 5 with ``content-available`` and no alert; an alert push
+        has ``aps.alert``. Tokens not registered with ``register_device`` are not checked."""
+        aps = payload.get("aps")
+        if push_type == "background":
+            if priority == "10":
+                return ApnsAnswer(400, "BadPriority")  # Apple: an error for content-available only
+            if not isinstance(aps, dict) or aps.get("content-available") != 1 or "alert" in aps:
+                return ApnsAnswer(400, "BadPayload")
+        if push_type == "alert" and not (isinstance(aps, dict) and aps.get("alert")):
+            return ApnsAnswer(400, "PayloadEmpty")  # nothing to show: iOS would drop it
+        known = self.device_kinds.get(token)
+        if known is not None:
+            kind, bundle = known
+            if kind == "voip" and (push_type != "voip" or topic != bundle + ".voip"):
+                return ApnsAnswer(400, "DeviceTokenNotForTopic")
+            if kind == "remote" and (push_type == "voip" or topic != bundle):
+                return ApnsAnswer(400, "DeviceTokenNotForTopic")
         return None
+
+    def register_device(self, bundle: str, voip: str = "", remote: str = "") -> None:
+        """Tokens an app on a device got from iOS: its PushKit (VoIP) token and its remote
+        notification token, both for ``bundle``."""
+        if voip:
+            self.device_kinds[voip.lower()] = ("voip", bundle)
+        if remote:
+            self.device_kinds[remote.lower()] = ("remote", bundle)
 
     def _check_jwt(self, auth: str) -> tuple[set[str], ApnsAnswer | None]:
         def bad(status: int, reason: str) -> tuple[set[str], ApnsAnswer]:

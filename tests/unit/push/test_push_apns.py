@@ -264,6 +264,8 @@ async def test_only_a_call_is_a_voip_push_the_rest_goes_to_the_remote_token(fake
     background pushes (priority 5) and a missed call a visible alert, to the remote token."""
     provider = ApnsProvider(apns_app)
     device = dual(voip=11, remote=12)
+    # the local APNs holds each token to its push type and topic, as Apple does
+    fake_apns.register_device("com.example.phone", voip=apns_token(11), remote=apns_token(12))
     try:
         results = [await provider.send(device, message(kind)) for kind in
                    (PushKind.CALL, PushKind.CANCEL, PushKind.ANSWERED_ELSEWHERE, PushKind.MISSED_CALL)]

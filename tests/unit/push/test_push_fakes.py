@@ -216,3 +216,32 @@ async def test_apns_410_body_has_timestamp(fake_apns: FakeApns, pki: Pki) -> Non
                                      headers=_headers(key))
     assert response.status_code == 410
     assert json.loads(response.content) == {"reason": "Unregistered", "timestamp": 1700000000000}
+
+
+@pytest.mark.parametrize(
+    ("token_kind", "changes", "payload", "reason"),
+    [
+        ("remote", {}, b'{"aps":{}}', "DeviceTokenNotForTopic"),  # a VoIP push to a remote token
+        ("voip", {"apns-push-type": "alert", "apns-topic": "com.example.phone"},
+         b'{"aps":{"alert":"x"}}', "DeviceTokenNotForTopic"),  # an alert push to a VoIP token
+        ("remote", {"apns-push-type": "alert", "apns-topic": TOPIC}, b'{"aps":{"alert":"x"}}',
+         "DeviceTokenNotForTopic"),  # the VoIP topic for an alert push
+        ("remote", {"apns-push-type": "background", "apns-topic": "com.example.phone", "apns-priority": "10"},
+         b'{"aps":{"content-available":1}}', "BadPriority"),  # background at priority 10
+        ("remote", {"apns-push-type": "alert", "apns-topic": "com.example.phone"}, b'{"aps":{}}',
+         "PayloadEmpty"),  # an alert push without aps.alert
+    ],
+)
+async def test_apns_holds_each_token_to_its_push_type(
+        fake_apns: FakeApns, pki: Pki, token_kind: str, changes: dict[str, str], payload: bytes,
+        reason: str) -> None:
+    key = ec_key()
+    fake_apns.add_key(TEAM, KEY_ID, [TOPIC, "com.example.phone"], key=key)
+    voip, remote = apns_token(21), apns_token(22)
+    fake_apns.register_device("com.example.phone", voip=voip, remote=remote)
+    token = voip if token_kind == "voip" else remote
+    async with _client(pki) as client:
+        response = await client.post(f"{fake_apns.url}/3/device/{token}", content=payload,
+                                     headers=_headers(key, **changes))
+    assert response.status_code == 400 and response.json() == {"reason": reason}
+    assert fake_apns.requests == []
