@@ -13,7 +13,7 @@ from ari_push.push.vendor import VendorProvider
 from ari_push.push.webhook import WebhookProvider
 from ari_push.settings import ApnsApp, CaptureSettings, FcmProject, Secret, Settings, WebhookSettings
 from tests.fakes import FakeApns, FakeFcm
-from tests.fakes.builders import apns_token, binding, message
+from tests.fakes.builders import apns_token, binding, fcm_token, message
 from tests.fakes.keys import ServiceAccountKey
 from tests.unit.push.conftest import TOPIC
 
@@ -43,7 +43,7 @@ async def test_built_providers_push_end_to_end(fake_apns: FakeApns, fake_fcm: Fa
                                                fcm_project: FcmProject) -> None:
     d = PushDispatcher(build_providers(Settings(apns=(apns_app,), fcm=(fcm_project,))), _ignore)
     try:
-        results = await d.send_many([binding("apns", apns_token(1), TOPIC), binding("fcm", "tok-1", ""),
+        results = await d.send_many([binding("apns", apns_token(1), TOPIC), binding("fcm", fcm_token(1), ""),
                                      binding("vendor", "https://x.zoiper.com/p")], message())
     finally:
         await d.aclose()
