@@ -125,6 +125,7 @@ class FcmRequest:
     target: str
     body: dict[str, Any]
     headers: dict[str, str]
+    received: float = field(default_factory=time.monotonic)
 
 
 @dataclass
