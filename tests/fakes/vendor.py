@@ -63,6 +63,7 @@ class FakeVendor:
         self.webhook_secret = webhook_secret
         self.requests: list[VendorRequest] = []
         self.refusals: list[tuple[int, str]] = []
+        self.huge_sent: list[int] = []  # bytes of each huge answer written before the client left
         self.default = VendorAnswer()
         self.host = "127.0.0.1"
         self.port = 0
@@ -153,5 +154,6 @@ class FakeVendor:
                     sent += len(part)
             except (ConnectionError, RuntimeError):
                 pass  # the client hung up, as it should
+            self.huge_sent.append(sent)
             return response
         return web.Response(status=answer.status, body=answer.body, headers=answer.headers)

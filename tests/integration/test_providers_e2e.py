@@ -150,6 +150,10 @@ async def answered_call(asterisk: AsteriskInstance, phone: SipUA, aor: str, push
     await caller.open()
     try:
         answer = caller.start_call(aor)
+        await wait_for(pushed, 15, "the call push at the push service")
+        # the caller hears ringing at once, while the phone still sleeps (docs: "rings the caller")
+        await wait_for(lambda: 180 in caller.provisional, 10, "180 Ringing at the caller")
+        assert not answer.done() and phone.invites.empty()
         await wake_when(phone, pushed)
         await asyncio.wait_for(phone.invites.get(), 10)
         assert (await asyncio.wait_for(answer, 15)).status == 200
