@@ -173,7 +173,7 @@ async def start_daemon() -> AsyncIterator[Callable[[Path], Awaitable[RunningDaem
             continue
         try:
             await rd.stop()
-        except BaseException as exc:  # noqa: BLE001 - reported below, after every daemon was stopped
+        except BaseException as exc:
             problems.append(f"stopping the daemon failed: {exc!r}")
             if not rd.task.done():
                 rd.task.cancel()

@@ -455,7 +455,8 @@ class FakeFcm:
             if problem:
                 return problem
             if "payload" in apns and not isinstance(apns["payload"], dict):
-                return "message.apns.payload", "Invalid value at 'message.apns.payload' (type.googleapis.com/google.protobuf.Struct)"
+                return "message.apns.payload", ("Invalid value at 'message.apns.payload' "
+                                                "(type.googleapis.com/google.protobuf.Struct)")
             priority = apns.get("headers", {}).get("apns-priority")
             if priority is not None and priority not in ("5", "10", "1"):
                 return "message.apns.headers", f"Invalid apns-priority: {priority!r}"

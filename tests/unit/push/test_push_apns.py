@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ari_push.model import PushKind, PushOutcome
 from ari_push.push.apns import ApnsProvider
 from ari_push.settings import ApnsApp, Secret, SettingsError
-from tests.fakes import ApnsAnswer, FakeApns, Pki
 from tests.conftest import wait_for
+from tests.fakes import ApnsAnswer, FakeApns, Pki
 from tests.fakes.builders import apns_token, binding, message
 from tests.unit.push.conftest import KEY_ID, TEAM, TOPIC
 

@@ -17,7 +17,6 @@ from tests.fakes import FakeFcm, FcmAnswer, TokenAnswer
 from tests.fakes.builders import binding, fcm_token, message
 from tests.fakes.keys import ServiceAccountKey
 
-
 TOKEN = fcm_token(1)
 
 
