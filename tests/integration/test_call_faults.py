@@ -297,9 +297,10 @@ async def test_call_in_flight_survives_a_sentinel_failover(
         await asyncio.wait_for(caller.byes.get(), 5)
         phone.close()
         caller.close()
+        await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+        await rd.stop()  # while its Redis is still there (the sentinels go next)
     finally:
         await asyncio.to_thread(sentinels.cleanup)
-    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
 
 
 async def test_phone_refusing_the_replacement_invite_is_rung_again(

@@ -70,19 +70,25 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
 @pytest.fixture
 async def daemon(tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
                  services: Services) -> RunningDaemon:
-    s = services
+    return await provider_daemon(tmp_path, ensure_asterisk, ensure_redis, start_daemon, services)
+
+
+async def provider_daemon(tmp_path: Path, asterisk: AsteriskInstance, redis: RedisServer, start_daemon: Any,
+                          s: Services, calls: str = "", extra: str = "", top: str = "") -> RunningDaemon:
+    """A daemon with [[fcm]], [[apns]] and [webhook] pointing at the local services;
+    ``calls`` adds [calls] keys, ``extra`` more tables, ``top`` top-level keys."""
     sa_file = tmp_path / "service-account.json"
     sa_file.write_text(s.fcm.add_project(PROJECT))
     key_file = tmp_path / "AuthKey.p8"
     p8 = s.apns.add_key(TEAM, KEY_ID, [TOPIC])
     key_file.write_text(p8)
     s.sandbox.add_key(TEAM, KEY_ID, [TOPIC], key=_load_p8(p8))
-    extra = (f'[capture]\nextra_providers = ["{RELAYED}"]\n'
-             f"[calls]\ndefault_timeout = {TIMEOUT}\n"
-             "[push]\nburst = 50\n"
-             f'[webhook]\nurl = "{s.relay.url}/relay"\nsecret = "{SECRET}"\nproviders = ["{RELAYED}"]\n'
-             f'ca_file = "{s.pki.ca_file}"\n')
-    path = daemon_config(tmp_path, ensure_asterisk, ensure_redis.url, extra)
+    text = top + (f'[capture]\nextra_providers = ["{RELAYED}"]\n'
+            f"[calls]\ndefault_timeout = {TIMEOUT}\n{calls}"
+            "[push]\nburst = 50\n"
+            f'[webhook]\nurl = "{s.relay.url}/relay"\nsecret = "{SECRET}"\nproviders = ["{RELAYED}"]\n'
+            f'ca_file = "{s.pki.ca_file}"\n' + extra)
+    path = daemon_config(tmp_path, asterisk, redis.url, text)
     path.write_text(path.read_text()
                     + f'[[fcm]]\nproject_id = "{PROJECT}"\nservice_account_file = "{sa_file}"\n'
                       f'api_url = "{s.fcm.url}"\nca_file = "{s.pki.ca_file}"\n'
