@@ -5,7 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: all venv sandbox test unit lint types run demo clean bench bench-push bench-deps
+.PHONY: all venv sandbox test unit lint types run demo clean bench bench-push bench-deps bench-fanout
 
 all: test
 
@@ -52,6 +52,10 @@ bench: venv sandbox bench-deps
 # PushDispatcher alone against the fake FCM/APNs (no Asterisk).
 bench-push: venv
 	$(BIN)/python bench/push_concurrency.py
+
+# One AOR flooded with 10k fresh push URLs, then calls: lag and pushes sent (docs/security.md, section 7).
+bench-fanout: venv sandbox
+	$(BIN)/python bench/fanout.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

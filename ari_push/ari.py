@@ -31,13 +31,11 @@ ConnectHandler = Callable[[], Awaitable[None]]
 OPERATIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "asterisk_info": ("GET", "/asterisk/info", (), ()),
     "list_channels": ("GET", "/channels", (), ()),
-    "get_channel": ("GET", "/channels/{channelId}", (), ()),
     "originate": (
         "POST", "/channels/{channelId}", (),
         ("endpoint", "app", "appArgs", "callerId", "timeout", "variables", "originator"),
     ),
     "ring": ("POST", "/channels/{channelId}/ring", (), ()),
-    "ring_stop": ("DELETE", "/channels/{channelId}/ring", (), ()),
     "answer": ("POST", "/channels/{channelId}/answer", (), ()),
     "hangup": ("DELETE", "/channels/{channelId}", ("reason",), ()),
     "set_variable": ("POST", "/channels/{channelId}/variable", ("variable", "value"), ()),
@@ -53,6 +51,7 @@ OPERATIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "list_applications": ("GET", "/applications", (), ()),
     "get_config": ("GET", "/asterisk/config/dynamic/{configClass}/{objectType}/{id}", (), ()),
     "delete_config": ("DELETE", "/asterisk/config/dynamic/{configClass}/{objectType}/{id}", (), ()),
+    "put_config": ("PUT", "/asterisk/config/dynamic/{configClass}/{objectType}/{id}", (), ("fields",)),
     "claim": ("POST", "/events/claim", ("channelId", "application"), ()),
     "move": ("POST", "/channels/{channelId}/move", ("app", "appArgs"), ()),
     "subscribe": ("POST", "/applications/{applicationName}/subscription", ("eventSource",), ()),

@@ -1,4 +1,4 @@
-"""Capped exponential backoff with full jitter, reset on success."""
+"""Capped exponential backoff with jitter (a floor of base/2, then uniform up to the cap), reset on success."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ Feeds (docs/capture.md):
 - ``PeerStatus`` ``Registered`` (chan_sip, Asterisk <= 20): the contact is read from astdb
   ``SIP/Registry/<peer>`` with ``DBGet``.
 - Resynchronisation with ``PJSIPShowContacts`` at start-up and after every AMI reconnect.
-Events are queued by the AMI reader and handled in order by one worker task.
+The AMI reader wakes waiting calls at once, then queues the event for one of ``WORKERS``
+workers chosen by AOR (the events of one AOR stay in order).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ari_push.ami_frames import AmiMessage
 from ari_push.bindings import BindingStore, StoreUnavailable
 from ari_push.contacts import ContactPolicy, ContactRejected, parse_chan_sip_registry, parse_contact
 from ari_push.metrics import Metrics
-from ari_push.model import Binding, mask
+from ari_push.model import Binding, mask_token
 from ari_push.wakeups import Registration, WakeupHub
 
 log = logging.getLogger("ari_push.capture")
@@ -163,13 +164,18 @@ class Capture:
         binding = Binding(aor=aor, endpoint=endpoint, push=push, contact_uri=uri, user_agent=user_agent,
                           first_seen=now, last_seen=now)
         try:
-            binding = await self.store.upsert(binding)
+            binding, evicted = await self.store.upsert_capped(binding, self.policy.max_devices_per_aor)
         except StoreUnavailable as exc:
             self.metrics.store_errors.inc()
             log.warning("could not store the binding of %s: %s", aor, exc)
             return binding
         self.metrics.registrations.labels(push.dialect.value).inc()
-        log.info("captured %s device %s of %s (token %s)", push.provider, binding.device_id, aor, mask(push.token))
+        if evicted:
+            self.metrics.devices_evicted.inc(len(evicted))
+            log.info("%s has more than %d devices: dropped the least recently seen (%s)", aor,
+                     self.policy.max_devices_per_aor, ", ".join(evicted[:5]) + (" ..." if len(evicted) > 5 else ""))
+        log.info("captured %s device %s of %s (token %s)", push.provider, binding.device_id, aor,
+                 mask_token(push.provider, push.token))
         return binding
 
     async def _chan_sip(self, msg: AmiMessage) -> Binding | None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from ari_push import __version__
 from ari_push.bindings import BindingStore, MemoryStore, RedisStore, StoreUnavailable
-from ari_push.contacts import ContactPolicy, ContactRejected, parse_contact
+from ari_push.contacts import ContactPolicy, ContactRejected, mask_contact_uri, parse_contact, printable
 from ari_push.logs import configure
-from ari_push.model import Binding, mask
+from ari_push.model import Binding, mask, mask_token
 from ari_push.redis_keys import Keys
 from ari_push.settings import Settings, SettingsError, load, to_display
 
@@ -32,12 +32,26 @@ def _config_path(args: argparse.Namespace) -> str | None:
     return path
 
 
-def _load(args: argparse.Namespace) -> Settings:
+def _config_error(exc: SettingsError) -> SystemExit:
+    """One line on stderr and exit 2, which the systemd unit does not restart on
+    (RestartPreventExitStatus=2): a broken configuration must not loop."""
+    print(f"ari-push: configuration error: {exc}", file=sys.stderr)
+    return SystemExit(EXIT_CONFIG)
+
+
+def _load(args: argparse.Namespace, *, providers: bool = False) -> Settings:
+    """Read and validate the settings; with ``providers``, also build every push provider
+    exactly as ``run`` does (keys parsed, URLs checked), then drop them (they hold no
+    connection yet)."""
     try:
-        return load(_config_path(args))
+        settings = load(_config_path(args))
+        if providers:
+            from ari_push.push.factory import build_providers
+
+            build_providers(settings)
+        return settings
     except SettingsError as exc:
-        print(f"ari-push: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
+        raise _config_error(exc) from None
 
 
 def _json(value: object) -> str:
@@ -48,7 +62,7 @@ def _json(value: object) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    settings = _load(args, providers=True)
     configure(settings.log.level, settings.log.format)
     from ari_push.service import Daemon
 
@@ -59,12 +73,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await Daemon(settings).run(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (SettingsError, ExceptionGroup) as exc:  # a part the daemon builds at start refused its settings
+        found = _settings_error(exc)
+        if found is None:
+            raise
+        raise _config_error(found) from None
     return 0
 
 
+def _settings_error(exc: BaseException) -> SettingsError | None:
+    if isinstance(exc, SettingsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _settings_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    settings = _load(args, providers=True)
     print(_json(to_display(settings)))
     print("configuration OK", file=sys.stderr)
     return 0
@@ -76,14 +107,21 @@ def cmd_version(_: argparse.Namespace) -> int:
 
 
 def binding_view(b: Binding, reveal: bool) -> dict[str, object]:
+    """A binding as the CLI shows it: every token masked unless ``reveal`` (the one rule of
+    docs/security.md), and every text escaped so that a phone's User-Agent or contact cannot
+    send escape sequences to the admin's terminal, revealed or not."""
     push = asdict(b.push)
-    push["token"] = b.push.token if reveal else mask(b.push.token)
-    push["extra_tokens"] = [[k, v if reveal else mask(v)] for k, v in b.push.extra_tokens]
-    push["options"] = [list(o) for o in b.push.options]
+    push["token"] = printable(b.push.token if reveal else mask_token(b.push.provider, b.push.token))
+    push["extra_tokens"] = [[printable(k), printable(v if reveal else mask_token(b.push.provider, v))]
+                            for k, v in b.push.extra_tokens]
+    push["options"] = [[printable(k), printable(v)] for k, v in b.push.options]
+    push["param"] = printable(b.push.param)
+    push["purr"] = printable(b.push.purr if reveal else mask(b.push.purr))
+    push["provider"] = printable(b.push.provider)
     return {
-        "aor": b.aor, "endpoint": b.endpoint, "device_id": b.device_id, "push": push,
-        "contact_uri": b.contact_uri if reveal else b.contact_uri.replace(b.push.token, mask(b.push.token)),
-        "user_agent": b.user_agent, "first_seen": b.first_seen, "last_seen": b.last_seen,
+        "aor": printable(b.aor), "endpoint": printable(b.endpoint), "device_id": b.device_id, "push": push,
+        "contact_uri": printable(b.contact_uri) if reveal else mask_contact_uri(b.contact_uri),
+        "user_agent": printable(b.user_agent), "first_seen": b.first_seen, "last_seen": b.last_seen,
     }
 
 
@@ -122,13 +160,13 @@ async def _with_store(settings: Settings, action: str, args: argparse.Namespace)
             for aor in aors:
                 for b in await store.bindings_for(aor):
                     v = binding_view(b, args.reveal)
-                    print(f"{aor}\t{b.device_id}\t{b.push.provider}\t{v['push']['token']}\t"  # type: ignore[index]
-                          f"{b.push.param}\t{b.user_agent}")
+                    print(f"{v['aor']}\t{b.device_id}\t{v['push']['provider']}\t"  # type: ignore[index]
+                          f"{v['push']['token']}\t{v['push']['param']}\t{v['user_agent']}")  # type: ignore[index]
         elif action == "show":
             print(_json([binding_view(b, args.reveal) for b in await store.bindings_for(args.aor)]))
         elif action == "forget":
             n = await store.forget(args.aor, args.device)
-            print(f"forgot {n} device(s) of {args.aor}")
+            print(f"forgot {n} device(s) of {printable(args.aor)}")
     except StoreUnavailable as exc:
         print(f"ari-push: store unavailable: {exc}", file=sys.stderr)
         return 1

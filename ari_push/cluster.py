@@ -9,7 +9,8 @@
 - ``lease`` mode (Asterisk without StasisBroadcast): one app name, and only the holder of a
   Redis lease connects its event websocket; a standby takes over when the lease expires and
   reconciles the channels left in the app.
-- Pushes are idempotent per (call, device, kind) across daemons (PushLedger).
+Pushes are idempotent per (call, device, kind) across daemons through the push ledger
+(push/ledger.py), which single-node daemons use too.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
 from ari_push.ari import AriClient, AriError
+from ari_push.call_events import ChannelInfo, channel_info
+from ari_push.channels import ChannelRole, channel_role, stasis_args
 from ari_push.redis_keys import Keys
 from ari_push.settings import ClusterSettings
 
@@ -50,37 +53,12 @@ return 0
 """
 
 
-class PushLedger(Protocol):
-    async def first(self, call_id: str, device_id: str, kind: str) -> bool:
-        """True for the first sender of this (call, device, kind); False for every later one."""
-        ...
+class CallTaker(Protocol):
+    """What the cluster asks of the call manager (calls.CallManager)."""
 
+    def start_adopted(self, channel: ChannelInfo) -> None: ...
 
-class MemoryLedger:
-    def __init__(self) -> None:
-        self._seen: set[tuple[str, str, str]] = set()
-
-    async def first(self, call_id: str, device_id: str, kind: str) -> bool:
-        key = (call_id, device_id, kind)
-        if key in self._seen:
-            return False
-        self._seen.add(key)
-        if len(self._seen) > 100_000:  # a call lasts minutes; forget the oldest half now and then
-            self._seen = set(list(self._seen)[50_000:])
-        return True
-
-
-class RedisLedger:
-    def __init__(self, client: aioredis.Redis, keys: Keys, ttl: int = 3600) -> None:
-        self.redis = client
-        self.keys = keys
-        self.ttl = ttl
-
-    async def first(self, call_id: str, device_id: str, kind: str) -> bool:
-        try:
-            return bool(await self.redis.set(self.keys.pushed(call_id, device_id, kind), "1", nx=True, ex=self.ttl))
-        except (aioredis.RedisError, OSError):
-            return True  # Redis down: better a duplicate push than a phone that never rings
+    async def adopt_bridge(self, bridge_id: str, channel_ids: list[str]) -> None: ...
 
 
 class Cluster:
@@ -92,9 +70,8 @@ class Cluster:
         keys: Keys,
         ari: AriClient,
         node_id: str,
+        calls: CallTaker,
         may_take_calls: Callable[[], bool],
-        adopt_bridge: Callable[[str, list[str]], Awaitable[None]],
-        start_adopted: Callable[[dict[str, Any], str], None],
     ) -> None:
         self.settings = settings
         self.app = app
@@ -102,30 +79,25 @@ class Cluster:
         self.keys = keys
         self.ari = ari
         self.node_id = node_id
+        self.calls = calls
         self.may_take_calls = may_take_calls
-        self.adopt_bridge = adopt_bridge
-        self.start_adopted = start_adopted
         self._beat = client.register_script(_BEAT)
         self._alive = client.register_script(_ALIVE)
         self._renew = client.register_script(_RENEW)
         self.lease_held = asyncio.Event()
         self.lease_lost = asyncio.Event()
-        self.adopted = 0
-        self.claims_won = 0
 
     # ---------------------------------------------------------------- broadcast
 
-    async def claim(self, event: dict[str, Any]) -> None:
+    async def claim(self, channel_id: str) -> None:
         """A CallBroadcast: claim it unless this daemon is stopping or missing a link."""
-        cid = (event.get("channel") or {}).get("id", "")
-        if not cid or not self.may_take_calls():
+        if not channel_id or not self.may_take_calls():
             return
         try:
-            await self.ari.call("claim", query={"channelId": cid, "application": self.app})
-            self.claims_won += 1
+            await self.ari.call("claim", query={"channelId": channel_id, "application": self.app})
         except AriError as exc:
             if exc.status != 409:  # 409: another daemon was first, as designed
-                log.warning("claim of %s failed: %s", cid, exc)
+                log.warning("claim of %s failed: %s", channel_id, exc)
 
     # ---------------------------------------------------------------- loops
 
@@ -188,18 +160,17 @@ class Cluster:
             if not await self.redis.set(self.keys.adopt(cid), self.node_id, nx=True, ex=15):
                 continue  # another daemon adopts it
             n += 1
-            self.adopted += 1
             role = channel_role(ch, args)
-            if role == "up":
+            if role is ChannelRole.UP:
                 if bridges is None:
                     bridges = await self.ari.call("list_bridges")
                 bridge = next((b for b in bridges or [] if cid in b.get("channels", [])), None)
                 if bridge is not None and len(bridge["channels"]) >= 2:
                     # A conversation in progress: keep it, and carry its hang-up from now on.
                     log.warning("adopting bridged call %s of dead app %s", bridge["id"], app)
-                    await self.adopt_bridge(bridge["id"], list(bridge["channels"]))
+                    await self.calls.adopt_bridge(bridge["id"], list(bridge["channels"]))
                     continue
-            if role != "caller":  # a leg, or a lone up channel
+            if role is not ChannelRole.CALLER:  # a leg, or a lone up channel
                 log.warning("adopting %s of dead app %s: hanging it up", cid, app)
                 with contextlib.suppress(AriError):
                     await self.ari.call("hangup", {"channelId": cid}, query={"reason": "normal"})
@@ -212,7 +183,7 @@ class Cluster:
                     continue
                 # Do not wait for the StasisStart of the move: out of a dead app it was seen not
                 # to come every time. The channel is ours now; its StasisStart, if any, is ignored.
-                self.start_adopted(ch, args)
+                self.calls.start_adopted(channel_info(ch))
         return n
 
     async def _lease(self, stop: asyncio.Event) -> None:
@@ -239,24 +210,3 @@ class Cluster:
         if self.lease_held.is_set():
             with contextlib.suppress(aioredis.RedisError, OSError):
                 await self._renew(keys=[key], args=[self.node_id, 1])  # hand over at once
-
-
-def stasis_args(channel: dict[str, Any]) -> str:
-    """The application arguments a channel entered Stasis with, comma-separated."""
-    plan = channel.get("dialplan") or {}
-    data = str(plan.get("app_data", ""))
-    if plan.get("app_name") == "StasisBroadcast":  # timeout,filter,arg1:arg2
-        parts = data.split(",", 2)
-        return parts[2].replace(":", ",") if len(parts) > 2 else ""
-    return data.partition(",")[2]  # Stasis: app,arg1,arg2
-
-
-def channel_role(channel: dict[str, Any], args: str) -> str:
-    """``caller`` (waiting in Stasis for ari-push), ``up`` (answered: maybe a bridged call) or
-    ``leg`` (a channel ari-push originated that is still ringing or was never answered)."""
-    plan = channel.get("dialplan") or {}
-    if channel.get("state") == "Up":
-        return "up"
-    if plan.get("app_name") in ("Stasis", "StasisBroadcast") and not args.startswith("dialed,"):
-        return "caller"
-    return "leg"

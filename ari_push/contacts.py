@@ -20,12 +20,14 @@ under ``SIP/Registry/<peer>``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
-from ari_push.model import Dialect, PushParams, mask
+from ari_push.model import Dialect, PushParams, mask, mask_url
+from ari_push.netaddr import HostRule, parse_host_rule, rule_allows
 from ari_push.settings import CaptureSettings
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "ContactPolicy",
     "ContactRejected",
     "contact_parts",
+    "mask_contact_uri",
     "parse_chan_sip_registry",
     "parse_contact",
 ]
@@ -153,11 +156,10 @@ def _name_shown(value: str) -> str:
 
 
 def _normalise_host_entry(entry: str) -> str:
-    host = entry.strip().lower().removesuffix(".")
-    body = host.removeprefix("*.")
-    if not body or "*" in body or "/" in body or "@" in body or ":" in body:
-        raise ValueError(f"{entry!r} is not a host name or *.domain")
-    return host
+    try:
+        return str(parse_host_rule(entry))
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,10 @@ class ContactPolicy:
     max_token_length: tuple[tuple[str, int], ...] = DEFAULT_MAX_TOKEN_LENGTH
     webpush_allowed_hosts: tuple[str, ...] = DEFAULT_WEBPUSH_HOSTS
     max_option_length: int = 64
+    #: Not a parsing rule: the capture keeps at most this many devices per AOR (the least
+    #: recently seen goes; ``[capture] max_devices_per_aor``). Carried here so that every part
+    #: built from the capture settings sees the same number.
+    max_devices_per_aor: int = 10
 
     def __post_init__(self) -> None:
         # Normalised here so every comparison below can be a plain ==.
@@ -195,24 +201,23 @@ class ContactPolicy:
     def from_settings(cls, capture: CaptureSettings) -> ContactPolicy:
         webpush = capture.webpush_allowed_hosts
         return cls(vendor_allowed_hosts=capture.vendor_allowed_hosts, extra_providers=capture.extra_providers,
-                   webpush_allowed_hosts=DEFAULT_WEBPUSH_HOSTS if webpush is None else webpush)
+                   webpush_allowed_hosts=DEFAULT_WEBPUSH_HOSTS if webpush is None else webpush,
+                   max_devices_per_aor=capture.max_devices_per_aor)
 
     def token_limit(self, provider: str) -> int:
         limits = dict(self.max_token_length)
         return limits.get(provider, limits.get("*", 256))
 
 
-def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
-    host = host.lower().removesuffix(".")
-    looks_numeric = host.rsplit(".", 1)[-1].isdigit() or ":" in host
-    for entry in allowed:
-        if entry.startswith("*."):
-            # A wildcard never matches an IP literal: "*.0.1" must not allow 10.0.0.1.
-            if not looks_numeric and host.endswith(entry[1:]):
-                return True
-        elif host == entry:
-            return True
-    return False
+def _host_allowed(host: str, allowed: tuple[str, ...], port: int | None = None, scheme: str = "https") -> bool:
+    """``host`` (and ``port``; None: the scheme's default) is on the allow-list (netaddr rules:
+    an entry without a port allows the default port only; a wildcard never an IP literal)."""
+    return rule_allows(_rules(allowed), host, port, scheme)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _rules(allowed: tuple[str, ...]) -> tuple[HostRule, ...]:
+    return tuple(parse_host_rule(entry) for entry in allowed)
 
 
 # ---------------------------------------------------------------- URI structure
@@ -443,10 +448,11 @@ def _push_url(url: str, *, kind: str, field: str, schemes: tuple[str, ...], allo
         is_ip = False
     if port == 0 or not (is_ip or _host_ok(host)):
         raise ContactRejected(f"{kind}-url", field, f"{_shown(url)} has a bad host or port")
-    if (is_ip and not ip_literals) or not _host_allowed(host, allowed):
+    if (is_ip and not ip_literals) or not _host_allowed(host, allowed, port, parts.scheme):
         # The host is no secret (the token is in the path) and is checked above: show it whole,
         # it is what the operator needs to decide whether to allow it.
-        raise ContactRejected(f"{kind}-host-not-allowed", field, f"host {host!r} is not allow-listed")
+        on_port = "" if port is None else f" on port {port}"
+        raise ContactRejected(f"{kind}-host-not-allowed", field, f"host {host!r}{on_port} is not allow-listed")
     return url
 
 
@@ -716,6 +722,49 @@ def parse_contact(uri: str, policy: ContactPolicy) -> PushParams | None:
         raise
     except Exception as exc:  # fail closed on attacker input: never crash the caller
         raise ContactRejected("internal-error", "uri", type(exc).__name__) from None
+
+
+# ---------------------------------------------------------------- masking
+
+#: URI parameters whose value is (or holds) a device secret: masked wherever a contact is shown.
+SECRET_PARAMS: frozenset[str] = frozenset({"pn-prid", "pn-tok", _VENDOR_NAME, "pn-purr"})
+
+
+def _mask_param_value(name: str, value: str) -> str:
+    if name == _VENDOR_NAME or "://" in value[:16] or "%3a%2f%2f" in value[:24].lower():
+        return mask_url(value.replace("%3A", ":").replace("%3a", ":").replace("%2F", "/").replace("%2f", "/"))
+    # Apple's dual form: every half is masked, each keeping its service name (":voip", ":remote")
+    halves = []
+    for half in value.split("&"):
+        token, colon, service = half.rpartition(":")
+        if colon and service.lower() in _APNS_SERVICES and token:
+            halves.append(f"{mask(token)}:{service}")
+        else:
+            halves.append(mask(half))
+    return "&".join(halves)
+
+
+def mask_contact_uri(uri: str) -> str:
+    """A contact URI as logs and the CLI show it: every push-secret parameter value masked
+    (both halves of a dual APNs token, a Zoiper URL down to its host), any case of the name;
+    non-printable characters escaped. Never raises."""
+    out = []
+    for i, segment in enumerate(str(uri).split(";")):
+        name, eq, value = segment.partition("=")
+        if i and eq and name.strip().lower() in SECRET_PARAMS:
+            cut = value.find(">")  # a <uri>;params Contact header value: keep what follows
+            inner, rest = (value, "") if cut < 0 else (value[:cut], value[cut:])
+            segment = f"{name}={_mask_param_value(name.strip().lower(), inner)}{rest}"
+        out.append(segment)
+    return printable(";".join(out))
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (controls, escapes, C1, line breaks, tabs,
+    bidi overrides) written as a Python escape, so that it cannot act on a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 # ---------------------------------------------------------------- chan_sip (Asterisk <= 20)

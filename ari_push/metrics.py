@@ -26,5 +26,8 @@ class Metrics:
             "ari_push_wake_latency_seconds", "Push sent to re-registration seen",
             buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30), registry=r)
         self.link_up = Gauge("ari_push_link_up", "1 when the link is connected", ["link"], registry=r)
+        self.devices_evicted = Counter(
+            "ari_push_devices_evicted", "Devices dropped because their AOR had more than "
+            "[capture] max_devices_per_aor (the least recently seen goes)", registry=r)
         self.store_errors = Counter(
             "ari_push_store_errors", "Binding store operations that failed (Redis down)", registry=r)

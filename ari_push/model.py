@@ -7,7 +7,7 @@ unchanged. Nothing here does I/O.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -64,15 +64,6 @@ class Binding:
     def device_id(self) -> str:
         return self.push.device_id
 
-    def seen_again(self, contact_uri: str, user_agent: str, now: float, endpoint: str = "") -> Binding:
-        return replace(
-            self,
-            contact_uri=contact_uri,
-            user_agent=user_agent or self.user_agent,
-            endpoint=endpoint or self.endpoint,
-            last_seen=now,
-        )
-
 
 class PushKind(StrEnum):
     """Why a push is sent. Calls wake the phone; the others end what a call push started."""
@@ -116,10 +107,41 @@ class PushResult:
     dead_since: float | None = None
 
 
-def mask(secret: str, keep: int = 4) -> str:
-    """Show only the ends of a secret: enough to tell two apart in a log, not enough to use."""
+#: Shorter than this, a secret or token shows nothing but its length.
+MASK_SHORT = 24
+#: Leading characters a long token shows (enough to tell two apart in a log, not to use one).
+MASK_KEEP = 4
+
+
+def mask(secret: str, keep: int = MASK_KEEP) -> str:
+    """The one masking rule (docs/security.md): ``""`` stays ``""``; a value shorter than
+    MASK_SHORT shows only its length (``…(10)``); a longer one at most ``keep`` (<= 4) leading
+    characters and its length (``00fc…(64)``). Never the tail: a token's two ends together
+    are too much of it, and a short password's are most of it."""
     if not secret:
         return ""
-    if len(secret) <= keep * 2 + 2:
-        return "*" * len(secret)
-    return f"{secret[:keep]}…{secret[-keep:]}({len(secret)})"
+    keep = max(0, min(keep, MASK_KEEP))
+    if len(secret) < MASK_SHORT:
+        return f"…({len(secret)})"
+    return f"{secret[:keep]}…({len(secret)})"
+
+
+def mask_url(url: str) -> str:
+    """A push URL (Zoiper X-PUSH-URI, Web Push endpoint) as it may be shown: scheme, host and port
+    only; the path and query (the device's secret) become their length."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return mask(url)
+    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    authority = authority.rpartition("@")[2]  # user-info is a credential too
+    if not all(c.isalnum() or c in ".-:[]" for c in authority) or len(authority) > 260:
+        return mask(url)
+    return f"{scheme[:10]}://{authority}/…({len(tail)})" if tail else f"{scheme[:10]}://{authority}"
+
+
+def mask_token(provider: str, token: str) -> str:
+    """A binding's token masked the way its kind needs: URLs keep their host, others ``mask``."""
+    if "://" in token[:16]:
+        return mask_url(token)
+    return mask(token)

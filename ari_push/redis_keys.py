@@ -39,6 +39,10 @@ class Keys:
         """STRING node id, NX + PX: who may connect the shared Stasis app (lease mode)."""
         return f"{self.prefix}lease:{app}"
 
+    def ratelimit(self, device_id: str) -> str:
+        """HASH t (last update, server time) / v (tokens): one device's push token bucket."""
+        return f"{self.prefix}ratelimit:{device_id}"
+
     def pushed(self, call_id: str, device_id: str, kind: str) -> str:
         """STRING, NX with a TTL: this (call, device, kind) push was sent once already."""
         return f"{self.prefix}pushed:{call_id}:{device_id}:{kind}"

@@ -22,18 +22,22 @@ from redis.backoff import ExponentialWithJitterBackoff
 from ari_push.ami import AmiClient
 from ari_push.ami_frames import AmiMessage
 from ari_push.ari import AriClient
+from ari_push.asterisk_pbx import AsteriskPbx
 from ari_push.bindings import BindingStore, MemoryStore, RedisStore, StoreUnavailable
+from ari_push.call_events import CallBroadcast, from_ari
 from ari_push.calls import CallManager
 from ari_push.capture import Capture
-from ari_push.cluster import Cluster, MemoryLedger, PushLedger, RedisLedger
+from ari_push.cluster import Cluster
 from ari_push.contacts import ContactPolicy
 from ari_push.health import HealthServer
 from ari_push.links import LinkState
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushResult, mask
+from ari_push.push.base import PushProvider
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
-from ari_push.push.ratelimit import build_rate_limiter
+from ari_push.push.fanout import Fanout
+from ari_push.push.plan import MemoryPushPlanner, PushPlanner, RedisPushPlanner
 from ari_push.redis_keys import Keys
 from ari_push.settings import RedisSettings, Settings
 from ari_push.wakeups import RedisWakeups, WakeupHub
@@ -98,32 +102,39 @@ class Daemon:
         self.store: BindingStore
         self.wakeups: WakeupHub
         self.keys = Keys(settings.redis.key_prefix)
-        self.ledger: PushLedger
+        self.planner: PushPlanner
         if settings.redis.embedded:
-            self.store = MemoryStore()
+            memory = MemoryStore()
+            self.store = memory
             self.wakeups = WakeupHub(self.node_id)
-            self.ledger = MemoryLedger()
+            self.planner = MemoryPushPlanner(memory, settings.push)
         else:
             self.redis = make_redis(settings.redis)
             self.store = RedisStore(self.redis, self.keys, settings.capture.retention_days * 86400,
                                     settings.redis.wait_replicas, settings.redis.wait_timeout)
             self.wakeups = RedisWakeups(self.redis, self.keys, self.node_id)
-            self.ledger = RedisLedger(self.redis, self.keys)
+            self.planner = RedisPushPlanner(self.redis, self.keys, settings.push)
         self.ami = AmiClient(settings.ami, on_event=self._on_ami_event, on_connect=self._on_ami_connect)
         self.ari = AriClient(settings.ari, on_event=self._on_ari_event, on_connect=self._on_ari_connect)
         self.policy = ContactPolicy.from_settings(settings.capture)
         self.capture = Capture(self.store, self.wakeups, self.policy, self.ami, self.metrics, self.node_id)
-        self.dispatcher: PushDispatcher | None = None
-        self.calls: CallManager | None = None
+        self.providers: list[PushProvider] = build_providers(settings)
+        # The rate limit of CALL pushes is taken by the planner, in the same round trip as the
+        # bindings; the dispatcher only applies its verdicts.
+        self.dispatcher = PushDispatcher(self.providers, on_token_dead=self._on_token_dead,
+                                         fanout=Fanout.from_settings(settings))
+        self.calls = CallManager(settings, AsteriskPbx(self.ari, settings.ari.app), self.planner, self.dispatcher,
+                                 self.wakeups, self.metrics, self.policy)
         self.cluster: Cluster | None = None
         if settings.cluster.mode != "single" and self.redis is not None:
             self.cluster = Cluster(settings.cluster, settings.ari.app, self.redis, self.keys, self.ari, self.node_id,
-                                   may_take_calls=self._may_take_calls, adopt_bridge=self._adopt_bridge,
-                                   start_adopted=self._start_adopted)
+                                   calls=self.calls, may_take_calls=self._may_take_calls)
             if settings.cluster.mode == "lease":
                 self.ari.gate = (self.cluster.lease_held, self.cluster.lease_lost)
         links = [self.ami.link, self.ari.link] + ([self.redis_link] if self.redis is not None else [])
-        self.health = HealthServer(settings.http.listen, links, self.metrics)
+        self.health = HealthServer(settings.http.listen, links, self.metrics,
+                                   header_timeout=settings.http.header_timeout,
+                                   max_connections=settings.http.max_connections)
         self.started = asyncio.Event()
 
     # ---------------------------------------------------------------- wiring
@@ -137,31 +148,23 @@ class Daemon:
         except Exception as exc:  # resync is best effort; events keep flowing
             log.warning("contact resync failed: %s", exc)
 
-    def _on_ari_event(self, event: dict[str, Any]) -> None:
-        if self.calls is None:
+    def _on_ari_event(self, raw: dict[str, Any]) -> None:
+        event = from_ari(raw)  # the edge: ARI JSON becomes a typed event here, once
+        if event is None:
             return
-        if event.get("type") == "CallBroadcast":
+        if isinstance(event, CallBroadcast):
             if self.cluster is not None:
-                self.calls.spawn(self.cluster.claim(event), "claim")
+                self.calls.spawn(self.cluster.claim(event.channel_id), "claim")
             return
         self.calls.on_event(event)
 
     def _may_take_calls(self) -> bool:
         """Claim calls only when this daemon can serve them."""
         store_ok = self.redis is None or self.redis_link.up
-        return self.calls is not None and not self.calls.draining and self.ami.link.up and store_ok
-
-    def _start_adopted(self, channel: dict[str, Any], args: str) -> None:
-        if self.calls is not None:
-            self.calls.start_adopted(channel, args)
-
-    async def _adopt_bridge(self, bridge_id: str, channel_ids: list[str]) -> None:
-        if self.calls is not None:
-            await self.calls.adopt_bridge(bridge_id, channel_ids)
+        return not self.calls.draining and self.ami.link.up and store_ok
 
     async def _on_ari_connect(self) -> None:
-        if self.calls is not None:
-            await self.calls.reconcile()
+        await self.calls.reconcile()
 
     async def _on_token_dead(self, binding: Binding, result: PushResult) -> None:
         since = result.dead_since if result.dead_since is not None else time.time()
@@ -179,11 +182,7 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         log.info("ari-push starting as node %s (store: %s)", self.node_id,
                  "embedded" if self.redis is None else "redis")
-        providers = build_providers(self.settings)
-        limiter = build_rate_limiter(self.settings.push, self.redis, self.settings.redis.key_prefix)
-        self.dispatcher = PushDispatcher(providers, on_token_dead=self._on_token_dead, rate_limiter=limiter)
-        self.calls = CallManager(self.settings, self.ari, self.ami, self.store, self.wakeups, self.dispatcher,
-                                 self.metrics, self.policy, self.node_id, self.ledger)
+        providers = self.providers
         if self.settings.http.enabled:
             await self.health.start()
         inner_stop = asyncio.Event()  # links stop after the calls have drained
@@ -208,18 +207,16 @@ class Daemon:
                 await self.calls.drain(self.settings.shutdown_timeout)
                 inner_stop.set()
         finally:
-            await self._close(providers)
+            await self._close()
             log.info("ari-push stopped")
 
-    async def _warm(self, providers: list[Any]) -> None:
+    async def _warm(self, providers: list[PushProvider]) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(10):
                 await asyncio.gather(*(p.warm() for p in providers), return_exceptions=True)
 
-    async def _close(self, providers: list[Any]) -> None:
-        for provider in providers:
-            with contextlib.suppress(Exception):
-                await provider.aclose()
+    async def _close(self) -> None:
+        await self.dispatcher.aclose()
         await self.ari.aclose()
         await self.health.stop()
         if self.redis is not None:
@@ -258,6 +255,3 @@ class Daemon:
                 async with asyncio.timeout(600):
                     await stop.wait()
 
-
-async def run(settings: Settings, stop: asyncio.Event) -> None:
-    await Daemon(settings).run(stop)

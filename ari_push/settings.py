@@ -7,6 +7,7 @@ as ``*_file`` paths; they are read here and masked whenever settings are shown.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -16,9 +17,13 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ari_push.model import mask
+from ari_push.netaddr import parse_host_rule
 
 ENV_PREFIX = "ARI_PUSH_"
 KNOWN_PROVIDERS = ("apns", "fcm", "vendor", "webpush")
+#: Keys whose values are secrets: an error about them never shows the value, and an environment
+#: override of them is always taken as text (``ARI_PUSH_ARI__PASSWORD=12345678`` is a string).
+SECRET_KEYS = frozenset({"password", "secret", "sentinel_password", "key", "service_account"})
 
 
 class SettingsError(ValueError):
@@ -36,7 +41,7 @@ class Secret(str):
     __slots__ = ()
 
     def __repr__(self) -> str:
-        return f"Secret({mask(str(self), 2)!r})"
+        return f"Secret({mask(str(self))!r})"
 
 
 # ---------------------------------------------------------------- sections
@@ -94,8 +99,8 @@ class CaptureSettings:
     retention_days: float = 30.0
     vendor_allowed_hosts: tuple[str, ...] = ()
     extra_providers: tuple[str, ...] = ()
-    resync_interval: float = 300.0
     webpush_allowed_hosts: tuple[str, ...] | None = None  # None: the public push services
+    max_devices_per_aor: int = 10  # beyond it, the least recently seen device of the AOR is dropped
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,13 @@ class CallSettings:
     continue_context: str = ""
     dial_timeout: float = 60.0
     max_duration: float = 14400.0  # a bridged call is ended after this (a safety net for lost hang-ups)
+    # The registered UDP contact of a pushed device is rung this long after the push unless the
+    # device re-registered meanwhile (an INVITE to a sleeping UDP phone retransmits for 32 s);
+    # TCP/TLS contacts, and devices known to answer on their old contact, are rung at once.
+    stale_ring_delay: float = 2.0
+    # A pushed device whose end-of-call push could not be delivered (an iOS app with a VoIP token
+    # only) gets an INVITE + CANCEL with the right Reason if it re-registers within this window.
+    end_notice_window: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -131,12 +143,17 @@ class PushSettings:
 
     rate_per_minute: float = 10.0
     burst: int = 5
+    max_in_flight_per_call: int = 16  # pushes of one call on the wire at once (push/fanout.py)
+    max_in_flight_per_host: int = 100  # pushes to one provider host at once, across calls
+    allow_plain_http: bool = False  # tests only: provider URLs may be http:// (a warning at start)
 
 
 @dataclass(frozen=True)
 class HttpSettings:
-    listen: str = "127.0.0.1:8089"
+    listen: str = "127.0.0.1:9387"  # 8089 is Asterisk's HTTPS port (http.conf tlsbindport)
     enabled: bool = True
+    header_timeout: float = 5.0  # a request must arrive whole within this
+    max_connections: int = 64  # more at once are closed unanswered
 
 
 @dataclass(frozen=True)
@@ -182,6 +199,7 @@ class VendorSettings:
     timeout: float = 3.0
     max_response_bytes: int = 65536
     ca_file: str = ""
+    max_connections_per_host: int = 8
 
 
 @dataclass(frozen=True)
@@ -190,9 +208,10 @@ class WebhookSettings:
 
     url: str = ""
     secret: Secret = Secret("")
-    timeout: float = 3.0
+    timeout: float = 3.0  # the whole request, answer included
     providers: tuple[str, ...] = ()
     ca_file: str = ""
+    max_response_bytes: int = 65536
 
 
 @dataclass(frozen=True)
@@ -239,7 +258,7 @@ class _Section:
             return default
         value = self.data[name]
         if not check(value):
-            raise SettingsError(self.key(name), f"must be {kind}, got {value!r}")
+            raise SettingsError(self.key(name), f"must be {kind}, got {_shown_value(name, value)}")
         return value  # type: ignore[no-any-return]
 
     def text(self, name: str, default: str = "") -> str:
@@ -252,9 +271,17 @@ class _Section:
         value = self._get(
             name, lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number", default
         )
-        if not value > 0:
-            raise SettingsError(self.key(name), f"must be a positive number, got {value!r}")
+        if not value > 0 or not math.isfinite(value):
+            raise SettingsError(self.key(name), f"must be a positive number (finite), got {value!r}")
         return float(value)
+
+    def count(self, name: str, default: int, low: int, high: int) -> int:
+        """A whole number from ``low`` to ``high`` (finite by construction)."""
+        value = self._get(name, lambda v: isinstance(v, int) and not isinstance(v, bool),
+                          f"a whole number from {low} to {high}", default)
+        if not low <= value <= high:
+            raise SettingsError(self.key(name), f"must be a whole number from {low} to {high}, got {value}")
+        return value
 
     def port(self, name: str, default: int) -> int:
         value = self._get(name, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", default)
@@ -277,28 +304,38 @@ class _Section:
             raise SettingsError(self.key(name), f"must be one of {', '.join(options)}; got {value!r}")
         return value
 
-    def url(self, name: str, default: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
+    def url(self, name: str, default: str, schemes: tuple[str, ...] = ("http", "https"),
+            *, userinfo: bool = False) -> str:
+        """A URL with a host. Credentials in it (``user:pw@``) are refused unless ``userinfo``
+        (the caller then takes them out); errors show the URL without them."""
         value = self.text(name, default)
         if value:
-            parts = urlsplit(value)
-            if parts.scheme not in schemes or not parts.hostname:
-                raise SettingsError(
-                    self.key(name), f"must be a {'/'.join(schemes)} URL with a host, got {value!r}"
-                )
+            shown = repr(_without_userinfo(value))
+            try:
+                parts = urlsplit(value)
+                host, _port = parts.hostname, parts.port
+            except ValueError:
+                raise SettingsError(self.key(name), f"is not a valid URL: {shown}") from None
+            if parts.scheme not in schemes or not host:
+                raise SettingsError(self.key(name), f"must be a {'/'.join(schemes)} URL with a host, got {shown}")
+            if (parts.username is not None or "@" in parts.netloc) and not userinfo:
+                raise SettingsError(self.key(name), f"must not carry credentials (user:password@); got {shown}")
         return value
 
     def secret(self, name: str, *, required: bool = False) -> Secret:
         """``name`` inline, or ``name_file`` pointing at a file that holds it (trailing newline cut)."""
-        inline = self.text(name)
+        inline = self._get(name, lambda v: isinstance(v, str), "a string (quote it in TOML)", "")
         path = self.text(f"{name}_file")
         if inline and path:
             raise SettingsError(self.key(name), f"give either {name} or {name}_file, not both")
         if path:
             file = self.path(path)
             try:
-                inline = file.read_text().rstrip("\r\n")
+                inline = file.read_text(encoding="utf-8").rstrip("\r\n")
             except OSError as exc:
                 raise SettingsError(self.key(f"{name}_file"), f"cannot read {file}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise SettingsError(self.key(f"{name}_file"), f"{file} is not UTF-8 text") from None
             if not inline:
                 raise SettingsError(self.key(f"{name}_file"), f"{file} is empty")
         if required and not inline:
@@ -325,6 +362,16 @@ class _Section:
             raise SettingsError(self.key(unknown[0]), "unknown key (see docs/configuration.md)")
 
 
+def _shown_value(name: str, value: Any) -> str:
+    """A bad value as an error may show it: never a secret's, never more than 60 characters."""
+    if name in SECRET_KEYS or name.endswith(("password", "secret")):
+        kind = {"int": "an integer", "float": "a number", "bool": "a boolean", "list": "a list",
+                "dict": "a table"}.get(type(value).__name__, "another type")
+        return f"{kind} (value not shown: it is a secret)"
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 def _host_port(sec: _Section, name: str, default: str) -> str:
     value = sec.text(name, default)
     host, sep, port = value.rpartition(":")
@@ -338,7 +385,11 @@ def _redis(s: _Section) -> RedisSettings:
     username = s.text("username")
     password = s.secret("password")
     if url:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            _ = parts.hostname, parts.port
+        except ValueError:
+            raise SettingsError(s.key("url"), f"is not a valid URL: {_without_userinfo(url)!r}") from None
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise SettingsError(s.key("url"), f"must be a redis/rediss/unix URL, got {_without_userinfo(url)!r}")
         if parts.scheme == "unix" and not parts.path:
@@ -396,6 +447,12 @@ def _redis(s: _Section) -> RedisSettings:
 
 
 def _push(s: _Section) -> PushSettings:
+    push = _push_limits(s)
+    s.done()
+    return push
+
+
+def _push_limits(s: _Section) -> PushSettings:
     rate = s._get("rate_per_minute", lambda v: isinstance(v, int | float) and not isinstance(v, bool),
                   "a number", PushSettings.rate_per_minute)
     if not rate >= 0:
@@ -404,14 +461,45 @@ def _push(s: _Section) -> PushSettings:
                    PushSettings.burst)
     if burst < 1:
         raise SettingsError(s.key("burst"), f"must be at least 1, got {burst}")
-    s.done()
-    return PushSettings(rate_per_minute=float(rate), burst=burst)
+    if not math.isfinite(rate):
+        raise SettingsError(s.key("rate_per_minute"), f"must be a finite number, got {rate!r}")
+    return PushSettings(
+        rate_per_minute=float(rate), burst=burst,
+        max_in_flight_per_call=s.count("max_in_flight_per_call", PushSettings.max_in_flight_per_call, 1, 1000),
+        max_in_flight_per_host=s.count("max_in_flight_per_host", PushSettings.max_in_flight_per_host, 1, 1000),
+        allow_plain_http=s.flag("allow_plain_http", False),
+    )
 
 
 def _without_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` cut out; never raises (a URL that does not parse
+    loses everything up to its last '@' after the scheme)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=host).geturl()
+    except ValueError:
+        scheme, sep, rest = url.partition("://")
+        cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+        return f"{scheme}{sep}{rest[:cut].rpartition('@')[2]}{rest[cut:]}"
+
+
+def _split_userinfo(url: str) -> tuple[str, str, str]:
+    """(url without credentials, user, password), both unquoted; '' where absent."""
     parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=host).geturl()
+    if parts.username is None and "@" not in parts.netloc:
+        return url, "", ""
+    return _without_userinfo(url), unquote(parts.username or ""), unquote(parts.password or "")
+
+
+def _provider_url(s: _Section, name: str, default: str, plain_http: bool) -> str:
+    """A push service URL: https only (tokens and bearer tokens go in it), unless the test
+    setting ``[push] allow_plain_http`` is on."""
+    value = s.url(name, default)
+    if value and urlsplit(value).scheme != "https" and not plain_http:
+        raise SettingsError(s.key(name), f"must be an https:// URL (plain http sends tokens in clear; "
+                                         f"[push] allow_plain_http is for test rigs only), got {value!r}")
+    return value
 
 
 def _pem_has_key(path: str) -> bool:
@@ -421,7 +509,7 @@ def _pem_has_key(path: str) -> bool:
         return False
 
 
-def _apns(data: Mapping[str, Any], where: str, base: Path | None) -> ApnsApp:
+def _apns(data: Mapping[str, Any], where: str, base: Path | None, plain_http: bool = False) -> ApnsApp:
     s = _Section(data, where, base)
     topics = s.strings("topics")
     if not topics:
@@ -433,8 +521,8 @@ def _apns(data: Mapping[str, Any], where: str, base: Path | None) -> ApnsApp:
         key_id=s.text("key_id"),
         key=s.secret("key"),
         cert_file=s.file("cert_file"),
-        production_url=s.url("production_url", ApnsApp.production_url),
-        sandbox_url=s.url("sandbox_url", ApnsApp.sandbox_url),
+        production_url=_provider_url(s, "production_url", ApnsApp.production_url, plain_http),
+        sandbox_url=_provider_url(s, "sandbox_url", ApnsApp.sandbox_url, plain_http),
         ca_file=s.file("ca_file"),
         jwt_lifetime=s.positive("jwt_lifetime", ApnsApp.jwt_lifetime),
         timeout=s.positive("timeout", ApnsApp.timeout),
@@ -449,7 +537,7 @@ def _apns(data: Mapping[str, Any], where: str, base: Path | None) -> ApnsApp:
     return app
 
 
-def _fcm(data: Mapping[str, Any], where: str, base: Path | None) -> FcmProject:
+def _fcm(data: Mapping[str, Any], where: str, base: Path | None, plain_http: bool = False) -> FcmProject:
     s = _Section(data, where, base)
     project = s.text("project_id")
     if not project:
@@ -457,7 +545,7 @@ def _fcm(data: Mapping[str, Any], where: str, base: Path | None) -> FcmProject:
     proj = FcmProject(
         project_id=project,
         service_account=s.secret("service_account", required=True),
-        api_url=s.url("api_url", FcmProject.api_url),
+        api_url=_provider_url(s, "api_url", FcmProject.api_url, plain_http),
         ca_file=s.file("ca_file"),
         timeout=s.positive("timeout", FcmProject.timeout),
     )
@@ -465,13 +553,32 @@ def _fcm(data: Mapping[str, Any], where: str, base: Path | None) -> FcmProject:
     return proj
 
 
+def _host_rules(s: _Section, name: str) -> tuple[str, ...]:
+    """An allow-list, each entry checked and normalised (netaddr.parse_host_rule)."""
+    out = []
+    for entry in s.strings(name):
+        try:
+            out.append(str(parse_host_rule(entry)))
+        except ValueError as exc:
+            raise SettingsError(s.key(name), str(exc)) from None
+    return tuple(out)
+
+
 def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
     top = _Section(raw, "", base)
     ari_s = _Section(top.table("ari"), "ari", base)
+    # Credentials in the URL are moved out of it (the URL is logged on "ari link up").
+    ari_url, url_user, url_password = _split_userinfo(ari_s.url("url", AriSettings.url, userinfo=True))
+    ari_user = ari_s.text("username", "")
+    if url_user and ari_user and url_user != ari_user:
+        raise SettingsError("ari.username", "the url names another user")
+    if url_password and (ari_s.data.get("password") or ari_s.data.get("password_file")):
+        raise SettingsError("ari.password", "the url has a password too; give it once")
+    ari_password = ari_s.secret("password", required=not url_password)
     ari = AriSettings(
-        url=ari_s.url("url", AriSettings.url),
-        username=ari_s.text("username", AriSettings.username),
-        password=ari_s.secret("password", required=True),
+        url=ari_url,
+        username=ari_user or url_user or AriSettings.username,
+        password=ari_password or Secret(url_password),
         app=ari_s.text("app", AriSettings.app),
         request_timeout=ari_s.positive("request_timeout", AriSettings.request_timeout),
         heartbeat=ari_s.positive("heartbeat", AriSettings.heartbeat),
@@ -496,17 +603,13 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
     cap_s = _Section(top.table("capture"), "capture", base)
     cap = CaptureSettings(
         retention_days=cap_s.positive("retention_days", CaptureSettings.retention_days),
-        vendor_allowed_hosts=tuple(h.lower() for h in cap_s.strings("vendor_allowed_hosts")),
+        vendor_allowed_hosts=_host_rules(cap_s, "vendor_allowed_hosts"),
         extra_providers=tuple(p.lower() for p in cap_s.strings("extra_providers")),
-        resync_interval=cap_s.positive("resync_interval", CaptureSettings.resync_interval),
-        webpush_allowed_hosts=(tuple(h.lower() for h in cap_s.strings("webpush_allowed_hosts"))
+        webpush_allowed_hosts=(_host_rules(cap_s, "webpush_allowed_hosts")
                                if "webpush_allowed_hosts" in cap_s.data else None),
+        max_devices_per_aor=cap_s.count("max_devices_per_aor", CaptureSettings.max_devices_per_aor, 1, 1000),
     )
     cap_s.done()
-    for host in (*cap.vendor_allowed_hosts, *(cap.webpush_allowed_hosts or ())):
-        if not host or "/" in host or "@" in host or ":" in host.removeprefix("*."):
-            raise SettingsError("capture.vendor_allowed_hosts" if host in cap.vendor_allowed_hosts
-                                else "capture.webpush_allowed_hosts", f"{host!r} is not a host name or *.domain")
     for name in cap.extra_providers:
         if name in KNOWN_PROVIDERS or not name.replace("-", "").replace(".", "").isalnum():
             raise SettingsError("capture.extra_providers", f"{name!r} is built in or not a plain name")
@@ -521,6 +624,8 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         continue_context=call_s.text("continue_context"),
         dial_timeout=call_s.positive("dial_timeout", CallSettings.dial_timeout),
         max_duration=call_s.positive("max_duration", CallSettings.max_duration),
+        stale_ring_delay=call_s.positive("stale_ring_delay", CallSettings.stale_ring_delay),
+        end_notice_window=call_s.positive("end_notice_window", CallSettings.end_notice_window),
     )
     call_s.done()
     if calls.default_timeout > calls.max_timeout:
@@ -530,7 +635,9 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
 
     http_s = _Section(top.table("http"), "http", base)
     http = HttpSettings(listen=_host_port(http_s, "listen", HttpSettings.listen),
-                        enabled=http_s.flag("enabled", True))
+                        enabled=http_s.flag("enabled", True),
+                        header_timeout=http_s.positive("header_timeout", HttpSettings.header_timeout),
+                        max_connections=http_s.count("max_connections", HttpSettings.max_connections, 1, 10000))
     http_s.done()
 
     log_s = _Section(top.table("log"), "log", base)
@@ -547,8 +654,8 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         raise SettingsError("apns", "must be an array of tables ([[apns]])")
     if not isinstance(fcm_raw, list):
         raise SettingsError("fcm", "must be an array of tables ([[fcm]])")
-    apns = tuple(_apns(a, f"apns[{i}]", base) for i, a in enumerate(apns_raw))
-    fcm = tuple(_fcm(f, f"fcm[{i}]", base) for i, f in enumerate(fcm_raw))
+    apns = tuple(_apns(a, f"apns[{i}]", base, push.allow_plain_http) for i, a in enumerate(apns_raw))
+    fcm = tuple(_fcm(f, f"fcm[{i}]", base, push.allow_plain_http) for i, f in enumerate(fcm_raw))
     seen: set[str] = set()
     for i, app in enumerate(apns):
         for topic in app.topics:
@@ -564,18 +671,21 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
         body_template=ven_s.text("body_template", VendorSettings.body_template),
         content_type=ven_s.text("content_type", VendorSettings.content_type),
         timeout=ven_s.positive("timeout", VendorSettings.timeout),
-        max_response_bytes=int(ven_s.positive("max_response_bytes", VendorSettings.max_response_bytes)),
+        max_response_bytes=ven_s.count("max_response_bytes", VendorSettings.max_response_bytes, 1, 1 << 24),
         ca_file=ven_s.file("ca_file"),
+        max_connections_per_host=ven_s.count("max_connections_per_host", VendorSettings.max_connections_per_host,
+                                             1, 100),
     )
     ven_s.done()
 
     hook_s = _Section(top.table("webhook"), "webhook", base)
     hook = WebhookSettings(
-        url=hook_s.url("url", ""),
+        url=_provider_url(hook_s, "url", "", push.allow_plain_http),
         secret=hook_s.secret("secret"),
         timeout=hook_s.positive("timeout", WebhookSettings.timeout),
         providers=tuple(p.lower() for p in hook_s.strings("providers")),
         ca_file=hook_s.file("ca_file"),
+        max_response_bytes=hook_s.count("max_response_bytes", WebhookSettings.max_response_bytes, 1, 1 << 24),
     )
     hook_s.done()
     if hook.url and not hook.secret:
@@ -631,15 +741,16 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         if any(not p for p in path) or len(path) > 2:
             raise SettingsError(name, "environment overrides look like ARI_PUSH_SECTION__KEY")
-        if path[0].startswith("debian"):
-            continue  # rig variables, not settings
+        if path[0].startswith(("debian", "rig_")):
+            continue  # rig variables (ARI_PUSH_DEBIAN_MIRROR, ARI_PUSH_RIG_SLOT), not settings
         target = merged
         if len(path) == 2:
             existing = target.get(path[0], {})
             if not isinstance(existing, dict):
                 raise SettingsError(name, f"[{path[0]}] is not a table")
             target = target.setdefault(path[0], existing)
-        target[path[-1]] = _coerce_env(value)
+        # A secret is text whatever it looks like: "12345678" must not become a number.
+        target[path[-1]] = value if path[-1] in SECRET_KEYS else _coerce_env(value)
     return merged
 
 
@@ -665,7 +776,7 @@ def load(path: str | Path | None, environ: Mapping[str, str] | None = None) -> S
 def to_display(obj: Any) -> Any:
     """Settings as plain data with every secret masked: what check-config prints."""
     if isinstance(obj, Secret):
-        return mask(str(obj), 2) if obj else ""
+        return mask(str(obj)) if obj else ""
     if is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_display(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, tuple):

@@ -7,7 +7,7 @@ pattern subscription per daemon feeds the local hub, so a registration seen on a
 Asterisk node wakes a call waiting on any daemon.
 
 Pub/sub loses messages published while the subscription is down: after a reconnect the hub
-sends every watch a GAP marker, and the call re-reads the contacts from Asterisk.
+sends every watch a ``Gap``, and the call re-reads the contacts from the PBX.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -37,16 +36,23 @@ class Registration:
     origin: str = ""  # node id of the daemon that captured it
 
 
-GAP = Registration(aor="", contact_uri="", device_id="GAP")
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Registration signals may have been lost (the subscription was down or moved)."""
+
+
+GAP = Gap()
+Signal = Registration | Gap
 
 
 class Watch:
-    """Registrations of one AOR from the moment it was taken. A call passes its own event
-    queue so that registrations and ARI events reach it in one ordered stream."""
+    """Registrations of one AOR from the moment it was taken. A call passes its own queue's
+    ``put_nowait`` so that registrations and PBX events reach it in one ordered stream."""
 
-    def __init__(self, aor: str, queue: asyncio.Queue[Any] | None = None) -> None:
+    def __init__(self, aor: str, deliver: Callable[[Signal], None] | None = None) -> None:
         self.aor = aor
-        self.queue: asyncio.Queue[Any] = queue if queue is not None else asyncio.Queue()
+        self.queue: asyncio.Queue[Signal] = asyncio.Queue()
+        self.deliver: Callable[[Signal], None] = deliver or self.queue.put_nowait
 
 
 class WakeupHub:
@@ -57,8 +63,8 @@ class WakeupHub:
         self._watches: dict[str, set[Watch]] = {}
 
     @contextlib.contextmanager
-    def watch(self, aor: str, queue: asyncio.Queue[Any] | None = None) -> Iterator[Watch]:
-        w = Watch(aor, queue)
+    def watch(self, aor: str, deliver: Callable[[Signal], None] | None = None) -> Iterator[Watch]:
+        w = Watch(aor, deliver)
         self._watches.setdefault(aor, set()).add(w)
         try:
             yield w
@@ -71,12 +77,12 @@ class WakeupHub:
 
     def deliver(self, reg: Registration) -> None:
         for w in self._watches.get(reg.aor, ()):
-            w.queue.put_nowait(reg)
+            w.deliver(reg)
 
     def gap(self) -> None:
         for watches in self._watches.values():
             for w in watches:
-                w.queue.put_nowait(GAP)
+                w.deliver(GAP)
 
     async def publish(self, reg: Registration) -> None:
         self.deliver(reg)

@@ -691,6 +691,8 @@ async def section_latency(rig: Rig, calls: int, parallel: int, dist: Distributio
             "reregister_to_invite_ms": summary_ms([r.added for r in ok]),
             **breakdown(ok),
             "call_to_push_ms": summary_ms([r.push for r in rs if not math.isnan(r.push)]),
+            # time to answer minus the wake delay: what ari-push adds to the phone's own wake-up
+            "answer_after_wake_ms": summary_ms([r.answer - r.push - r.wake for r in ok if not math.isnan(r.push)]),
             "failures": [asdict(r) for r in rs if not r.answered][:10],
         }
     return out
@@ -942,13 +944,14 @@ def markdown(results: dict[str, Any]) -> str:
         lat = results["latency"]
         out += ["| wake | calls answered | re-REGISTER -> INVITE p50 / p95 / p99 / max (ms) | REGISTER -> 200 OK p50 / "
                 "p99 | REGISTER -> AMI event (Asterisk) p50 / p99 | AMI event -> capture published (ari-push) p50 / "
-                "p99 | capture -> INVITE p50 / p99 |", "|---|---|---|---|---|---|---|"]
+                "p99 | capture -> INVITE p50 / p99 | caller INVITE -> push received p50 / p99 | time to answer - wake "
+                "delay p50 / p99 |", "|---|---|---|---|---|---|---|---|---|"]
         for key, label in (("new_uri", "new URI (new port)"), ("same_uri", "same URI (same port)")):
             x = lat[key]
             a = x["reregister_to_invite_ms"]
             cells = " | ".join(f"{_f(y.get('p50', math.nan))} / {_f(y.get('p99', math.nan))}" for y in (
                 x["register_to_200ok_ms"], x.get("register_to_ami_ms", {}), x.get("ami_to_capture_ms", {}),
-                x["capture_to_invite_ms"]))
+                x["capture_to_invite_ms"], x.get("call_to_push_ms", {}), x.get("answer_after_wake_ms", {})))
             out.append(f"| {label} | {x['answered']}/{x['calls']} | {_f(a['p50'])} / {_f(a['p95'])} / {_f(a['p99'])} / "
                        f"{_f(a['max'])} | {cells} |")
         out.append("")
@@ -1068,12 +1071,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rng = random.Random(args.seed)
         if "latency" in only:
             print(f"latency: {args.latency_calls} new-URI + {args.latency_calls} same-URI wakes", flush=True)
-            results["latency"] = await section_latency(rig, args.latency_calls, 4, Distribution(args.latency_wake,
-                                                                                                 rng))
+            results["latency"] = await section_latency(rig, args.latency_calls, args.latency_parallel,
+                                                       Distribution(args.latency_wake, rng))
             for k in ("new_uri", "same_uri"):
                 s = results["latency"][k]["reregister_to_invite_ms"]
                 print(f"  {k}: {results['latency'][k]['answered']}/{results['latency'][k]['calls']} answered; "
-                      f"re-REGISTER -> INVITE p50 {s['p50']:.1f} p95 {s['p95']:.1f} p99 {s['p99']:.1f} ms", flush=True)
+                      f"re-REGISTER -> INVITE p50 {s['p50']:.1f} p95 {s['p95']:.1f} p99 {s['p99']:.1f} ms; "
+                      f"caller INVITE -> push p50 {results['latency'][k]['call_to_push_ms']['p50']:.1f} p99 "
+                      f"{results['latency'][k]['call_to_push_ms']['p99']:.1f} ms; answer - wake p99 "
+                      f"{results['latency'][k]['answer_after_wake_ms']['p99']:.1f} ms", flush=True)
         if "answer" in only:
             print(f"answer: {args.answer_calls} calls per approach and wake delay", flush=True)
             results["answer"] = await section_answer(rig, args.answer_calls, ANSWER_DELAYS)
@@ -1121,6 +1127,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (daemon log, Redis)")
     parser.add_argument("--latency-calls", type=int, default=100, help="wakes of each kind (new/same URI)")
     parser.add_argument("--latency-wake", default="uniform:0.1,0.6", help="wake delay distribution")
+    parser.add_argument("--latency-parallel", type=int, default=4, help="latency calls at a time (1: one by one)")
     parser.add_argument("--answer-calls", type=int, default=10, help="calls per approach and wake delay")
     parser.add_argument("--capacity", default="100,500,1000", help="concurrent waiting calls, comma-separated")
     parser.add_argument("--capacity-wake", default="uniform:2,22",

@@ -48,7 +48,7 @@ mode = "broadcast"
 heartbeat = 0.5
 node_ttl = 2
 [capture]
-vendor_allowed_hosts = ["127.0.0.1"]
+vendor_allowed_hosts = ["127.0.0.1:*"]
 [calls]
 default_timeout = 8
 [push]

@@ -119,11 +119,15 @@ class Ports:
     def for_index(cls, index: int) -> Ports:
         """Instance i: SIP 15060+100i, HTTP 15088+100i, AMI 15038+100i, RTP 20000+1000i..+998.
 
-        ``ARI_PUSH_RIG_SLOT=s`` (0-5, default 0) moves every index by 10*s, so that up to six
+        ``ARI_PUSH_RIG_SLOT=s`` (0-7, default 0) moves every index by 10*s, so that up to eight
         test sessions (several checkouts on one machine) never share a port or an instance.
         Indexes from 40 on (slots 4 and 5) would leave the port range, so they get SIP, HTTP and
-        AMI at 14000+20(i-40)+{0,1,2} and 199 RTP ports at 10000+200(i-40), below every other block."""
+        AMI at 14000+20(i-40)+{0,1,2} and 199 RTP ports at 10000+200(i-40), below every other block;
+        from 60 on (slots 6 and 7) 99 RTP ports at 61000+110(i-60)."""
         index += 10 * rig_slot()
+        if index >= 60:  # slots 6 and 7: RTP above the kernel's ephemeral ports (32768-60999)
+            base, low = 14000 + 20 * (index - 40), 61000 + 110 * (index - 60)
+            return cls(sip=base, http=base + 1, ami=base + 2, rtp_start=low, rtp_end=low + 98)
         if index >= 40:
             base, low = 14000 + 20 * (index - 40), 10000 + 200 * (index - 40)
             return cls(sip=base, http=base + 1, ami=base + 2, rtp_start=low, rtp_end=low + 198)
@@ -138,8 +142,8 @@ class Ports:
 
 def rig_slot() -> int:
     raw = os.environ.get("ARI_PUSH_RIG_SLOT", "0") or "0"
-    if not raw.isdigit() or int(raw) > 5:
-        raise ValueError(f"ARI_PUSH_RIG_SLOT must be 0 to 5, got {raw!r}")
+    if not raw.isdigit() or int(raw) > 7:
+        raise ValueError(f"ARI_PUSH_RIG_SLOT must be 0 to 7, got {raw!r}")
     return int(raw)
 
 

@@ -1,6 +1,17 @@
-"""APNs VoIP provider over HTTP/2 (httpx), for one iOS app.
+"""APNs provider over HTTP/2 (httpx), for one iOS app: VoIP pushes for calls, the rest to
+the app's remote token.
 
-One long-lived client per environment (production, sandbox), created lazily: Apple asks
+PushKit's rule (iOS 13+): every VoIP push must be reported to CallKit as a new incoming call at
+once, or iOS kills the app and, if it keeps happening, stops delivering VoIP pushes to it. So
+only a CALL goes out as a VoIP push (to the VoIP token, topic ``<bundle>.voip``, priority 10);
+a cancel or answered-elsewhere is a ``background`` push (``content-available: 1``, priority 5)
+and a missed call a visible, localizable ``alert`` push, both to the *remote* token with the
+topic ``<bundle>`` (``route``). A device with a VoIP token only gets nothing but calls (its
+call's end reaches it over SIP: docs/calls.md); a device with a remote token only gets its
+calls as alert pushes (degraded: no CallKit).
+
+One long-lived client per environment (production, sandbox), opened by ``warm()`` at start
+(or on the first push to that environment): Apple asks
 providers to keep connections open, and HTTP/2 multiplexes every push on one of them.
 
 Token auth signs an ES256 JWT with the app's .p8 key and reuses it for ``jwt_lifetime``
@@ -16,6 +27,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -23,20 +35,50 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurvePrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from ari_push.model import Binding, PushMessage, PushOutcome, PushResult
+from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult
 from ari_push.push.common import (
     USER_AGENT,
     Clock,
+    ResponseTooLarge,
     call_fields,
     closed_result,
     describe,
     network_result,
+    preload_http,
     retry_after,
+    send_capped,
     tls_context,
 )
 from ari_push.settings import ApnsApp, SettingsError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ApnsRoute:
+    """Where and how one push goes: token, topic, ``apns-push-type`` and ``apns-priority``."""
+
+    token: str
+    topic: str
+    push_type: str
+    priority: int
+
+
+def route(binding: Binding, kind: PushKind) -> ApnsRoute | PushResult:
+    """The token, topic, push type and priority of a push of ``kind`` to this device."""
+    push = binding.push
+    bundle = push.param.removesuffix(".voip")
+    voip = push.token if push.param.endswith(".voip") else ""
+    remote = dict(push.extra_tokens).get("remote", "") or ("" if voip else push.token)
+    if kind is PushKind.CALL:
+        if voip:
+            return ApnsRoute(voip, bundle + ".voip", "voip", 10)
+        return ApnsRoute(remote, bundle, "alert", 10)  # no VoIP token: a visible alert (degraded)
+    if not remote:
+        return PushResult(PushOutcome.SKIPPED, "VoIP token only: iOS allows no VoIP push but for a new call")
+    if kind is PushKind.MISSED_CALL:
+        return ApnsRoute(remote, bundle, "alert", 10)
+    return ApnsRoute(remote, bundle, "background", 5)  # cancel, answered elsewhere, and any later kind
 
 MAX_PAYLOAD = 5120  # bytes, VoIP pushes
 MAX_COLLAPSE_ID = 64  # bytes
@@ -72,11 +114,15 @@ class ApnsProvider:
         self.jwt_signings = 0
 
     def serves(self, binding: Binding) -> bool:
-        return binding.push.provider == "apns" and binding.push.param in self.app.topics
+        """The app's configured topics are its VoIP topics (``<bundle>.voip``); a device with a
+        remote token only names ``<bundle>``."""
+        param = binding.push.param
+        return binding.push.provider == "apns" and (param in self.app.topics or param + ".voip" in self.app.topics)
 
     async def warm(self) -> None:
         self._http(False)
         self._http(True)
+        preload_http()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -89,18 +135,19 @@ class ApnsProvider:
     async def send(self, binding: Binding, message: PushMessage) -> PushResult:
         if self._closed:
             return closed_result()
-        topic = binding.push.param
-        token = binding.push.token
-        if topic not in self.app.topics:
-            return PushResult(PushOutcome.FAILED, f"topic {topic!r} is not configured for app {self.app.name}")
-        if not topic.endswith(".voip"):
-            return PushResult(PushOutcome.FAILED, f"topic {topic!r} is not a VoIP topic (<bundle>.voip)")
+        if not self.serves(binding):
+            return PushResult(PushOutcome.FAILED,
+                              f"topic {binding.push.param!r} is not configured for app {self.app.name}")
+        way = route(binding, message.kind)
+        if isinstance(way, PushResult):
+            return way
+        token = way.token
         if not TOKEN_RE.fullmatch(token):
             return PushResult(PushOutcome.FAILED, "device token is not 64 hex digits")
-        payload = self.build_payload(message)
+        payload = self.build_payload(message, way)
         if isinstance(payload, PushResult):
             return payload
-        headers = self.build_headers(topic, message)
+        headers = self.build_headers(way, message)
         base = self.app.sandbox_url if binding.push.sandbox else self.app.production_url
         url = f"{base.rstrip('/')}/3/device/{token}"
         client = self._http(binding.push.sandbox)
@@ -109,7 +156,8 @@ class ApnsProvider:
             for _attempt in range(2):
                 if self._key is not None:
                     headers["authorization"] = f"bearer {self.provider_token(stale)}"
-                response = await client.post(url, content=payload, headers=headers)
+                response = await send_capped(client, client.build_request("POST", url, content=payload,
+                                                                          headers=headers))
                 reason, timestamp = _apns_error(response)
                 if (
                     response.status_code == 403
@@ -123,14 +171,18 @@ class ApnsProvider:
                 break
         except httpx.HTTPError as exc:
             return network_result(exc)
+        except ResponseTooLarge as exc:
+            return PushResult(PushOutcome.FAILED, str(exc))
         result = self._result(response, reason, timestamp)
         if result.outcome is not PushOutcome.DELIVERED:
             log.debug("apns %s: %s -> %s %s", self.app.name, describe(binding), result.outcome, result.reason)
         return result
 
-    def build_payload(self, message: PushMessage) -> bytes | PushResult:
-        """The JSON payload: an empty ``aps`` plus the call fields (deadline as a number)."""
-        body: dict[str, Any] = {"aps": {}}
+    def build_payload(self, message: PushMessage, way: ApnsRoute | None = None) -> bytes | PushResult:
+        """The JSON payload: ``aps`` for the push type plus the call fields (deadline as a
+        number). VoIP: an empty ``aps`` (the app reports the call to CallKit itself);
+        background: ``content-available``; alert: a localizable alert naming the caller."""
+        body: dict[str, Any] = {"aps": _aps(message, way.push_type if way is not None else "voip")}
         for key, value in call_fields(message).items():
             body[key] = value
         body["deadline"] = int(message.deadline)
@@ -146,17 +198,17 @@ class ApnsProvider:
                 return PushResult(PushOutcome.FAILED, f"payload exceeds {MAX_PAYLOAD} bytes")
         return payload
 
-    def build_headers(self, topic: str, message: PushMessage) -> dict[str, str]:
+    def build_headers(self, way: ApnsRoute, message: PushMessage) -> dict[str, str]:
         headers = {
-            "apns-push-type": "voip",
-            "apns-topic": topic,
-            "apns-priority": "10",
+            "apns-push-type": way.push_type,
+            "apns-topic": way.topic,
+            "apns-priority": str(way.priority),
             # Apple keeps the push until the ring deadline and no longer.
             "apns-expiration": str(max(0, int(message.deadline))),
             "apns-id": str(uuid.uuid4()),
             "content-type": "application/json",
         }
-        collapse = dict(message.extra).get("collapse_id", "")
+        collapse = dict(message.extra).get("collapse_id", "") or (message.call_id if way.push_type != "voip" else "")
         if collapse and len(collapse.encode()) <= MAX_COLLAPSE_ID:
             headers["apns-collapse-id"] = collapse
         return headers
@@ -228,3 +280,19 @@ def _apns_error(response: httpx.Response) -> tuple[str, float | None]:
     stamp = body.get("timestamp")
     timestamp = stamp / 1000.0 if isinstance(stamp, int | float) and not isinstance(stamp, bool) else None
     return reason, timestamp
+
+
+def _aps(message: PushMessage, push_type: str) -> dict[str, Any]:
+    if push_type == "background":
+        return {"content-available": 1}
+    if push_type != "alert":
+        return {}
+    caller = message.caller_name or message.caller_number or "?"
+    if message.kind is PushKind.MISSED_CALL:
+        key, title = "ARI_PUSH_MISSED_CALL", "Missed call"
+    else:
+        key, title = "ARI_PUSH_INCOMING_CALL", "Incoming call"
+    # loc-key/loc-args: the app's Localizable.strings has the text ("Missed call from %@");
+    # title/body are what iOS shows when the app has no such key.
+    return {"alert": {"title": title, "body": caller, "loc-key": key, "loc-args": [caller]},
+            "sound": "default", "thread-id": message.call_id}

@@ -14,12 +14,14 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult, mask
 from ari_push.push.base import PushProvider
 from ari_push.push.common import Clock, describe
+from ari_push.push.fanout import Fanout
 from ari_push.push.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class PushDispatcher:
         jitter: Callable[[], float] = random.random,
         rate_limiter: RateLimiter | None = None,
         monotonic: Clock = time.monotonic,
+        fanout: Fanout | None = None,
     ) -> None:
         self.providers = list(providers)
         self._on_token_dead = on_token_dead
@@ -65,6 +68,7 @@ class PushDispatcher:
         self._attempts: Counter[tuple[str, str]] = Counter()
         self.rate_limiter = rate_limiter
         self._monotonic = monotonic
+        self.fanout = fanout or Fanout()  # bounds pushes in flight per call and per host (push/fanout.py)
         # (call_id, device_id) of CALL pushes while a limiter is set -> (forget after, was pushed)
         self._calls: dict[tuple[str, str], tuple[float, bool]] = {}
         self._calls_prune_at = 1024
@@ -90,8 +94,12 @@ class PushDispatcher:
         """Full-jitter delay before retry number ``attempt`` (1-based)."""
         return self._jitter() * min(self.backoff_cap, self.backoff_base * 2.0 ** (attempt - 1))
 
-    async def send(self, binding: Binding, message: PushMessage) -> PushResult:
-        """Send one push; never raises for a provider's failure (CancelledError passes)."""
+    async def send(self, binding: Binding, message: PushMessage, verdict: bool | None = None) -> PushResult:
+        """Send one push; never raises for a provider's failure (CancelledError passes).
+
+        ``verdict`` is the rate limit's answer for a CALL push when the caller already took the
+        token (the call flow does, in the same store round trip as the bindings: push/plan.py);
+        None asks the limiter here."""
         provider = self.provider_for(binding)
         if provider is None:
             key = (binding.push.provider, binding.push.param)
@@ -102,7 +110,7 @@ class PushDispatcher:
             result = PushResult(PushOutcome.SKIPPED, f"no credentials for {key[0]}/{key[1]}")
             self._final[(binding.push.provider, str(result.outcome))] += 1
             return result
-        limited = await self._rate_limited(binding, message)
+        limited = await self._rate_limited(binding, message, verdict)
         if limited is not None:
             self._final[(provider.name, str(limited.outcome))] += 1
             return limited
@@ -119,10 +127,9 @@ class PushDispatcher:
                         result.outcome, result.reason, message.call_id)
         return result
 
-    async def _rate_limited(self, binding: Binding, message: PushMessage) -> PushResult | None:
+    async def _rate_limited(self, binding: Binding, message: PushMessage,
+                            verdict: bool | None = None) -> PushResult | None:
         """SKIPPED when this push may not go out under the rate limit, else None."""
-        if self.rate_limiter is None:
-            return None
         key = (message.call_id, binding.device_id)
         now = self._monotonic()
         if message.kind is not PushKind.CALL:
@@ -131,7 +138,12 @@ class PushDispatcher:
                 self.rate_limited[str(message.kind)] += 1
                 return PushResult(PushOutcome.SKIPPED, "rate limited (so was the call push)")
             return None  # the phone was pushed for this call: it must hear the end of it
-        allowed = await self.rate_limiter.acquire(binding.device_id)
+        if verdict is not None:
+            allowed = verdict
+        elif self.rate_limiter is not None:
+            allowed = await self.rate_limiter.acquire(binding.device_id)
+        else:
+            return None
         # follow-ups come when the call ends: by its deadline, plus the cancel/missed-call margin
         expires = now + max(0.0, message.deadline - self._clock()) + 300.0
         self._calls[key] = (expires, allowed or self._calls.get(key, (0.0, False))[1])
@@ -181,7 +193,7 @@ class PushDispatcher:
         self, provider: PushProvider, binding: Binding, message: PushMessage, timeout: float
     ) -> PushResult:
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout), self.fanout.host_slot(provider.name, binding):
                 return await provider.send(binding, message)
         except TimeoutError:
             return PushResult(PushOutcome.RETRY, f"no answer within {timeout:.1f}s")
@@ -189,18 +201,23 @@ class PushDispatcher:
             log.exception("provider %s raised on %s", provider.name, describe(binding))
             return PushResult(PushOutcome.FAILED, f"provider error ({type(exc).__name__})")
 
-    async def send_many(self, bindings: Iterable[Binding], message: PushMessage) -> dict[str, PushResult]:
-        """Push every binding at once; results by device_id (one per device)."""
+    async def send_many(self, bindings: Iterable[Binding], message: PushMessage,
+                        verdicts: Mapping[str, bool] | None = None) -> dict[str, PushResult]:
+        """Push every binding at once; results by device_id (one per device). ``verdicts``:
+        rate-limit answers by device id, taken by the caller (see ``send``)."""
         unique = {b.device_id: b for b in bindings}
         tasks: dict[str, asyncio.Task[PushResult]] = {}
+        slots = self.fanout.call_slots()
         async with asyncio.TaskGroup() as group:
             for device_id, binding in unique.items():
-                tasks[device_id] = group.create_task(self.send(binding, message),
+                verdict = verdicts.get(device_id) if verdicts is not None else None
+                tasks[device_id] = group.create_task(self.fanout.bounded(slots, partial(self.send, binding, message,
+                                                                                        verdict)),
                                                      name=f"push-{mask(device_id)}")
         return {device_id: task.result() for device_id, task in tasks.items()}
 
     async def aclose(self) -> None:
-        """Close every provider's client."""
+        """Close every provider's client (the daemon does at stop)."""
         for provider in self.providers:
             try:
                 await provider.aclose()

@@ -27,11 +27,13 @@ from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResu
 from ari_push.push.common import (
     Clock,
     LazyClient,
+    ResponseTooLarge,
     call_fields,
     closed_result,
     describe,
     network_result,
     retry_after,
+    send_capped,
 )
 from ari_push.settings import FcmProject, SettingsError
 
@@ -100,8 +102,8 @@ class FcmProvider:
     """Sends to one FCM project. ``default=True`` also serves FCM bindings that name no
     project (set by the factory when exactly one project is configured).
 
-    The HTTP client is created lazily on first use (so this may be built outside a loop)
-    and lives until :meth:`aclose`.
+    The HTTP client and the access token are made by :meth:`warm` when the daemon starts (or
+    on the first push, so this may be built outside a loop) and live until :meth:`aclose`.
     """
 
     name = "fcm"
@@ -166,6 +168,8 @@ class FcmProvider:
             return exc.result
         except httpx.HTTPError as exc:
             return network_result(exc)
+        except ResponseTooLarge as exc:
+            return PushResult(PushOutcome.FAILED, str(exc))
         result = self._result(response)
         if result.outcome is not PushOutcome.DELIVERED:
             log.debug("fcm %s: %s -> %s %s", self.project.project_id, describe(binding), result.outcome,
@@ -187,16 +191,21 @@ class FcmProvider:
         android: dict[str, Any] = {
             "priority": "high" if message.kind in HIGH_PRIORITY else "normal",
             "ttl": f"{ttl}s",
+            # one call, one collapse key: a phone offline until after the call gets the last
+            # word (cancel, missed call) instead of a stale call push first
+            "collapse_key": message.call_id[:64],
         }
         body = {"message": {"token": binding.push.token, "data": data, "android": android}}
         return json.dumps(body, separators=(",", ":")).encode()
 
     async def _post(self, access_token: str, body: bytes) -> httpx.Response:
-        return await self._http.get().post(
+        client = self._http.get()
+        return await send_capped(client, client.build_request(
+            "POST",
             self._send_url,
             content=body,
             headers={"authorization": f"Bearer {access_token}", "content-type": "application/json"},
-        )
+        ))
 
     def _result(self, response: httpx.Response) -> PushResult:
         status = response.status_code
@@ -243,9 +252,9 @@ class FcmProvider:
     async def _fetch_token(self) -> tuple[str, float]:
         self.token_fetches += 1
         started = self._clock()
-        response = await self._http.get().post(
-            self.account.token_uri, data={"grant_type": GRANT_TYPE, "assertion": self.assertion()}
-        )
+        client = self._http.get()
+        response = await send_capped(client, client.build_request(
+            "POST", self.account.token_uri, data={"grant_type": GRANT_TYPE, "assertion": self.assertion()}))
         where = f"oauth token endpoint HTTP {response.status_code}"
         if response.status_code != 200:
             try:

@@ -7,7 +7,10 @@ same bucket (a Lua script on the server's clock, so the daemons' clocks do not m
 Redis does not answer within ``timeout`` the Redis limiter falls back to its own local buckets:
 a Redis outage must neither delay a call's push by seconds nor lift the limit.
 
-The dispatcher applies the limit to CALL pushes only (docs/security.md, "push spam"): the
+The call flow takes the token of a CALL push in the same Redis round trip that reads the
+callee's bindings (push/plan.py, same bucket, same Lua function) and hands the verdict to the
+dispatcher; ``acquire`` serves pushes made outside a call. The dispatcher applies the limit to
+CALL pushes only (docs/security.md, "push spam"): the
 follow-ups of a call that was pushed (cancel, answered-elsewhere, missed-call) always go out,
 since a phone left ringing after the caller hung up is worse than one push too many; the
 follow-ups of a call whose push was limited are skipped, since the phone never rang.
@@ -23,6 +26,7 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
+from ari_push.redis_keys import Keys
 from ari_push.settings import PushSettings
 
 log = logging.getLogger(__name__)
@@ -82,27 +86,31 @@ class LocalRateLimiter:
         return len(self._buckets)
 
 
-# KEYS[1] the bucket (HASH t = last update, v = tokens); ARGV[1] tokens per second; ARGV[2] burst.
-# The server's TIME: daemons on different hosts share one clock. Returns 1 (allowed) or 0.
-_TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local state = redis.call('HMGET', KEYS[1], 't', 'v')
-local tokens = burst
-if state[1] then
-  tokens = math.min(burst, tonumber(state[2]) + math.max(0, now - tonumber(state[1])) * rate)
+# One token bucket, as a Lua function shared with the call's push plan (push/plan.py), so both
+# spend from the same bucket in the same way: key = HASH t (last update) / v (tokens), rate in
+# tokens per second. The server's TIME: daemons on different hosts share one clock.
+TAKE_FUNCTION = """
+local function take_token(key, rate, burst)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local state = redis.call('HMGET', key, 't', 'v')
+  local tokens = burst
+  if state[1] then
+    tokens = math.min(burst, tonumber(state[2]) + math.max(0, now - tonumber(state[1])) * rate)
+  end
+  local allowed = 0
+  if tokens >= 1 then
+    tokens = tokens - 1
+    allowed = 1
+  end
+  redis.call('HSET', key, 't', string.format('%.6f', now), 'v', string.format('%.6f', tokens))
+  redis.call('PEXPIRE', key, math.ceil((burst - tokens) / rate * 1000) + 1000)
+  return allowed
 end
-local allowed = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-  allowed = 1
-end
-redis.call('HSET', KEYS[1], 't', string.format('%.6f', now), 'v', string.format('%.6f', tokens))
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
-return allowed
 """
+
+# KEYS[1] the bucket; ARGV[1] tokens per second; ARGV[2] burst. Returns 1 (allowed) or 0.
+_TAKE = TAKE_FUNCTION + "return take_token(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))\n"
 
 
 class RedisRateLimiter:
@@ -113,7 +121,7 @@ class RedisRateLimiter:
     def __init__(self, client: aioredis.Redis, key_prefix: str, rate_per_minute: float, burst: int, *,
                  timeout: float = 0.25, fallback: LocalRateLimiter | None = None) -> None:
         self.redis = client
-        self.prefix = key_prefix
+        self.keys = Keys(key_prefix)
         self.rate = rate_per_minute / 60.0
         self.burst = burst
         self.timeout = timeout
@@ -122,7 +130,7 @@ class RedisRateLimiter:
         self._degraded = False
 
     def key(self, device_id: str) -> str:
-        return f"{self.prefix}ratelimit:{device_id}"
+        return self.keys.ratelimit(device_id)
 
     async def acquire(self, key: str) -> bool:
         try:

@@ -21,7 +21,9 @@ import json
 import logging
 import re
 import socket
+import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
@@ -29,12 +31,17 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from ari_push.model import Binding, PushMessage, PushOutcome, PushResult
+from ari_push.netaddr import ip_of, is_public, parse_rules, rule_allows
 from ari_push.push.common import (
     LazyClient,
+    ResponseTooLarge,
     call_fields,
     closed_result,
     network_result,
+    preload_http,
+    read_capped,
     retry_after,
+    tls_context,
 )
 from ari_push.settings import VendorSettings
 
@@ -82,32 +89,20 @@ async def system_resolver(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
-def host_allowed(host: str, allowed: Sequence[str]) -> tuple[bool, bool]:
+def host_allowed(host: str, allowed: Sequence[str], port: int | None = None,
+                 scheme: str = "https") -> tuple[bool, bool]:
     """(allowed, exactly listed). ``*.example.com`` matches names under example.com, not
-    example.com itself and never an IP literal."""
-    host = host.lower().rstrip(".")
-    is_ip = _ip(host) is not None
-    for rule in allowed:
-        rule = rule.lower().rstrip(".")
-        if rule == host:
-            return True, True
-        if rule.startswith("*.") and not is_ip and host.endswith(rule[1:]) and len(host) > len(rule) - 1:
-            return True, False
-    return False, False
+    example.com itself and never an IP literal. An entry without a port allows only the scheme's
+    default port (``port`` None means that port); ``host:8443`` that port; ``host:*`` any."""
+    return rule_allows(parse_rules(tuple(allowed)), host, port, scheme)
 
 
 def _ip(text: str) -> IpAddress | None:
-    try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+    return ip_of(text)
 
 
 def _public(ip: IpAddress) -> bool:
-    return ip.is_global and not ip.is_multicast
+    return is_public(ip)
 
 
 def _host_for_log(url: str) -> str:
@@ -133,6 +128,7 @@ async def check_url(url: str, allowed: Sequence[str], resolve: Resolver = system
     host = (parts.hostname or "").rstrip(".")
     if not host:
         raise UrlRefused("URL has no host")
+    explicit_port = port
     port = port or (443 if parts.scheme == "https" else 80)
     # The same URL as httpx reads it must name the same host: no parser differential.
     try:
@@ -140,9 +136,10 @@ async def check_url(url: str, allowed: Sequence[str], resolve: Resolver = system
             raise UrlRefused(f"host {host!r} is read differently by another parser")
     except httpx.InvalidURL:
         raise UrlRefused("URL does not parse") from None
-    ok, exact = host_allowed(host, allowed)
+    ok, exact = host_allowed(host, allowed, explicit_port, parts.scheme)
     if not ok:
-        raise UrlRefused(f"host {host!r} is not in capture.vendor_allowed_hosts")
+        on_port = "" if explicit_port is None else f" (port {explicit_port})"
+        raise UrlRefused(f"host {host!r}{on_port} is not in capture.vendor_allowed_hosts")
     literal = _ip(host)
     if literal is not None:
         if not _public(literal) and not exact:
@@ -185,6 +182,16 @@ def render_body(template: str, message: PushMessage, content_type: str) -> bytes
     return PLACEHOLDER.sub(lambda m: escape(fields[m.group(1)]), template).encode()
 
 
+#: Vendor hosts with a pool of their own at once; the least recently used idle one is closed.
+MAX_POOLS = 256
+
+
+@dataclass(slots=True)
+class _Pool:
+    client: LazyClient
+    busy: int = 0
+
+
 class VendorProvider:
     """POSTs to the URL a Zoiper-style app registered (binding.push.token)."""
 
@@ -200,21 +207,54 @@ class VendorProvider:
         self.settings = settings
         self.allowed_hosts = tuple(h.lower() for h in allowed_hosts)
         self._resolve = resolve
-        self._http = LazyClient(http2=False, ca_file=settings.ca_file, timeout=settings.timeout,
-                                limits=httpx.Limits(max_connections=50, max_keepalive_connections=10,
-                                                    keepalive_expiry=30))
+        # One pool per (scheme, server name, address, port): a connection (and its TLS session,
+        # verified for one name) is never reused for another name on the same address, and one
+        # slow host cannot take the connections another host needs.
+        self._pools: OrderedDict[tuple[str, str, str, int], _Pool] = OrderedDict()
+        self._tls: ssl.SSLContext | None = None  # one for every pool: made once (warm), not per host
+        self.closed = False
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = tls_context(self.settings.ca_file)
+        return self._tls
+
+    def _pool(self, target: Target) -> _Pool:
+        key = (target.scheme, target.host, target.address, target.port)
+        pool = self._pools.get(key)
+        if pool is None:
+            limit = self.settings.max_connections_per_host
+            pool = _Pool(LazyClient(http2=False, ca_file=self.settings.ca_file, timeout=self.settings.timeout,
+                                    limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit,
+                                                        keepalive_expiry=30),
+                                    verify=self._tls_context()))
+            self._pools[key] = pool
+        self._pools.move_to_end(key)
+        return pool
+
+    async def _trim(self) -> None:
+        """Close the least recently used idle pools beyond MAX_POOLS."""
+        while len(self._pools) > MAX_POOLS:
+            idle = next((k for k, p in self._pools.items() if p.busy == 0), None)
+            if idle is None:
+                return
+            await self._pools.pop(idle).client.aclose()
 
     def serves(self, binding: Binding) -> bool:
         return binding.push.provider == "vendor"
 
     async def warm(self) -> None:
-        self._http.get()
+        self._tls_context()  # pools are made per host, on first use; the TLS context now
+        preload_http()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        self.closed = True
+        pools, self._pools = list(self._pools.values()), OrderedDict()
+        for pool in pools:
+            await pool.client.aclose()
 
     async def send(self, binding: Binding, message: PushMessage) -> PushResult:
-        if self._http.closed:
+        if self.closed:
             return closed_result()
         url = binding.push.token
         try:
@@ -232,29 +272,31 @@ class VendorProvider:
         target = await check_url(url, self.allowed_hosts, self._resolve)
         body = render_body(self.settings.body_template, message, self.settings.content_type)
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-        request = self._http.get().build_request(
-            "POST",
-            target.url,
-            content=body,
-            headers={"host": target.host_header, "content-type": self.settings.content_type},
-            extensions=extensions,
-        )
-        response = await self._http.get().send(request, stream=True)
+        pool = self._pool(target)
+        pool.busy += 1
         try:
-            status = response.status_code
-            if 300 <= status < 400:
-                return PushResult(PushOutcome.FAILED, "redirect refused", status)
-            declared = response.headers.get("content-length", "")
-            cap = self.settings.max_response_bytes
-            if declared.isdigit() and int(declared) > cap:
-                return PushResult(PushOutcome.FAILED, f"response larger than {cap} bytes", status)
-            size = 0
-            async for chunk in response.aiter_raw():
-                size += len(chunk)
-                if size > cap:
-                    return PushResult(PushOutcome.FAILED, f"response larger than {cap} bytes", status)
+            client = pool.client.get()
+            request = client.build_request(
+                "POST",
+                target.url,
+                content=body,
+                headers={"host": target.host_header, "content-type": self.settings.content_type},
+                extensions=extensions,
+            )
+            response = await client.send(request, stream=True)
+            try:
+                status = response.status_code
+                if 300 <= status < 400:
+                    return PushResult(PushOutcome.FAILED, "redirect refused", status)
+                await read_capped(response, self.settings.max_response_bytes)
+            except ResponseTooLarge as exc:
+                return PushResult(PushOutcome.FAILED, str(exc), status)
+            finally:
+                await response.aclose()
         finally:
-            await response.aclose()
+            pool.busy -= 1
+        if len(self._pools) > MAX_POOLS:
+            await self._trim()
         if 200 <= status < 300:
             return PushResult(PushOutcome.DELIVERED, status=status)
         if status in (404, 410):

@@ -11,6 +11,7 @@ anything else (404 included: most likely a wrong URL, not a dead device) failed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -23,10 +24,13 @@ from ari_push.model import Binding, PushMessage, PushOutcome, PushResult
 from ari_push.push.common import (
     Clock,
     LazyClient,
+    ResponseTooLarge,
     call_fields,
     closed_result,
     network_result,
+    preload_http,
     retry_after,
+    send_capped,
 )
 from ari_push.settings import WebhookSettings
 
@@ -59,6 +63,7 @@ class WebhookProvider:
 
     async def warm(self) -> None:
         self._http.get()
+        preload_http()
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -87,8 +92,18 @@ class WebhookProvider:
             SIGNATURE_HEADER: sign(self.settings.secret, body),
             TIMESTAMP_HEADER: str(int(now)),
         }
+        client = self._http.get()
         try:
-            response = await self._http.get().post(self.settings.url, content=body, headers=headers)
+            # The whole exchange is bounded (httpx's timeout is per read: a relay that trickles its
+            # answer would hold the push until the call's deadline), and so is the answer's size.
+            async with asyncio.timeout(self.settings.timeout):
+                response = await send_capped(client, client.build_request("POST", self.settings.url, content=body,
+                                                                          headers=headers),
+                                             self.settings.max_response_bytes)
+        except TimeoutError:
+            return PushResult(PushOutcome.RETRY, f"timeout after {self.settings.timeout:g}s")
+        except ResponseTooLarge as exc:
+            return PushResult(PushOutcome.FAILED, str(exc))
         except httpx.HTTPError as exc:
             return network_result(exc)
         status = response.status_code

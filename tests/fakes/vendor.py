@@ -7,7 +7,8 @@ body whose ``X-Ari-Push-Signature`` does not verify (401). Refused requests are 
 ``refusals``, accepted ones in ``requests``.
 
 Answers are scripted per path: a status, a redirect, a huge body (declared or chunked),
-or a stall (never answers until the fake stops). Unscripted paths answer 200 "ok".
+a stall (never answers until the fake stops), or a trickle (a byte at a time, forever).
+Unscripted paths answer 200 "ok".
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class VendorAnswer:
     huge: int = 0  # send this many bytes of body instead
     declare_length: bool = True  # with ``huge``: Content-Length, or chunked without it
     stall: bool = False
+    trickle: float = 0.0  # > 0: headers at once, then one body byte every ``trickle`` s, until stopped
 
 
 @dataclass
@@ -135,6 +137,17 @@ class FakeVendor:
         if answer.stall:
             await self._stopping.wait()
             return web.Response(status=503)
+        if answer.trickle:
+            response = web.StreamResponse(status=answer.status, headers=answer.headers)
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            try:
+                while not self._stopping.is_set():
+                    await response.write(b"x")
+                    await asyncio.sleep(answer.trickle)
+            except (ConnectionError, RuntimeError):
+                pass  # the client hung up, as it should
+            return response
         if answer.redirect_to:
             return web.Response(status=answer.status if 300 <= answer.status < 400 else 302,
                                 headers={"Location": answer.redirect_to})

@@ -27,7 +27,7 @@ SCENARIO = Path(__file__).parent / "sipp" / "caller.xml"
 
 
 def extra(timeout: float = 6) -> str:
-    return ('[capture]\nvendor_allowed_hosts = ["127.0.0.1"]\n'
+    return ('[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n'
             f'[calls]\ndefault_timeout = {timeout}\n'
             '[vendor]\ntimeout = 1\n'
             'body_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')
@@ -308,14 +308,16 @@ async def test_phone_refusing_the_replacement_invite_is_rung_again(
         push_endpoint: PushEndpoint, aor: str) -> None:  # noqa: F811
     """Same-URI wake: ari-push replaces the leg the phone slept through. If a retransmission of the
     old INVITE reached the phone first, it refuses the new one as a duplicate (486); ari-push must
-    ring it again, not end the call busy. Simulated: the woken phone answers its first INVITE 486."""
-    rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url, EXTRA))
+    ring it again, not end the call busy. Simulated: the woken phone answers its first INVITE 486.
+    The old UDP contact is rung (stale_ring_delay) before the phone wakes, as for a slow wake."""
+    rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url,
+                                          EXTRA.replace("[calls]\n", "[calls]\nstale_ring_delay = 0.05\n")))
     phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, rd.daemon.store)
     phone.answer_codes = [486]
     caller = SipUA("2000", ensure_asterisk.ports.sip)
     await caller.open()
     answer = caller.start_call(aor)
-    await wake_on_push(phone, push_endpoint, same_port=True, delay=0.05)
+    await wake_on_push(phone, push_endpoint, same_port=True, delay=0.4)
     first = await asyncio.wait_for(phone.invites.get(), 5)
     second = await asyncio.wait_for(phone.invites.get(), 5)
     assert first.header("Call-ID") != second.header("Call-ID")  # a new leg, not a retransmission

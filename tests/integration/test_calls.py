@@ -60,7 +60,7 @@ async def push_endpoint() -> AsyncIterator[PushEndpoint]:
 
 @pytest.fixture
 async def call_daemon(tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon):
-    extra = ('[capture]\nvendor_allowed_hosts = ["127.0.0.1"]\n'
+    extra = ('[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n'
              '[calls]\ndefault_timeout = 8\n'
              '[push]\nburst = 50\n'  # the latency test calls one phone many times in a row
              '[vendor]\nbody_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')

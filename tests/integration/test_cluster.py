@@ -21,7 +21,7 @@ from rig.sipua import SipUA
 from tests.conftest import daemon_config, wait_for
 from tests.integration.test_calls import PushEndpoint, hang_up_and_check, no_channels, push_endpoint, sleeping_phone  # noqa: F401
 
-VENDOR = ('[capture]\nvendor_allowed_hosts = ["127.0.0.1"]\n[calls]\ndefault_timeout = 20\n[push]\nburst = 50\n'
+VENDOR = ('[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n[calls]\ndefault_timeout = 20\n[push]\nburst = 50\n'
           '[vendor]\nbody_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ari_push.calls import contact_object_id, parse_args
+from ari_push.calls import parse_args
+from ari_push.channels import contact_object_id
 
 
 def test_target_and_default_timeout() -> None:
@@ -38,7 +39,7 @@ def test_channel_age_from_asterisk_creationtime() -> None:
     import time
     from datetime import UTC, datetime, timedelta
 
-    from ari_push.calls import channel_age
+    from ari_push.channels import channel_age
 
     ten_ago = (datetime.now(UTC) - timedelta(seconds=10)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "+0000"
     assert 9.5 < channel_age({"creationtime": ten_ago}) < 11

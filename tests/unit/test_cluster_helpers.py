@@ -1,4 +1,4 @@
-"""Pure parts of cluster.py: reading a channel's Stasis arguments and role; the push ledger."""
+"""Channel helpers (channels.py: Stasis arguments, roles, call ids) and the push ledger."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-from ari_push.calls import call_id_for
-from ari_push.cluster import MemoryLedger, channel_role, stasis_args
+from ari_push.channels import call_id_for, channel_role, stasis_args
+from ari_push.push.ledger import MemoryLedger
 
 
 def test_stasis_args_for_stasis_and_stasisbroadcast() -> None:
@@ -37,7 +37,7 @@ async def test_memory_ledger_lets_one_push_per_call_device_kind() -> None:
 
 def test_call_id_is_stable_per_asterisk_and_channel() -> None:
     # every daemon of a cluster computes the same id for a channel: another process agrees
-    other = subprocess.run([sys.executable, "-c", "from ari_push.calls import call_id_for; "
+    other = subprocess.run([sys.executable, "-c", "from ari_push.channels import call_id_for; "
                             "print(call_id_for('02:fc', '1.1'))"], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "12345"})
     assert other.stdout.strip() == call_id_for("02:fc", "1.1")

@@ -36,7 +36,7 @@ ZOIPER_SEED = (
 LAB = "sip:1001@127.0.0.1:5401;transport=udp"
 
 POLICY = ContactPolicy(
-    vendor_allowed_hosts=("*.notify.live.net", "push.zoiper.example", "push.example.com"),
+    vendor_allowed_hosts=("*.notify.live.net", "push.zoiper.example:8080", "push.example.com"),
     extra_providers=("wp",),
 )
 
@@ -290,7 +290,7 @@ def test_zoiper_host_not_allowed(url: str, host: str) -> None:
 
 
 def test_zoiper_ip_literal_allowed_only_exactly() -> None:
-    policy = ContactPolicy(vendor_allowed_hosts=("10.0.0.7",))
+    policy = ContactPolicy(vendor_allowed_hosts=("10.0.0.7:8080",))
     assert parse_contact(f"{LAB};x-push-uri=http://10.0.0.7:8080/p", policy) == PushParams(
         provider="vendor", token="http://10.0.0.7:8080/p", dialect=Dialect.ZOIPER)
     rejected(f"{LAB};x-push-uri=http://10.0.0.8/p", "vendor-host-not-allowed", policy=policy)
@@ -666,7 +666,7 @@ def test_policy_normalises_and_refuses_bad_entries() -> None:
     policy = ContactPolicy(vendor_allowed_hosts=(" DB3.Notify.Live.Net. ", "*.Example.COM"), extra_providers=(" WP ",))
     assert policy.vendor_allowed_hosts == ("db3.notify.live.net", "*.example.com")
     assert policy.extra_providers == ("wp",)
-    for bad in ("", "*", "*.", "a.*.b", "http://x", "u@h", "h:80", "*.*.x"):
+    for bad in ("", "*", "*.", "a.*.b", "http://x", "u@h", "h:0", "h:x", "*.*.x", "*.com", "::1", "*.0.1"):
         with pytest.raises(ValueError):
             ContactPolicy(vendor_allowed_hosts=(bad,))
     with pytest.raises(ValueError):

@@ -57,9 +57,9 @@ def test_check_config_accepts_the_sample(installed: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "configuration OK" in result.stderr
     shown = json.loads(result.stdout)
-    assert shown["redis"]["url"] == "redis://127.0.0.1:6379/0" and shown["push"] == {"rate_per_minute": 10.0,
-                                                                                       "burst": 5}
-    assert shown["log"]["format"] == "json" and shown["http"]["listen"] == "127.0.0.1:8089"
+    assert shown["redis"]["url"] == "redis://127.0.0.1:6379/0" and shown["push"]["rate_per_minute"] == 10.0
+    assert shown["push"]["burst"] == 5 and shown["push"]["allow_plain_http"] is False
+    assert shown["log"]["format"] == "json" and shown["http"]["listen"] == "127.0.0.1:9387"
     for secret in SECRETS.values():
         assert secret not in result.stdout and secret not in result.stderr
 

@@ -11,7 +11,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ari_push.model import PushKind, PushOutcome
+from ari_push.model import Binding, PushKind, PushOutcome
 from ari_push.push.apns import ApnsProvider
 from ari_push.settings import ApnsApp, Secret, SettingsError
 from tests.conftest import wait_for
@@ -229,12 +229,12 @@ async def test_unregistered_gives_dead_since(fake_apns: FakeApns, apns_app: Apns
 async def test_local_refusals_never_reach_apple(fake_apns: FakeApns, apns_app: ApnsApp) -> None:
     provider = ApnsProvider(apns_app)
     try:
-        not_voip = await provider.send(binding("apns", apns_token(1), "com.example.phone"), message())
+        other_app = await provider.send(binding("apns", apns_token(1), "com.other.app.voip"), message())
         bad_token = await provider.send(binding("apns", "abc123", TOPIC), message())
         huge = await provider.send(binding("apns", apns_token(1), TOPIC), message(caller_name="x" * 6000))
     finally:
         await provider.aclose()
-    assert not_voip.outcome is PushOutcome.FAILED and ".voip" in not_voip.reason
+    assert other_app.outcome is PushOutcome.FAILED and "not configured" in other_app.reason
     assert bad_token.outcome is PushOutcome.FAILED and "64 hex" in bad_token.reason
     assert huge.outcome is PushOutcome.FAILED and "5120" in huge.reason
     assert fake_apns.requests == [] and fake_apns.handshakes == 0
@@ -283,7 +283,7 @@ async def test_certificate_auth(pki: Pki) -> None:
         app = ApnsApp(name="certapp", topics=(TOPIC,), cert_file=str(pki.client_file),
                       production_url=fake.url, ca_file=str(pki.ca_file), timeout=2.0)
         provider = ApnsProvider(app)
-        result = await provider.send(binding("apns", apns_token(1), TOPIC), message(PushKind.CANCEL))
+        result = await provider.send(binding("apns", apns_token(1), TOPIC), message())
         no_cert = ApnsProvider(dataclasses.replace(app, cert_file=""))
         refused = await no_cert.send(binding("apns", apns_token(1), TOPIC), message())
         await provider.aclose()
@@ -307,3 +307,58 @@ def test_bad_p8_key_is_a_settings_error(apns_app: ApnsApp) -> None:
     with pytest.raises(SettingsError, match="PEM") as info:
         ApnsProvider(dataclasses.replace(apns_app, key=Secret("-----BEGIN PRIVATE KEY-----\nSECRETSTUFF\n")))
     assert "SECRETSTUFF" not in str(info.value)
+
+
+def dual(voip: int, remote: int) -> Binding:
+    b = binding("apns", apns_token(voip), TOPIC)
+    return dataclasses.replace(b, push=dataclasses.replace(b.push, extra_tokens=(("remote", apns_token(remote)),)))
+
+
+async def test_only_a_call_is_a_voip_push_the_rest_goes_to_the_remote_token(fake_apns: FakeApns,
+                                                                            apns_app: ApnsApp) -> None:
+    """PushKit: every VoIP push must be a new incoming call. Cancel and answered elsewhere are
+    background pushes (priority 5) and a missed call a visible alert, to the remote token."""
+    provider = ApnsProvider(apns_app)
+    device = dual(voip=11, remote=12)
+    try:
+        results = [await provider.send(device, message(kind)) for kind in
+                   (PushKind.CALL, PushKind.CANCEL, PushKind.ANSWERED_ELSEWHERE, PushKind.MISSED_CALL)]
+    finally:
+        await provider.aclose()
+    assert all(r.outcome is PushOutcome.DELIVERED for r in results), results
+    sent = [(r.token, r.headers["apns-push-type"], r.headers["apns-topic"], r.headers["apns-priority"])
+            for r in fake_apns.requests]
+    assert sent == [(apns_token(11), "voip", TOPIC, "10"),
+                    (apns_token(12), "background", "com.example.phone", "5"),
+                    (apns_token(12), "background", "com.example.phone", "5"),
+                    (apns_token(12), "alert", "com.example.phone", "10")]
+    call, cancel, _, missed = (r.payload for r in fake_apns.requests)
+    assert call["aps"] == {} and call["type"] == "call"
+    assert cancel["aps"] == {"content-available": 1} and cancel["type"] == "cancel"
+    alert = missed["aps"]["alert"]
+    assert alert["loc-key"] == "ARI_PUSH_MISSED_CALL" and alert["loc-args"] == ["Bob"] and alert["title"]
+    assert fake_apns.requests[1].headers["apns-collapse-id"] == "call-1"  # the call's pushes collapse
+
+
+async def test_voip_only_device_gets_nothing_but_calls(fake_apns: FakeApns, apns_app: ApnsApp) -> None:
+    provider = ApnsProvider(apns_app)
+    try:
+        call = await provider.send(binding("apns", apns_token(13), TOPIC), message())
+        cancel = await provider.send(binding("apns", apns_token(13), TOPIC), message(PushKind.CANCEL))
+    finally:
+        await provider.aclose()
+    assert call.outcome is PushOutcome.DELIVERED
+    assert cancel.outcome is PushOutcome.SKIPPED and "VoIP token only" in cancel.reason
+    assert len(fake_apns.requests) == 1
+
+
+async def test_remote_token_only_gets_calls_as_alert_pushes(fake_apns: FakeApns, apns_app: ApnsApp) -> None:
+    provider = ApnsProvider(apns_app)
+    try:
+        result = await provider.send(binding("apns", apns_token(14), "com.example.phone"), message())
+    finally:
+        await provider.aclose()
+    assert result.outcome is PushOutcome.DELIVERED
+    (req,) = fake_apns.requests
+    assert req.headers["apns-push-type"] == "alert" and req.headers["apns-topic"] == "com.example.phone"
+    assert req.payload["aps"]["alert"]["loc-key"] == "ARI_PUSH_INCOMING_CALL"

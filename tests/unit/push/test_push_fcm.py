@@ -60,7 +60,7 @@ async def test_missed_call_is_normal_priority_and_ttl_never_negative(
         await provider.aclose()
     assert result.outcome is PushOutcome.DELIVERED
     android = fake_fcm.requests[0].body["message"]["android"]
-    assert android == {"priority": "normal", "ttl": "0s"}
+    assert android == {"priority": "normal", "ttl": "0s", "collapse_key": "call-1"}  # one key per call
 
 
 async def test_access_token_is_cached_across_pushes(fake_fcm: FakeFcm, fcm_project: FcmProject) -> None:

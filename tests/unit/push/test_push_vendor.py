@@ -19,7 +19,7 @@ TEMPLATE = ('{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}","
             '"to":"{callee}","until":{deadline}}')
 
 
-def provider(allowed: tuple[str, ...] = ("127.0.0.1",), **changes: object) -> VendorProvider:
+def provider(allowed: tuple[str, ...] = ("127.0.0.1:*",), **changes: object) -> VendorProvider:
     settings = VendorSettings(body_template=TEMPLATE, timeout=1.0, max_response_bytes=4096)
     for name, value in changes.items():
         object.__setattr__(settings, name, value)
@@ -103,7 +103,7 @@ async def test_redirect_is_refused_and_not_followed(fake_vendor: FakeVendor) -> 
     ],
 )
 async def test_ssrf_refusals(fake_vendor: FakeVendor, url: str, why: str) -> None:
-    p = provider(("127.0.0.1", "*.example.com"))
+    p = provider(("127.0.0.1:*", "*.example.com:*"))
     outcome, reason = await send(p, url.format(port=fake_vendor.port))
     assert outcome is PushOutcome.FAILED
     assert reason.startswith("URL refused") and why in reason
@@ -119,7 +119,7 @@ async def test_private_ip_needs_an_exact_entry() -> None:
 
 
 async def test_exact_name_may_resolve_to_private_and_is_pinned(fake_vendor: FakeVendor) -> None:
-    outcome, _ = await send(provider(("push.internal",)), f"http://push.internal:{fake_vendor.port}/x")
+    outcome, _ = await send(provider(("push.internal:*",)), f"http://push.internal:{fake_vendor.port}/x")
     assert outcome is PushOutcome.DELIVERED
     assert fake_vendor.requests[0].headers["Host"] == f"push.internal:{fake_vendor.port}"
 
@@ -173,9 +173,9 @@ async def test_https_checks_the_certificate_against_the_name_not_the_address(pki
     fake = await FakeVendor(ctx).start()
     try:
         # the certificate names localhost and 127.0.0.1, not push.internal (which resolves to 127.0.0.1)
-        good = await send(provider(("localhost", "push.internal"), ca_file=str(pki.ca_file)),
+        good = await send(provider(("localhost:*", "push.internal:*"), ca_file=str(pki.ca_file)),
                           f"https://localhost:{fake.port}/p")
-        bad = await send(provider(("localhost", "push.internal"), ca_file=str(pki.ca_file)),
+        bad = await send(provider(("localhost:*", "push.internal:*"), ca_file=str(pki.ca_file)),
                          f"https://push.internal:{fake.port}/p")
     finally:
         await fake.stop()
