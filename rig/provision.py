@@ -19,6 +19,7 @@ APT_PACKAGES = {
     "redis-sentinel": "redis-sentinel",
     "sipp": "sip-tester",
     "debootstrap": "debootstrap",
+    "stress-ng": "stress-ng",  # make test-under-load: one core kept busy while the suite runs
 }
 SUITE = os.environ.get("ARI_PUSH_DEBIAN_SUITE", "sid")
 
@@ -158,7 +159,7 @@ def _run(cmd: list[str], *, timeout: float, what: str, log: Path | None = None) 
 
 
 def ensure_packages() -> None:
-    """Install the Debian packages the rig needs (redis, SIPp, debootstrap) if absent."""
+    """Install the Debian packages the rig needs (redis, SIPp, debootstrap, stress-ng) if absent."""
     missing = sorted({pkg for binary, pkg in APT_PACKAGES.items() if shutil.which(binary) is None})
     if not missing:
         return

@@ -84,7 +84,7 @@ async def provider_daemon(tmp_path: Path, asterisk: AsteriskInstance, redis: Red
     key_file.write_text(p8)
     s.sandbox.add_key(TEAM, KEY_ID, [TOPIC], key=_load_p8(p8))
     text = top + (f'[capture]\nextra_providers = ["{RELAYED}"]\n'
-            f"[calls]\ndefault_timeout = {TIMEOUT}\n{calls}"
+            "[calls]\n" + ("" if "default_timeout" in calls else f"default_timeout = {TIMEOUT}\n") + calls +
             "[push]\nburst = 50\n"
             f'[webhook]\nurl = "{s.relay.url}/relay"\nsecret = "{SECRET}"\nproviders = ["{RELAYED}"]\n'
             f'ca_file = "{s.pki.ca_file}"\n' + extra)
