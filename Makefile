@@ -5,7 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: all venv sandbox test unit lint types run demo clean bench bench-push bench-deps bench-fanout bench-freeswitch
+.PHONY: all venv sandbox test test-under-load unit lint types run demo clean bench bench-push bench-deps bench-fanout bench-freeswitch
 
 all: test
 
@@ -33,6 +33,21 @@ unit: venv
 # The whole suite: lint, types, unit and integration tests on the real rig.
 test: venv sandbox lint types
 	$(BIN)/pytest -q
+
+# `make test` RUNS times in a row (default 3) while stress-ng keeps one core busy: the suite must
+# pass on a loaded 2-core machine. Stops at the first failing run; stress-ng is stopped in all cases.
+RUNS ?= 3
+test-under-load: venv sandbox
+	@command -v stress-ng >/dev/null || { echo "stress-ng is missing (make sandbox installs it)"; exit 1; }
+	@stress-ng --cpu 1 --quiet & load=$$!; \
+	trap 'kill $$load 2>/dev/null; wait $$load 2>/dev/null' EXIT INT TERM; \
+	for i in $$(seq 1 $(RUNS)); do \
+	  start=$$(date +%s); \
+	  echo "[test-under-load] run $$i of $(RUNS), stress-ng --cpu 1 running (pid $$load)"; \
+	  if ! $(MAKE) --no-print-directory test; then \
+	    echo "[test-under-load] run $$i FAILED after $$(( $$(date +%s) - start )) s"; exit 1; fi; \
+	  echo "[test-under-load] run $$i passed in $$(( $$(date +%s) - start )) s"; \
+	done
 
 # The sandbox Asterisk + Redis and the daemon in the foreground (Ctrl-C stops all).
 run: venv sandbox

@@ -87,9 +87,14 @@ class AriClient:
         token = base64.b64encode(f"{settings.username}:{settings.password}".encode()).decode()
         self._headers = {"Authorization": f"Basic {token}"}
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            # A late call (a call task finishing after the daemon closed its links) must not
+            # open a new session that nobody closes: it fails like a link that is down.
+            raise AriError("session", 0, "client closed")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
@@ -98,6 +103,7 @@ class AriClient:
         return self._session
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
 

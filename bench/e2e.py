@@ -440,7 +440,7 @@ class Rig:
         port = free_port()
         config = self.workdir / "ari-push.toml"
         config.write_text(daemon_config(self.asterisk, self.redis.url, port, self.sa_file, self.fcm.url,
-                                        self.prefix, default_timeout=60))
+                                        self.prefix, default_timeout=60, ca_file=self.fcm.ca_file))
         self.daemon = Daemon(config, self.workdir / "daemon.log", port)
         await asyncio.to_thread(self.daemon.start)
 

@@ -47,7 +47,7 @@ def rss_mb() -> float:
 def serve(conn: Connection, directory: str) -> None:
     async def main() -> None:
         pki = make_pki(Path(directory))
-        fcm = await FakeFcm().start()
+        fcm = await FakeFcm(pki).start()
         apns = await FakeApns(pki).start()
         conn.send({
             "fcm_url": fcm.url,
@@ -91,7 +91,7 @@ def pct(values: list[float], p: float) -> float:
 
 async def client(cfg: dict[str, str], pushes: int, rounds: int) -> None:
     fcm = FcmProvider(FcmProject("bench-project", Secret(cfg["service_account"]), api_url=cfg["fcm_url"],
-                                 timeout=10.0))
+                                 ca_file=cfg["ca_file"], timeout=10.0))
     apns = ApnsProvider(ApnsApp(name="bench", topics=(TOPIC,), team_id=TEAM, key_id=KEY_ID, key=Secret(cfg["p8"]),
                                 production_url=cfg["apns_url"], sandbox_url=cfg["apns_url"],
                                 ca_file=cfg["ca_file"], timeout=10.0))

@@ -265,6 +265,11 @@ entityid = 02:fc:00:00:{self.ports.sip // 256 % 256:02x}:{self.ports.sip % 256:0
             "[rig-echo]",
             "exten => _X.,1,Answer()",
             " same => n,Echo()",
+            "; [calls] continue_context: ari-push continues an unanswered call at s,1 here",
+            "[rig-continue]",
+            "exten => s,1,NoOp(rig-continue: PUSH_STATUS=${PUSH_STATUS})",
+            " same => n,Answer()",
+            " same => n,Echo()",
             "",
         ]
         if self.extra_dialplan:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import re
@@ -94,20 +93,17 @@ class RecordingFcm:
     """The strict fake FCM of tests/fakes, telling a callback about every accepted send."""
 
     def __init__(self, on_push: Callable[[str, dict[str, Any], float], None]) -> None:
-        from tests.fakes.fcm import FakeFcm
+        from tests.fakes.fcm import FakeFcm, FcmRequest
 
-        on = on_push
+        def on_send(request: FcmRequest) -> None:
+            on_push(request.target, request.body["message"], time.monotonic())
 
-        class _Fcm(FakeFcm):
-            async def _send(self, request: Any) -> Any:
-                raw = await request.read()  # aiohttp keeps the body: the fake reads it again
-                response = await super()._send(request)
-                if response.status == 200:
-                    message = json.loads(raw)["message"]
-                    on(message["token"], message, time.monotonic())
-                return response
+        self.fake = FakeFcm(on_send=on_send)  # HTTP/2 over TLS, its own test CA
 
-        self.fake = _Fcm()
+    @property
+    def ca_file(self) -> str:
+        """The CA the daemon must trust for this FCM ([[fcm]] ca_file)."""
+        return str(self.fake.ca_file)
 
     async def start(self) -> str:
         """Start; returns the service-account JSON (token_uri pointing at the fake)."""
@@ -233,16 +229,13 @@ def wait_ready(url: str, timeout: float, alive: Callable[[], bool]) -> None:
 
 
 def daemon_config(ast: AsteriskInstance, redis_url: str, http_port: int, service_account: Path, fcm_url: str,
-                  prefix: str, default_timeout: float = 20.0, extra: str = "") -> str:
-    # The local FCM fake speaks plain http: the documented test setting allows it (a warning at start).
-    plain = "[push]\nallow_plain_http = true\n"
-    extra = extra.replace("[push]\n", plain, 1) if "[push]\n" in extra else extra + plain
+                  prefix: str, default_timeout: float = 20.0, extra: str = "", ca_file: str = "") -> str:
     return (ast.daemon_config(redis_url) + f'key_prefix = "{prefix}"\n'
             f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
             f"[calls]\ndefault_timeout = {default_timeout:g}\n"
             f"{extra}"
             f'[[fcm]]\nproject_id = "{PROJECT}"\nservice_account_file = "{service_account}"\n'
-            f'api_url = "{fcm_url}"\n')
+            f'api_url = "{fcm_url}"\n' + (f'ca_file = "{ca_file}"\n' if ca_file else ""))
 
 
 # ---------------------------------------------------------------- a phone that reports what it sees
@@ -404,7 +397,8 @@ class Demo:
         t = time.monotonic()
         http_port = free_port()
         config = self.workdir / "ari-push.toml"
-        config.write_text(daemon_config(self.asterisk, self.redis.url, http_port, sa_file, self.fcm.url, "demo:"))
+        config.write_text(daemon_config(self.asterisk, self.redis.url, http_port, sa_file, self.fcm.url, "demo:",
+                                         ca_file=self.fcm.ca_file))
         self.daemon = DaemonProcess(config, self.workdir / "daemon.log", self.on_daemon_line)
         dpid = self.daemon.start()
         await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{http_port}/readyz", 30, self.daemon.running)

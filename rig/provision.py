@@ -20,6 +20,7 @@ APT_PACKAGES = {
     "sipp": "sip-tester",
     "debootstrap": "debootstrap",
     "linphonec": "linphone-cli",  # liblinphone as a real test phone (tests/integration/test_real_clients.py)
+    "stress-ng": "stress-ng",  # make test-under-load: one core kept busy while the suite runs
 }
 SUITE = os.environ.get("ARI_PUSH_DEBIAN_SUITE", "sid")
 
@@ -159,8 +160,8 @@ def _run(cmd: list[str], *, timeout: float, what: str, log: Path | None = None) 
 
 
 def ensure_packages() -> None:
-    """Install the Debian packages the rig needs (redis, SIPp, debootstrap, linphonec) if absent:
-    one `shutil.which` per binary when all are there, so a warm machine pays nothing."""
+    """Install the Debian packages the rig needs (redis, SIPp, debootstrap, linphonec, stress-ng) if
+    absent: one `shutil.which` per binary when all are there, so a warm machine pays nothing."""
     missing = sorted({pkg for binary, pkg in APT_PACKAGES.items() if shutil.which(binary) is None})
     if not missing:
         return

@@ -15,6 +15,7 @@ import socket
 import struct
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 
 
@@ -86,6 +87,10 @@ class _Udp(asyncio.DatagramProtocol):
             self.ua._on_message(msg)
 
 
+#: every SipUA whose socket is open now (tests check at teardown that they closed theirs)
+OPEN: weakref.WeakSet[SipUA] = weakref.WeakSet()
+
+
 class SipUA:
     """One SIP phone on 127.0.0.1. ``open()`` binds a fresh local port (a 'new socket')."""
 
@@ -120,6 +125,7 @@ class SipUA:
 
     async def open(self, port: int = 0) -> None:
         loop = asyncio.get_running_loop()
+        OPEN.add(self)
         if self.transport == "udp":
             transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=("127.0.0.1", port))
             self._udp = transport
@@ -153,6 +159,7 @@ class SipUA:
 
     def close(self) -> None:
         """Fall asleep: the socket goes away, as iOS/Android do to a backgrounded app."""
+        OPEN.discard(self)
         if self._udp is not None:
             self._udp.close()
             self._udp = None

@@ -13,6 +13,7 @@ class TcpProxy:
         self.port = 0
         self.refusing = False
         self.frozen = False
+        self.refused = 0  # connections refused while ``refusing``
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -39,6 +40,7 @@ class TcpProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.refusing:
+            self.refused += 1
             writer.close()
             return
         try:

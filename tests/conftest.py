@@ -165,10 +165,22 @@ async def start_daemon() -> AsyncIterator[Callable[[Path], Awaitable[RunningDaem
         return rd
 
     yield start
+    problems: list[str] = []
     for rd in running:
-        if not rd.task.done():
-            with contextlib.suppress(Exception):
-                await rd.stop()
+        if rd.task.done():  # ended before teardown: fine if a test stopped it, not if it crashed
+            if not rd.task.cancelled() and rd.task.exception() is not None:
+                problems.append(f"the daemon task crashed: {rd.task.exception()!r}")
+            continue
+        try:
+            await rd.stop()
+        except BaseException as exc:
+            problems.append(f"stopping the daemon failed: {exc!r}")
+            if not rd.task.done():
+                rd.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await rd.task
+    if problems:
+        pytest.fail("; ".join(problems))
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:

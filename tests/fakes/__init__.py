@@ -6,11 +6,11 @@ tests, the end-to-end tests and the demo can all run them; credentials come from
 """
 
 from tests.fakes.apns import ApnsAnswer, ApnsRequest, FakeApns
-from tests.fakes.fcm import FakeFcm, FcmAnswer, FcmRequest
+from tests.fakes.fcm import FakeFcm, FcmAnswer, FcmRequest, TokenAnswer
 from tests.fakes.keys import Pki, make_pki, service_account
 from tests.fakes.vendor import FakeVendor, VendorAnswer, VendorRequest
 
 __all__ = [
-    "ApnsAnswer", "ApnsRequest", "FakeApns", "FakeFcm", "FakeVendor", "FcmAnswer", "FcmRequest", "Pki",
+    "ApnsAnswer", "ApnsRequest", "FakeApns", "FakeFcm", "FakeVendor", "FcmAnswer", "FcmRequest", "Pki", "TokenAnswer",
     "VendorAnswer", "VendorRequest", "make_pki", "service_account",
 ]

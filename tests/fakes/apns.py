@@ -4,8 +4,12 @@ On 200 it sends headers only (``:status``, ``apns-id``), no DATA frame at all; o
 a JSON body ``{"reason": ...}`` (plus ``timestamp`` in ms for 410). It checks what Apple
 checks: method, path and token, the ES256 provider JWT (known kid, team, signature, age,
 not re-signed more often than every 20 minutes), or a client certificate; push type, topic
-(``.voip`` for voip, allowed for the team), priority, expiration, apns-id, collapse-id,
-payload size. It counts TLS handshakes so tests can assert connection reuse.
+(``.voip`` for voip, allowed for the team), priority, expiration (both required on VoIP
+pushes: ari-push always sends them, and a push without an expiration is stored by Apple and
+delivered long after the call), apns-id, collapse-id, payload size. A device token belongs to
+one environment: each fake is production or sandbox, and a token bound to the other one
+gets 400 BadDeviceToken, as from Apple. It counts TLS handshakes so tests can assert
+connection reuse.
 
 Usage (pytest or a plain script)::
 
@@ -13,6 +17,8 @@ Usage (pytest or a plain script)::
     await fake.start()
     p8_pem = fake.add_key("TEAM123456", "KEY1234567", ["com.example.phone.voip"])
     fake.script(token, ApnsAnswer(410, "Unregistered", timestamp_ms=...))
+    sandbox = FakeApns(pki, environment="sandbox", device_tokens=fake.device_tokens)
+    fake.bind_token(token2, "sandbox")    # a development build's token: production refuses it
     ...
     await fake.stop()
 """
@@ -79,7 +85,8 @@ class _Key:
     current: str = ""
     current_since: float = -1e18
     known: set[str] = field(default_factory=set)
-    expired: set[str] = field(default_factory=set)
+    newest_iat: int = -(10**12)
+    expired_through: int = -(10**12)  # tokens issued at or before this second are expired
 
 
 @dataclass
@@ -177,8 +184,14 @@ class FakeApns:
     """The fake server. ``clock`` is Apple's clock for the JWT checks."""
 
     def __init__(self, pki: Pki, *, clock: Callable[[], float] = time.time, max_token_age: float = 3600.0,
-                 cert_topics: dict[str, set[str]] | None = None) -> None:
+                 cert_topics: dict[str, set[str]] | None = None, environment: str = "production",
+                 device_tokens: dict[str, str] | None = None) -> None:
+        assert environment in ("production", "sandbox")
         self.pki = pki
+        self.environment = environment
+        #: device token (lower case) -> "production" | "sandbox"; unlisted tokens are production
+        #: tokens. Share one dict between a production and a sandbox fake.
+        self.device_tokens: dict[str, str] = {} if device_tokens is None else device_tokens
         self.clock = clock
         self.max_token_age = max_token_age
         #: client-certificate common name -> topics it may push to (certificate auth)
@@ -244,10 +257,20 @@ class FakeApns:
     def script(self, token: str, *answers: ApnsAnswer) -> None:
         self._scripts.setdefault(token.lower(), deque()).extend(answers)
 
+    def bind_token(self, token: str, environment: str) -> None:
+        """``token`` was issued to an app build for ``environment`` ("production"/"sandbox")."""
+        assert environment in ("production", "sandbox")
+        self.device_tokens[token.lower()] = environment
+
     def expire_provider_tokens(self) -> None:
-        """Apple now calls every provider token seen so far expired."""
+        """Apple now calls every provider token issued at or before the newest ``iat`` seen
+        expired (Apple judges a token by its issue time, so a token re-signed within that same
+        second is just as expired: a client must sign with a later ``iat``)."""
         for key in self._keys.values():
-            key.expired |= key.known
+            key.expired_through = max(key.expired_through, key.newest_iat)
+
+    def newest_iat(self, key_id: str) -> int:
+        return self._keys[key_id].newest_iat
 
     def provider_tokens_seen(self, key_id: str) -> int:
         return len(self._keys[key_id].known)
@@ -291,6 +314,8 @@ class FakeApns:
             return bad(404, "BadPath")
         if not TOKEN_RE.match(match.group(1)):
             return bad(400, "BadDeviceToken")
+        if self.device_tokens.get(match.group(1).lower(), "production") != self.environment:
+            return bad(400, "BadDeviceToken")  # a token of the other environment
         topic = h.get("apns-topic")
         # authentication: provider token, or else a client certificate
         auth = h.get("authorization")
@@ -311,8 +336,12 @@ class FakeApns:
             return bad(400, "BadTopic")
         if topic not in allowed:
             return bad(400, "TopicDisallowed")
+        if push_type == "voip" and ("apns-priority" not in h or "apns-expiration" not in h):
+            return bad(400, "BadPriority" if "apns-priority" not in h else "BadExpirationDate")
         if "apns-priority" in h and h["apns-priority"] not in ("1", "5", "10"):
             return bad(400, "BadPriority")
+        if push_type == "voip" and h["apns-priority"] != "10":
+            return bad(400, "BadPriority")  # a VoIP push is for an incoming call: immediate delivery
         if "apns-expiration" in h and not h["apns-expiration"].isdigit():
             return bad(400, "BadExpirationDate")
         if "apns-id" in h and not UUID_RE.match(h["apns-id"]):
@@ -362,6 +391,10 @@ class FakeApns:
         if remote:
             self.device_kinds[remote.lower()] = ("remote", bundle)
 
+    @staticmethod
+    def _iat_of(token: str) -> int:
+        return int(jwt.decode(token, options={"verify_signature": False})["iat"])
+
     def _check_jwt(self, auth: str) -> tuple[set[str], ApnsAnswer | None]:
         def bad(status: int, reason: str) -> tuple[set[str], ApnsAnswer]:
             return set(), ApnsAnswer(status, reason)
@@ -387,11 +420,13 @@ class FakeApns:
         now = self.clock()
         if iat > now + 60:
             return bad(403, "InvalidProviderToken")
-        if now - iat > self.max_token_age or token in key.expired:
+        if now - iat > self.max_token_age or iat <= key.expired_through:
             return bad(403, "ExpiredProviderToken")
         if token not in key.known:
-            if key.current and key.current not in key.expired and now - key.current_since < MIN_REFRESH:
+            current_valid = bool(key.current) and self._iat_of(key.current) > key.expired_through
+            if current_valid and now - key.current_since < MIN_REFRESH:
                 return bad(429, "TooManyProviderTokenUpdates")
             key.known.add(token)
             key.current, key.current_since = token, now
+            key.newest_iat = max(key.newest_iat, iat)
         return key.topics, None

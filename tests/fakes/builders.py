@@ -24,3 +24,11 @@ def message(kind: PushKind = PushKind.CALL, *, deadline: float | None = None, ri
 def apns_token(n: int) -> str:
     """A well-formed APNs device token (64 hex digits), distinct for each n."""
     return f"{n:064x}"
+
+
+def fcm_token(n: int | str) -> str:
+    """A token of the real FCM registration-token shape (instance id, ':APA91b', 134 more),
+    distinct for each n. The fake FCM refuses anything else, as Google does."""
+    tag = str(n).replace(" ", "_")
+    instance = f"inst{tag}".ljust(22, "x")[-22:] if len(tag) > 18 else f"inst{tag}".ljust(22, "x")
+    return f"{instance}:APA91b" + f"{tag}-".ljust(134, "Q")[:134]

@@ -128,7 +128,7 @@ async def test_broadcast_one_daemon_claims_and_pushes_once(
     assert await phone.register() == 200
     await asyncio.wait_for(phone.invites.get(), 5)
     assert (await asyncio.wait_for(answer, 10)).status == 200
-    await asyncio.sleep(0.5)
+    await wait_for(lambda: [d for d in (a, b) if "answered by" in d.text()], 10, "the call's owner logged it")
     assert push_endpoint.kinds() == ["call"]  # two daemons, one push
     handled = [d for d in (a, b) if "answered by" in d.text()]
     assert len(handled) == 1

@@ -97,3 +97,20 @@ def test_ctrl_c_midway_stops_every_process(asterisk_root: Path, interrupt_at: st
     assert _port_free(ports.sip, socket.SOCK_DGRAM)
     assert _port_free(ports.http, socket.SOCK_STREAM)
     assert _port_free(ports.ami, socket.SOCK_STREAM)
+
+
+@pytest.mark.timeout(180)
+def test_demo_outcome_ari_push_answers_where_the_recipe_fails(asterisk_root: Path) -> None:
+    """The outcome docs/demo.md promises for `make demo WAKE=4`: the phone wakes 4 s after its
+    push; through ari-push the call is answered, through the Wait(3) recipe it is not."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "rig", "demo", "--index", str(INDEX), "--name", NAME, "--wake", "4"],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    results = [line.strip() for line in out.splitlines() if line.strip().startswith("result:")]
+    assert len(results) == 2, out
+    assert results[0].startswith("result: ANSWERED"), out  # call 1: ari-push
+    assert results[1].startswith("result: FAILED"), out  # call 2: the recipe gave up before the wake
+    assert "stopped: Asterisk, Redis and the daemon are gone" in out

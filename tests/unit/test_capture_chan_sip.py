@@ -7,7 +7,6 @@ documented chan_sip-era wire text (docs/capture.md).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from ari_push.ami import AmiClient
 from ari_push.bindings import MemoryStore
@@ -16,6 +15,7 @@ from ari_push.contacts import ContactPolicy
 from ari_push.metrics import Metrics
 from ari_push.settings import AmiSettings, Secret
 from ari_push.wakeups import Registration, WakeupHub
+from tests.conftest import wait_for
 from tests.fakes.ami_replay import AmiReplay
 
 TOKEN = "5c1a" + "0" * 56 + "6d7c"
@@ -54,10 +54,7 @@ async def test_peerstatus_registered_reads_astdb_and_stores_the_binding() -> Non
             replay.emit(PEER_REGISTERED)
             reg: Registration = await asyncio.wait_for(watch.queue.get(), 5)
         assert reg.contact_uri == CONTACT and reg.device_id
-        for _ in range(200):
-            if await store.bindings_for("1001"):
-                break
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: store.bindings_for("1001"), 10, "the binding stored")
         [binding] = await store.bindings_for("1001")
         assert binding.push.provider == "apns" and binding.push.token == TOKEN
         assert binding.push.param == "org.linphone.phone.voip" and not binding.push.sandbox
@@ -66,10 +63,11 @@ async def test_peerstatus_registered_reads_astdb_and_stores_the_binding() -> Non
         assert dbget and dbget[0]["Family"] == "SIP/Registry" and dbget[0]["Key"] == "1001"
     finally:
         stop.set()
-        for t in tasks:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(t, 5)
-        await replay.stop()
+        try:
+            for t in tasks:
+                await asyncio.wait_for(t, 10)  # a crashed AMI or capture task fails the test here
+        finally:
+            await replay.stop()
 
 
 async def test_malformed_astdb_value_is_rejected_not_fatal() -> None:
@@ -82,11 +80,8 @@ async def test_malformed_astdb_value_is_rejected_not_fatal() -> None:
     try:
         assert await ami.link.wait_up(5)
         replay.emit(PEER_REGISTERED)
-        for _ in range(200):
-            if any(s.value for m in capture.metrics.rejected.collect() for s in m.samples
-                   if s.name.endswith("_total")):
-                break
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: any(s.value for m in capture.metrics.rejected.collect() for s in m.samples
+                                   if s.name.endswith("_total")), 10, "the rejection counted")
         assert await store.bindings_for("1001") == []
         rejected = {s.labels["reason"]: s.value for m in capture.metrics.rejected.collect() for s in m.samples
                     if s.name.endswith("_total")}
@@ -94,10 +89,11 @@ async def test_malformed_astdb_value_is_rejected_not_fatal() -> None:
         assert ami.link.up
     finally:
         stop.set()
-        for t in tasks:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(t, 5)
-        await replay.stop()
+        try:
+            for t in tasks:
+                await asyncio.wait_for(t, 10)  # a crashed AMI or capture task fails the test here
+        finally:
+            await replay.stop()
 
 
 async def test_pjsip_peerstatus_reachable_is_not_a_registration() -> None:

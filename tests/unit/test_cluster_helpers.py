@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from ari_push.channels import call_id_for, channel_role, stasis_args
 from ari_push.push.ledger import MemoryLedger
 
@@ -32,5 +36,9 @@ async def test_memory_ledger_lets_one_push_per_call_device_kind() -> None:
 
 
 def test_call_id_is_stable_per_asterisk_and_channel() -> None:
-    assert call_id_for("02:fc", "1.1") == call_id_for("02:fc", "1.1")
+    # every daemon of a cluster computes the same id for a channel: another process agrees
+    other = subprocess.run([sys.executable, "-c", "from ari_push.channels import call_id_for; "
+                            "print(call_id_for('02:fc', '1.1'))"], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert other.stdout.strip() == call_id_for("02:fc", "1.1")
     assert call_id_for("02:fc", "1.1") != call_id_for("02:fd", "1.1")

@@ -161,13 +161,6 @@ def check_rejected(exc: ContactRejected, secrets: list[str]) -> None:
         assert secret not in text
 
 
-def outcome(uri: str, policy: ContactPolicy) -> object:
-    try:
-        return parse_contact(uri, policy)
-    except ContactRejected as exc:
-        return (exc.reason, exc.field, str(exc))
-
-
 @FAST
 @given(contact=contacts(), policy=st.sampled_from(POLICIES))
 def test_structured_contacts(contact: tuple[str, list[tuple[str, str | None]]], policy: ContactPolicy) -> None:
@@ -184,7 +177,6 @@ def test_structured_contacts(contact: tuple[str, list[tuple[str, str | None]]], 
             assert not push_params
         else:
             check_accepted(push, policy)
-    assert outcome(uri, policy) == outcome(uri, policy)
 
 
 @FAST
@@ -199,7 +191,6 @@ def test_arbitrary_text(text: str, policy: ContactPolicy) -> None:
         else:
             if push is not None:
                 check_accepted(push, policy)
-        assert outcome(candidate, policy) == outcome(candidate, policy)
 
 
 @FAST

@@ -36,8 +36,8 @@ def p8_key() -> ec.EllipticCurvePrivateKey:
 
 
 @pytest.fixture
-async def fake_fcm(sa_keys: dict[str, ServiceAccountKey]) -> AsyncIterator[FakeFcm]:
-    fake = await FakeFcm().start()
+async def fake_fcm(pki: Pki) -> AsyncIterator[FakeFcm]:
+    fake = await FakeFcm(pki).start()
     try:
         yield fake
     finally:
@@ -65,7 +65,8 @@ async def fake_vendor() -> AsyncIterator[FakeVendor]:
 @pytest.fixture
 def fcm_project(fake_fcm: FakeFcm, sa_keys: dict[str, ServiceAccountKey]) -> FcmProject:
     sa_json = fake_fcm.add_project("proj-a", sa_keys["proj-a"])
-    return FcmProject(project_id="proj-a", service_account=Secret(sa_json), api_url=fake_fcm.url, timeout=2.0)
+    return FcmProject(project_id="proj-a", service_account=Secret(sa_json), api_url=fake_fcm.url,
+                      ca_file=fake_fcm.ca_file, timeout=2.0)
 
 
 @pytest.fixture

@@ -9,10 +9,12 @@ import uuid
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ari_push.model import Binding, PushKind, PushOutcome
 from ari_push.push.apns import ApnsProvider
 from ari_push.settings import ApnsApp, Secret, SettingsError
+from tests.conftest import wait_for
 from tests.fakes import ApnsAnswer, FakeApns, Pki
 from tests.fakes.builders import apns_token, binding, message
 from tests.unit.push.conftest import KEY_ID, TEAM, TOPIC
@@ -108,6 +110,8 @@ async def test_expired_provider_token_resigns_once_and_retries(fake_apns: FakeAp
     try:
         assert (await provider.send(binding("apns", apns_token(1), TOPIC), message())).outcome \
             is PushOutcome.DELIVERED
+        signed = fake_apns.newest_iat(KEY_ID)
+        await wait_for(lambda: int(time.time()) > signed, 5, "the next second (a re-signed token has a later iat)")
         fake_apns.expire_provider_tokens()
         results = await asyncio.gather(*(provider.send(binding("apns", apns_token(i), TOPIC), message())
                                          for i in range(2, 12)))
@@ -117,6 +121,59 @@ async def test_expired_provider_token_resigns_once_and_retries(fake_apns: FakeAp
     assert provider.jwt_signings == 2  # ten pushes refused, one re-sign
     assert fake_apns.answers.count((403, "ExpiredProviderToken")) == 10
     assert (429, "TooManyProviderTokenUpdates") not in fake_apns.answers
+
+
+async def test_expired_again_after_resigning_is_failed_not_a_loop(fake_apns: FakeApns, apns_app: ApnsApp) -> None:
+    """Apple still calls the re-signed token expired (same second: same iat): one re-sign, then FAILED."""
+    clock = Clock()
+    provider = ApnsProvider(apns_app, clock=clock)
+    try:
+        assert (await provider.send(binding("apns", apns_token(1), TOPIC), message())).outcome \
+            is PushOutcome.DELIVERED
+        fake_apns.expire_provider_tokens()
+        result = await provider.send(binding("apns", apns_token(1), TOPIC), message())  # clock stands still
+    finally:
+        await provider.aclose()
+    assert result.outcome is PushOutcome.FAILED and result.reason == "ExpiredProviderToken"
+    assert provider.jwt_signings == 2
+    assert fake_apns.answers[1:] == [(403, "ExpiredProviderToken")] * 2
+
+
+async def test_sandbox_token_goes_to_the_sandbox_and_routing_errors_would_show(
+        pki: Pki, apns_app: ApnsApp, p8_key: ec.EllipticCurvePrivateKey) -> None:
+    production = await FakeApns(pki).start()
+    sandbox = await FakeApns(pki, environment="sandbox", device_tokens=production.device_tokens).start()
+    try:
+        for fake in (production, sandbox):
+            fake.add_key(TEAM, KEY_ID, [TOPIC], key=p8_key)
+        production.bind_token(apns_token(2), "sandbox")
+        app = dataclasses.replace(apns_app, production_url=production.url, sandbox_url=sandbox.url)
+        provider = ApnsProvider(app)
+        prod = await provider.send(binding("apns", apns_token(1), TOPIC), message())
+        dev = await provider.send(binding("apns", apns_token(2), TOPIC, sandbox=True), message())
+        await provider.aclose()
+        # an app whose URLs are swapped (a routing bug) sends each token to the wrong environment
+        swapped = ApnsProvider(dataclasses.replace(app, production_url=sandbox.url, sandbox_url=production.url))
+        wrong = await swapped.send(binding("apns", apns_token(2), TOPIC, sandbox=True), message())
+        await swapped.aclose()
+    finally:
+        await production.stop()
+        await sandbox.stop()
+    assert prod.outcome is PushOutcome.DELIVERED and dev.outcome is PushOutcome.DELIVERED
+    assert [r.token for r in production.requests] == [apns_token(1)]
+    assert [r.token for r in sandbox.requests] == [apns_token(2)]
+    assert wrong.outcome is PushOutcome.TOKEN_DEAD and wrong.reason == "BadDeviceToken"
+
+
+async def test_expired_token_reason_is_dead(fake_apns: FakeApns, apns_app: ApnsApp) -> None:
+    fake_apns.script(apns_token(6), ApnsAnswer(410, "ExpiredToken", timestamp_ms=1_700_000_000_000))
+    provider = ApnsProvider(apns_app)
+    try:
+        result = await provider.send(binding("apns", apns_token(6), TOPIC), message())
+    finally:
+        await provider.aclose()
+    assert result.outcome is PushOutcome.TOKEN_DEAD and result.reason == "ExpiredToken"
+    assert result.dead_since == pytest.approx(1_700_000_000.0)
 
 
 async def test_signing_per_push_would_be_refused_by_the_fake(fake_apns: FakeApns, apns_app: ApnsApp) -> None:
@@ -186,13 +243,12 @@ async def test_local_refusals_never_reach_apple(fake_apns: FakeApns, apns_app: A
 async def test_stall_times_out_as_retry(fake_apns: FakeApns, apns_app: ApnsApp) -> None:
     fake_apns.script(apns_token(9), ApnsAnswer(stall=True))
     provider = ApnsProvider(dataclasses.replace(apns_app, timeout=0.3))
-    started = time.monotonic()
     try:
-        result = await provider.send(binding("apns", apns_token(9), TOPIC), message())
+        async with asyncio.timeout(15):  # the fake never answers: only the provider's timeout ends this
+            result = await provider.send(binding("apns", apns_token(9), TOPIC), message())
     finally:
         await provider.aclose()
     assert result.outcome is PushOutcome.RETRY and "timeout" in result.reason
-    assert time.monotonic() - started < 2
 
 
 async def test_untrusted_server_certificate_is_failed(fake_apns: FakeApns, apns_app: ApnsApp) -> None:
@@ -211,7 +267,7 @@ async def test_reconnects_after_connection_drop(fake_apns: FakeApns, apns_app: A
         assert (await provider.send(binding("apns", apns_token(1), TOPIC), message())).outcome \
             is PushOutcome.DELIVERED
         fake_apns.drop_connections()
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: fake_apns.open_connections == 0, 10, "the server side closed")
         results = [await provider.send(binding("apns", apns_token(2), TOPIC), message()) for _ in range(2)]
     finally:
         await provider.aclose()

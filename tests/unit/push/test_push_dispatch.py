@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections import deque
 
 import pytest
@@ -203,16 +202,16 @@ async def test_stalled_provider_is_bounded_and_deadline_kept(fake_apns: FakeApns
     fake_apns.script(apns_token(5), *[ApnsAnswer(stall=True)] * 5)
     provider = ApnsProvider(dataclasses.replace(apns_app, timeout=30.0))  # its own timeout is no help
     d = PushDispatcher([provider], DeadTokens(), call_timeout=0.4, backoff_base=0.05)
-    started = time.monotonic()
     try:
-        result = await d.send(binding("apns", apns_token(5), TOPIC), message(ring=1.0))
+        # a generous guard, far below the provider's own 30 s: only the 1 s deadline can end it
+        async with asyncio.timeout(15):
+            result = await d.send(binding("apns", apns_token(5), TOPIC), message(ring=1.0))
     finally:
         await d.aclose()
-    elapsed = time.monotonic() - started
     assert result.outcome is PushOutcome.RETRY and "deadline" in result.reason
     assert "no answer within" in result.reason
-    assert elapsed < 1.3  # the 1 s deadline, not 30 s
-    assert d.attempt_counters[("apns", "retry")] >= 2
+    attempts = d.attempt_counters[("apns", "retry")]
+    assert 1 <= attempts <= 3  # 0.4 s per attempt inside a 1 s deadline: never more than three
 
 
 async def test_send_many_runs_concurrently_and_returns_per_device() -> None:
@@ -234,10 +233,8 @@ async def test_send_many_runs_concurrently_and_returns_per_device() -> None:
     d = PushDispatcher([Slow()], dead)
     bindings = [binding("fcm", f"tok-{i}", "p") for i in range(10)] + [binding("fcm", "dead-1", "p"),
                                                                       binding("apns", "ab" * 32, "x")]
-    started = time.monotonic()
     results = await d.send_many(bindings + bindings[:2], message())
-    assert time.monotonic() - started < 0.5
-    assert peak == 11
+    assert peak == 11  # all eleven devices in flight at once (duplicates sent once)
     assert set(results) == {b.device_id for b in bindings}
     assert results[bindings[0].device_id].outcome is PushOutcome.DELIVERED
     assert results[bindings[10].device_id].outcome is PushOutcome.TOKEN_DEAD

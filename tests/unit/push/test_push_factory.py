@@ -11,9 +11,9 @@ from ari_push.push.factory import build_providers
 from ari_push.push.fcm import FcmProvider
 from ari_push.push.vendor import VendorProvider
 from ari_push.push.webhook import WebhookProvider
-from ari_push.settings import ApnsApp, CaptureSettings, FcmProject, PushSettings, Secret, Settings, WebhookSettings
+from ari_push.settings import ApnsApp, CaptureSettings, FcmProject, Secret, Settings, WebhookSettings
 from tests.fakes import FakeApns, FakeFcm
-from tests.fakes.builders import apns_token, binding, message
+from tests.fakes.builders import apns_token, binding, fcm_token, message
 from tests.fakes.keys import ServiceAccountKey
 from tests.unit.push.conftest import TOPIC
 
@@ -29,23 +29,21 @@ def test_order_and_defaults(apns_app: ApnsApp, fcm_project: FcmProject, fake_fcm
         apns=(apns_app,), fcm=(fcm_project, second),
         capture=CaptureSettings(vendor_allowed_hosts=("*.zoiper.com",)),
         webhook=WebhookSettings(url="https://relay.example/hook", secret=Secret("k"), providers=("webpush",)),
-        push=PushSettings(allow_plain_http=True),  # the fake FCM's token_uri is http
-    )
+    )  # https only (the default): the fake FCM serves TLS, its token_uri is https too
     providers = build_providers(settings)
     assert [type(p) for p in providers] == [WebhookProvider, ApnsProvider, FcmProvider, FcmProvider,
                                             VendorProvider]
     fcm = [p for p in providers if isinstance(p, FcmProvider)]
     assert not any(p.serves(binding("fcm", "t", "")) for p in fcm)  # two projects: no default
-    only = build_providers(Settings(fcm=(fcm_project,), push=PushSettings(allow_plain_http=True)))
+    only = build_providers(Settings(fcm=(fcm_project,)))
     assert only[0].serves(binding("fcm", "t", ""))  # one project: serves bindings without pn-param
 
 
 async def test_built_providers_push_end_to_end(fake_apns: FakeApns, fake_fcm: FakeFcm, apns_app: ApnsApp,
                                                fcm_project: FcmProject) -> None:
-    d = PushDispatcher(build_providers(Settings(apns=(apns_app,), fcm=(fcm_project,),
-                                                push=PushSettings(allow_plain_http=True))), _ignore)
+    d = PushDispatcher(build_providers(Settings(apns=(apns_app,), fcm=(fcm_project,))), _ignore)
     try:
-        results = await d.send_many([binding("apns", apns_token(1), TOPIC), binding("fcm", "tok-1", ""),
+        results = await d.send_many([binding("apns", apns_token(1), TOPIC), binding("fcm", fcm_token(1), ""),
                                      binding("vendor", "https://x.zoiper.com/p")], message())
     finally:
         await d.aclose()

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.fakes import FakeApns, FakeFcm, Pki
-from tests.fakes.builders import apns_token
+from tests.fakes.builders import apns_token, fcm_token
 from tests.fakes.keys import ServiceAccountKey, ec_key
 from tests.unit.push.conftest import KEY_ID, TEAM, TOPIC
 
@@ -45,7 +45,7 @@ async def test_fcm_token_endpoint_refuses_bad_assertions(
     fake_fcm: FakeFcm, sa_keys: dict[str, ServiceAccountKey], claims: dict[str, Any], error: str
 ) -> None:
     fake_fcm.add_project("proj-a", sa_keys["proj-a"])
-    async with httpx.AsyncClient() as client:
+    async with _client(fake_fcm.pki) as client:
         response = await _access_token(fake_fcm, sa_keys["proj-a"], client, **claims)
         wrong_grant = await client.post(fake_fcm.token_url, data={"grant_type": "client_credentials"})
     assert response.status_code == 400 and response.json()["error"] == error
@@ -54,7 +54,7 @@ async def test_fcm_token_endpoint_refuses_bad_assertions(
 
 
 def _bad(body: dict[str, Any]) -> dict[str, Any]:
-    message = {"token": "t", "data": {"a": "b"}, "android": {"priority": "high", "ttl": "30s"}}
+    message = {"token": fcm_token(1), "data": {"a": "b"}, "android": {"priority": "high", "ttl": "30s"}}
     message.update(body)
     return {"message": {k: v for k, v in message.items() if v is not None}}
 
@@ -62,7 +62,7 @@ def _bad(body: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"message": {"token": "t"}, "dry_run": True}, "dry_run"),
+        ({"message": {"token": fcm_token(1)}, "dry_run": True}, "dry_run"),
         (_bad({"notification_x": {}}), "message.notification_x"),
         (_bad({"topic": "news"}), "message"),
         (_bad({"token": None}), "message"),
@@ -76,13 +76,25 @@ def _bad(body: dict[str, Any]) -> dict[str, Any]:
         (_bad({"android": {"ttl": 30}}), "message.android.ttl"),
         (_bad({"android": {"ttl": "1.0000000001s"}}), "message.android.ttl"),
         (_bad({"android": {"time_to_live": "3s"}}), "message.android.time_to_live"),
+        (_bad({"android": {"direct_boot_ok": "yes"}}), "message.android.direct_boot_ok"),
+        (_bad({"android": {"notification": {"sound_x": "a"}}}), "message.android.notification.sound_x"),
+        (_bad({"notification": {"title": "a", "subtitle": "b"}}), "message.notification.subtitle"),
+        (_bad({"notification": {"title": 5}}), "message.notification.title"),
+        (_bad({"notification": "ring"}), "message.notification"),
+        (_bad({"apns": {"headers": {"apns-priority": 10}}}), "message.apns.headers"),
+        (_bad({"apns": {"headers": {"apns-priority": "7"}}}), "message.apns.headers"),
+        (_bad({"apns": {"payload": "aps"}}), "message.apns.payload"),
+        (_bad({"apns": {"aps": {}}}), "message.apns.aps"),
+        (_bad({"webpush": {"headers": {"TTL": 30}}}), "message.webpush.headers"),
+        (_bad({"webpush": {"urgency": "high"}}), "message.webpush.urgency"),
+        (_bad({"webpush": {"data": {"n": 1}}}), "message.webpush.data"),
     ],
 )
 async def test_fcm_send_refuses_invalid_messages(
     fake_fcm: FakeFcm, sa_keys: dict[str, ServiceAccountKey], body: dict[str, Any], field: str
 ) -> None:
     fake_fcm.add_project("proj-a", sa_keys["proj-a"])
-    async with httpx.AsyncClient() as client:
+    async with _client(fake_fcm.pki) as client:
         token = (await _access_token(fake_fcm, sa_keys["proj-a"], client)).json()["access_token"]
         response = await client.post(f"{fake_fcm.url}/v1/projects/proj-a/messages:send", json=body,
                                      headers={"authorization": f"Bearer {token}"})
@@ -102,7 +114,7 @@ async def test_fcm_send_checks_bearer_and_project(
     fake_fcm.add_project("proj-a", sa_keys["proj-a"])
     fake_fcm.add_project("proj-b", sa_keys["proj-b"])
     body = _bad({})
-    async with httpx.AsyncClient() as client:
+    async with _client(fake_fcm.pki) as client:
         token = (await _access_token(fake_fcm, sa_keys["proj-a"], client)).json()["access_token"]
         no_auth = await client.post(f"{fake_fcm.url}/v1/projects/proj-a/messages:send", json=body)
         forged = await client.post(f"{fake_fcm.url}/v1/projects/proj-a/messages:send", json=body,
@@ -117,6 +129,64 @@ async def test_fcm_send_checks_bearer_and_project(
     assert foreign.status_code == 403 and foreign.json()["error"]["status"] == "PERMISSION_DENIED"
     assert ok.status_code == 200 and ok.json()["name"].startswith("projects/proj-a/messages/")
     assert legacy.status_code == 404
+
+
+async def test_fcm_accepts_well_formed_blocks(fake_fcm: FakeFcm, sa_keys: dict[str, ServiceAccountKey],
+                                              pki: Pki) -> None:
+    fake_fcm.add_project("proj-a", sa_keys["proj-a"])
+    body = _bad({"notification": {"title": "Bob", "body": "calling"},
+                 "apns": {"headers": {"apns-priority": "10"}, "payload": {"aps": {}}},
+                 "webpush": {"headers": {"TTL": "30"}, "data": {"a": "b"}}})
+    async with _client(pki) as client:
+        token = (await _access_token(fake_fcm, sa_keys["proj-a"], client)).json()["access_token"]
+        ok = await client.post(f"{fake_fcm.url}/v1/projects/proj-a/messages:send", json=body,
+                               headers={"authorization": f"Bearer {token}"})
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("token", ["t", "tok-1", "APA91b" + "x" * 20, "a" * 160, fcm_token(1) + "!",
+                                   "inst:" + fcm_token(1)[23:].replace("APA91b", "APA91c")])
+async def test_fcm_refuses_tokens_not_of_the_registration_token_shape(
+    fake_fcm: FakeFcm, sa_keys: dict[str, ServiceAccountKey], pki: Pki, token: str
+) -> None:
+    fake_fcm.add_project("proj-a", sa_keys["proj-a"])
+    async with _client(pki) as client:
+        access = (await _access_token(fake_fcm, sa_keys["proj-a"], client)).json()["access_token"]
+        response = await client.post(f"{fake_fcm.url}/v1/projects/proj-a/messages:send",
+                                     json=_bad({"token": token}), headers={"authorization": f"Bearer {access}"})
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "code": 400, "message": "The registration token is not a valid FCM registration token",
+        "status": "INVALID_ARGUMENT",
+        "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": "INVALID_ARGUMENT"}]}
+    assert fake_fcm.requests == []
+
+
+async def test_fcm_token_of_another_project_is_sender_id_mismatch(
+    fake_fcm: FakeFcm, sa_keys: dict[str, ServiceAccountKey], pki: Pki
+) -> None:
+    fake_fcm.add_project("proj-a", sa_keys["proj-a"])
+    fake_fcm.bind_token(fcm_token(1), "proj-b")
+    async with _client(pki) as client:
+        access = (await _access_token(fake_fcm, sa_keys["proj-a"], client)).json()["access_token"]
+        response = await client.post(f"{fake_fcm.url}/v1/projects/proj-a/messages:send",
+                                     json=_bad({}), headers={"authorization": f"Bearer {access}"})
+    assert response.status_code == 403
+    assert response.json()["error"]["details"][0]["errorCode"] == "SENDER_ID_MISMATCH"
+
+
+async def test_fcm_is_http2_over_tls_only(fake_fcm: FakeFcm, pki: Pki) -> None:
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    async with httpx.AsyncClient(verify=ctx, trust_env=False) as http1:  # HTTP/1.1 only: no h2 in ALPN
+        with pytest.raises(httpx.HTTPError):
+            await http1.post(fake_fcm.token_url, data={"grant_type": "x"})
+    async with httpx.AsyncClient(trust_env=False) as public_cas:  # the test CA is not a public one
+        with pytest.raises(httpx.ConnectError):
+            await public_cas.post(fake_fcm.token_url, data={"grant_type": "x"})
+    assert fake_fcm.refused_connections >= 1 and fake_fcm.token_requests == 0
+    async with _client(pki) as client:
+        get = await client.get(f"{fake_fcm.url}/v1/projects/proj-a/messages:send")
+    assert get.status_code == 405
 
 
 # ---------------------------------------------------------------- APNs
@@ -154,6 +224,9 @@ def _headers(key: ec.EllipticCurvePrivateKey, **changes: str | None) -> dict[str
         ({"apns-topic": None}, None, b'{"aps":{}}', 400, "MissingTopic"),
         ({"apns-priority": "7"}, None, b'{"aps":{}}', 400, "BadPriority"),
         ({"apns-expiration": "soon"}, None, b'{"aps":{}}', 400, "BadExpirationDate"),
+        ({"apns-priority": None}, None, b'{"aps":{}}', 400, "BadPriority"),
+        ({"apns-priority": "5"}, None, b'{"aps":{}}', 400, "BadPriority"),
+        ({"apns-expiration": None}, None, b'{"aps":{}}', 400, "BadExpirationDate"),
         ({"apns-id": "123"}, None, b'{"aps":{}}', 400, "BadMessageId"),
         ({"apns-collapse-id": "c" * 65}, None, b'{"aps":{}}', 400, "BadCollapseId"),
         ({}, None, b"", 400, "PayloadEmpty"),
@@ -245,3 +318,44 @@ async def test_apns_holds_each_token_to_its_push_type(
                                      headers=_headers(key, **changes))
     assert response.status_code == 400 and response.json() == {"reason": reason}
     assert fake_apns.requests == []
+
+
+async def test_apns_tokens_belong_to_one_environment(pki: Pki) -> None:
+    production = await FakeApns(pki).start()
+    sandbox = await FakeApns(pki, environment="sandbox", device_tokens=production.device_tokens).start()
+    try:
+        key = ec_key()
+        for fake in (production, sandbox):
+            fake.add_key(TEAM, KEY_ID, [TOPIC], key=key)
+        production.bind_token(apns_token(2), "sandbox")
+        headers = _headers(key)
+        async with _client(pki) as client:
+            answers = {}
+            for name, fake in (("production", production), ("sandbox", sandbox)):
+                for n in (1, 2):
+                    r = await client.post(f"{fake.url}/3/device/{apns_token(n)}", content=b'{"aps":{}}',
+                                          headers=headers)
+                    answers[(name, n)] = (r.status_code, r.json()["reason"] if r.content else "")
+    finally:
+        await production.stop()
+        await sandbox.stop()
+    assert answers == {("production", 1): (200, ""), ("production", 2): (400, "BadDeviceToken"),
+                       ("sandbox", 1): (400, "BadDeviceToken"), ("sandbox", 2): (200, "")}
+
+
+async def test_apns_expiry_is_by_issue_time(fake_apns: FakeApns, pki: Pki) -> None:
+    """After expire_provider_tokens(), a token re-signed with the same ``iat`` is expired too."""
+    key = ec_key()
+    fake_apns.add_key(TEAM, KEY_ID, [TOPIC], key=key)
+    iat = int(time.time())
+    async with _client(pki) as client:
+        url = f"{fake_apns.url}/3/device/{apns_token(1)}"
+        first = await client.post(url, content=b'{"aps":{}}', headers=_headers(key))
+        fake_apns.expire_provider_tokens()
+        same_second = await client.post(url, content=b'{"aps":{}}', headers=_headers(
+            key, authorization=f"bearer {_jwt(key, iat=fake_apns.newest_iat(KEY_ID))}"))
+        later = await client.post(url, content=b'{"aps":{}}', headers=_headers(
+            key, authorization=f"bearer {_jwt(key, iat=max(iat, fake_apns.newest_iat(KEY_ID)) + 1)}"))
+    assert first.status_code == 200
+    assert (same_second.status_code, same_second.json()["reason"]) == (403, "ExpiredProviderToken")
+    assert later.status_code == 200  # a later iat is a fresh token: no TooManyProviderTokenUpdates

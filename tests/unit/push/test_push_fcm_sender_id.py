@@ -11,11 +11,11 @@ from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
 from ari_push.settings import FcmProject, PushSettings, Settings
 from tests.fakes import FakeFcm
-from tests.fakes.builders import message
+from tests.fakes.builders import fcm_token, message
 
 PLAIN = PushSettings(allow_plain_http=True)  # the fake FCM's token_uri may be http
 
-LEGACY = "sip:1001@192.0.2.1:5060;pn-type=firebase;pn-tok=dQw4w9WgXcQ:APA91bH-abc_DEF123;app-id=929724111839"
+LEGACY = f"sip:1001@192.0.2.1:5060;pn-type=firebase;pn-tok={fcm_token(7)};app-id=929724111839"  # FCM's token shape
 
 
 async def _ignore(*_: object) -> None:

@@ -16,7 +16,7 @@ from ari_push.push.fcm import FcmProvider
 from ari_push.push.webhook import WebhookProvider
 from ari_push.settings import ApnsApp, FcmProject, Secret, WebhookSettings
 from tests.fakes import FakeApns, FakeFcm
-from tests.fakes.builders import apns_token, binding, message
+from tests.fakes.builders import apns_token, binding, fcm_token, message
 from tests.unit.push.conftest import TOPIC
 
 VOIP, REMOTE = apns_token(7), apns_token(8)
@@ -32,7 +32,7 @@ def dual() -> Binding:
 async def test_fcm_priorities(fake_fcm: FakeFcm, fcm_project: FcmProject, kind: PushKind, priority: str) -> None:
     provider = FcmProvider(fcm_project)
     try:
-        result = await provider.send(binding("fcm", "tok-1", "proj-a"),
+        result = await provider.send(binding("fcm", fcm_token(1), "proj-a"),
                                      message(kind, call_id="ev-1", extra=(("new", "2"), ("old", "1"))))
     finally:
         await provider.aclose()
@@ -118,5 +118,5 @@ async def test_apns_remote_only_registration_uses_its_token(fake_apns: FakeApns,
 
 def test_webhook_body_names_the_kind() -> None:
     hook = WebhookProvider(WebhookSettings(url="https://relay.example/push", secret=Secret("s3cret")))
-    body = hook.build_body(binding("fcm", "tok-1", "proj-a"), message(PushKind.MWI, extra=(("new", "1"),)), 100.0)
+    body = hook.build_body(binding("fcm", fcm_token(1), "proj-a"), message(PushKind.MWI, extra=(("new", "1"),)), 100.0)
     assert b'"event":"mwi"' in body and b'"new":"1"' in body

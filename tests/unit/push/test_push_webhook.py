@@ -76,3 +76,27 @@ def test_serves_listed_providers_only(fake_vendor: FakeVendor) -> None:
     assert provider.serves(binding("fcm", "x", "any-project"))
     assert not provider.serves(binding("apns", "x"))
     assert not WebhookProvider(WebhookSettings(providers=("fcm",))).serves(binding("fcm", "x"))
+
+
+async def test_relay_checking_signatures_accepts_ours_and_refuses_a_wrong_secret() -> None:
+    """The relay runs the product's own verify(); a daemon with the wrong secret gets 401: FAILED."""
+    from ari_push.push.webhook import verify
+
+    relay = await FakeVendor(webhook_secret=SECRET).start()
+    try:
+        good = WebhookProvider(settings(relay))
+        wrong = WebhookProvider(WebhookSettings(url=f"{relay.url}/hook", secret=Secret("not-the-secret"),
+                                                timeout=1.0, providers=("fcm",)))
+        ok = await good.send(binding("fcm", "t" * 40, "p"), message())
+        refused = await wrong.send(binding("fcm", "t" * 40, "p"), message())
+        await good.aclose()
+        await wrong.aclose()
+    finally:
+        await relay.stop()
+    assert ok.outcome is PushOutcome.DELIVERED
+    assert refused.outcome is PushOutcome.FAILED and refused.reason == "HTTP 401"
+    assert relay.refusals == [(401, "signature does not verify")]
+    (req,) = relay.requests
+    assert verify(SECRET, req.body, req.headers["X-Ari-Push-Signature"])
+    assert not verify(SECRET, req.body + b" ", req.headers["X-Ari-Push-Signature"])
+    assert not verify("other", req.body, req.headers["X-Ari-Push-Signature"])
