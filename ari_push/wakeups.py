@@ -16,8 +16,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -120,9 +121,13 @@ class RedisWakeups(WakeupHub):
             where: tuple[str, int] | None = None
             confirmed = False
             try:
-                await pubsub.psubscribe(self.keys.registered_pattern())
-                while not stop.is_set():
-                    msg = await pubsub.get_message(timeout=1.0)
+                went, _ = await _unless_stopped(pubsub.psubscribe(self.keys.registered_pattern()), stop)
+                while went and not stop.is_set():
+                    # raced against stop: with every Sentinel gone, redis-py retries finding the
+                    # master inside this call for ~20 s, and the daemon must stop within its bound
+                    went, msg = await _unless_stopped(pubsub.get_message(timeout=1.0), stop)
+                    if not went:
+                        break
                     kind = msg.get("type") if msg else None
                     if kind == "psubscribe":
                         # A second confirmation on the same pubsub: redis-py reconnected and
@@ -165,3 +170,20 @@ class RedisWakeups(WakeupHub):
             return
         if reg.origin != self.node_id:
             self.deliver(reg)
+
+
+async def _unless_stopped(aw: Awaitable[Any], stop: asyncio.Event) -> tuple[bool, Any]:
+    """(True, its result) when ``aw`` finishes first (its exception is raised); (False, None)
+    when ``stop`` is set first (``aw`` is cancelled)."""
+    task = asyncio.ensure_future(aw)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return True, task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return False, None

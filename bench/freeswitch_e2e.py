@@ -135,7 +135,7 @@ async def main(rounds: int, answer_rounds: int) -> dict[str, object]:
         path.write_text(
             f'[freeswitch]\nport = {fs.ports.esl}\npassword = "{ESL_PASSWORD}"\nprofile = "{PROFILE}"\n'
             f'[redis]\nurl = "{redis.url}"\nkey_prefix = "bench-{uuid.uuid4().hex[:6]}:"\n'
-            '[capture]\nvendor_allowed_hosts = ["127.0.0.1"]\n[calls]\ndefault_timeout = 20\n'
+            '[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n[calls]\ndefault_timeout = 20\n'
             '[push]\nrate_per_minute = 0\n')
         daemon = FreeswitchDaemon(load(path, environ={}))
         task = asyncio.create_task(daemon.run(stop))

@@ -30,7 +30,7 @@ async def fs_daemon(tmp_path: Path, ensure_freeswitch: FreeswitchInstance, ensur
     text = (f'[freeswitch]\nport = {ensure_freeswitch.ports.esl}\npassword = "{ESL_PASSWORD}"\n'
             f'profile = "{PROFILE}"\nheartbeat = 2\nrequest_timeout = 3\n'
             f'[redis]\nurl = "{ensure_redis.url}"\nkey_prefix = "t-{uuid.uuid4().hex[:8]}:"\n'
-            '[capture]\nvendor_allowed_hosts = ["127.0.0.1"]\n'
+            '[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n'
             '[calls]\ndefault_timeout = 6\n'
             '[push]\nburst = 50\n'
             '[vendor]\nbody_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')
@@ -174,7 +174,7 @@ async def test_link_loss_while_a_call_waits_the_call_continues(
     await proxy.start()
     text = (f'[freeswitch]\nport = {proxy.port}\npassword = "{ESL_PASSWORD}"\nheartbeat = 1\nrequest_timeout = 2\n'
             f'[redis]\nurl = "{ensure_redis.url}"\nkey_prefix = "t-{uuid.uuid4().hex[:8]}:"\n'
-            '[capture]\nvendor_allowed_hosts = ["127.0.0.1"]\n[calls]\ndefault_timeout = 20\n')
+            '[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n[calls]\ndefault_timeout = 20\n')
     path = tmp_path / "fs-proxy.toml"
     path.write_text(text)
     daemon = FreeswitchDaemon(load(path, environ={}))

@@ -21,6 +21,7 @@ from rig.demo import PROJECT
 from rig.redis import RedisServer
 from rig.sipua import SipUA
 from tests.conftest import daemon_config, wait_for
+from tests.fakes.builders import fcm_token
 from tests.integration.test_refresh import Pushes, fcm_contact, metric, pushes  # noqa: F401  (fixture)
 
 DELIVERY_MS: list[float] = []
@@ -43,9 +44,8 @@ async def start(tmp_path: Path, asterisk: AsteriskInstance, p: Pushes, redis_url
     assert p.fcm is not None
     if config is None:
         text = ("[refresh]\nenabled = false\n[mwi]\nenabled = false\n[messages]\npoll = 0.2\n" + extra +
-                '[push]\nallow_plain_http = true\n'  # the local FCM of this test speaks plain http
-            f'[[fcm]]\nproject_id = "{PROJECT}"\nservice_account_file = "{p.service_account}"\n'
-                f'api_url = "{p.fcm.url}"\n')
+                f'[[fcm]]\nproject_id = "{PROJECT}"\nservice_account_file = "{p.service_account}"\n'
+                f'api_url = "{p.fcm.url}"\nca_file = "{p.fcm.ca_file}"\n')
         config = daemon_config(tmp_path, asterisk, redis_url, text)
     if not asterisk.running:
         asterisk.start()
@@ -55,7 +55,7 @@ async def start(tmp_path: Path, asterisk: AsteriskInstance, p: Pushes, redis_url
 
 
 async def sleeping(asterisk: AsteriskInstance, aor: str, store: Any, tag: str) -> tuple[SipUA, str]:
-    token = f"msg-{aor}-{tag}:APA91b-message"
+    token = fcm_token(f"msg-{aor}-{tag}")
     phone = SipUA(aor, asterisk.ports.sip)
     await phone.open()
     assert await phone.register(fcm_contact(token)) == 200
@@ -203,7 +203,7 @@ async def test_a_text_too_long_for_the_message_context_is_sent_by_the_dialplan(
     rd = await start(tmp_path, msg_asterisk, pushes, ensure_redis.url, start_daemon)
     awake = SipUA(aor, msg_asterisk.ports.sip)
     await awake.open()
-    assert await awake.register(fcm_contact(f"msg-{aor}-e:APA91b-message")) == 200  # a push phone, awake
+    assert await awake.register(fcm_contact(fcm_token(f"msg-{aor}-e"))) == 200  # a push phone, awake
     await wait_for(lambda: rd.daemon.store.bindings_for(aor), 5, "binding stored")
     sender = SipUA(aor2, msg_asterisk.ports.sip)
     await sender.open()

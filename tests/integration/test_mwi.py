@@ -19,6 +19,7 @@ from rig.redis import RedisServer
 from rig.sipua import SipUA
 from rig.voicemail import leave_message, visit_mailbox, voicemail_instance
 from tests.conftest import daemon_config, wait_for
+from tests.fakes.builders import fcm_token
 from tests.integration.test_refresh import Pushes, fcm_contact, metric, pushes  # noqa: F401  (fixture)
 
 BOXES = {"7001": "7001@default", "7002": "7002@default", "7003": "7003@default", "7004": "", "7005": "7005"}
@@ -35,14 +36,13 @@ def vm_asterisk(asterisk_root: Path) -> Iterator[AsteriskInstance]:
 def mwi_config(tmp_path: Path, asterisk: AsteriskInstance, p: Pushes, redis_url: str, extra: str = "") -> Path:
     assert p.fcm is not None
     text = ("[refresh]\nenabled = false\n[mwi]\nmin_interval = 3\n" + extra +
-            '[push]\nallow_plain_http = true\n'  # the local FCM of this test speaks plain http
             f'[[fcm]]\nproject_id = "{PROJECT}"\nservice_account_file = "{p.service_account}"\n'
-            f'api_url = "{p.fcm.url}"\n')
+            f'api_url = "{p.fcm.url}"\nca_file = "{p.fcm.ca_file}"\n')
     return daemon_config(tmp_path, asterisk, redis_url, text)
 
 
 async def phone(asterisk: AsteriskInstance, aor: str, store: Any) -> str:
-    token = f"mwi-{aor}-{id(store) % 10_000}:APA91b-voicemail"
+    token = fcm_token(f"mwi-{aor}-{id(store) % 10_000}")
     ua = SipUA(aor, asterisk.ports.sip)
     await ua.open()
     assert await ua.register(fcm_contact(token)) == 200

@@ -81,8 +81,9 @@ async def rig(tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: R
     sa_file.write_text(await fcm.start())
     sa_file.chmod(0o600)
     extra = ("[calls]\ndefault_timeout = 15\n"
-             "[push]\nburst = 50\nallow_plain_http = true\n"  # the local FCM speaks plain http
-             f'[[fcm]]\nproject_id = "{PROJECT}"\nservice_account_file = "{sa_file}"\napi_url = "{fcm.url}"\n')
+             "[push]\nburst = 50\n"
+             f'[[fcm]]\nproject_id = "{PROJECT}"\nservice_account_file = "{sa_file}"\n'
+             f'api_url = "{fcm.url}"\nca_file = "{fcm.ca_file}"\n')
     daemon = await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url, extra))
     try:
         yield Rig(ensure_asterisk, daemon, inbox, fcm)

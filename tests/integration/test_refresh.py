@@ -23,6 +23,7 @@ from rig.demo import PROJECT, RecordingFcm
 from rig.redis import RedisServer
 from rig.sipua import SipUA
 from tests.conftest import daemon_config, wait_for
+from tests.fakes.builders import fcm_token
 
 
 @dataclass
@@ -53,9 +54,8 @@ def refresh_config(tmp_path: Path, asterisk: AsteriskInstance, pushes: Pushes, r
                    extra: str = "", name: str = "ari-push.toml") -> Path:
     assert pushes.fcm is not None
     text = ("[refresh]\nmin_interval = 2\ngrace = 1\ntick = 0.2\n" + extra +
-            '[push]\nallow_plain_http = true\n'  # the local FCM of this test speaks plain http
             f'[[fcm]]\nproject_id = "{PROJECT}"\nservice_account_file = "{pushes.service_account}"\n'
-            f'api_url = "{pushes.fcm.url}"\n')
+            f'api_url = "{pushes.fcm.url}"\nca_file = "{pushes.fcm.ca_file}"\n')
     sub = tmp_path / name.removesuffix(".toml")
     sub.mkdir(exist_ok=True)
     return daemon_config(sub, asterisk, redis_url, text)
@@ -83,7 +83,7 @@ async def test_refresh_push_wakes_the_phone_before_its_contact_expires(
         pushes: Pushes, aor: str) -> None:
     rd = await start_daemon(refresh_config(tmp_path, ensure_asterisk, pushes, ensure_redis.url))
     d = rd.daemon
-    token = f"refresh-{aor}:APA91b-wake"
+    token = fcm_token(f"refresh-{aor}-wake")
     phone = SipUA(aor, ensure_asterisk.ports.sip)
     await phone.open()
     registered = time.monotonic()
@@ -116,7 +116,7 @@ async def test_a_phone_that_never_wakes_is_counted_expired_and_the_entry_goes(
         pushes: Pushes, aor: str) -> None:
     rd = await start_daemon(refresh_config(tmp_path, ensure_asterisk, pushes, ensure_redis.url))
     d = rd.daemon
-    token = f"refresh-{aor}:APA91b-never"
+    token = fcm_token(f"refresh-{aor}-never")
     await sleeping(ensure_asterisk, aor, token, expires=5)
     await wait_for(lambda: metric(d, "ari_push_refresh_expired_total", {"pushed": "yes"}) == 1, 15,
                    "expired anyway")
@@ -141,7 +141,7 @@ async def test_two_daemons_send_one_refresh_per_contact(
                              for line in two.read_text().splitlines()) + "\n")
     a = await start_daemon(one)
     b = await start_daemon(two)
-    tokens = [f"refresh-{x}:APA91b-pair" for x in (aor, aor2)]
+    tokens = [fcm_token(f"refresh-{x}-pair") for x in (aor, aor2)]
     for x, token in zip((aor, aor2), tokens, strict=True):
         await sleeping(ensure_asterisk, x, token, expires=6)
     await wait_for(lambda: all(pushes.of(t) for t in tokens), 15, "refresh pushes")
@@ -157,7 +157,7 @@ async def test_the_schedule_survives_a_daemon_restart(
         pushes: Pushes, aor: str) -> None:
     config = refresh_config(tmp_path, ensure_asterisk, pushes, ensure_redis.url)
     first = await start_daemon(config)
-    token = f"refresh-{aor}:APA91b-restart"
+    token = fcm_token(f"refresh-{aor}-restart")
     phone = SipUA(aor, ensure_asterisk.ports.sip)
     await phone.open()
     assert await phone.register(fcm_contact(token), expires=12) == 200
@@ -175,7 +175,7 @@ async def test_embedded_store_and_a_new_port_after_the_push(
         tmp_path: Path, ensure_asterisk: AsteriskInstance, start_daemon, pushes: Pushes, aor: str) -> None:
     rd = await start_daemon(refresh_config(tmp_path, ensure_asterisk, pushes, ""))
     d = rd.daemon
-    token = f"refresh-{aor}:APA91b-embedded"
+    token = fcm_token(f"refresh-{aor}-embedded")
     phone = await sleeping(ensure_asterisk, aor, token, expires=8)
     await wait_for(lambda: pushes.of(token), 15, "a refresh push")
     await phone.open()  # wakes with a new socket: a new contact URI, seen through AMI at once
@@ -191,7 +191,7 @@ async def test_a_provider_switched_off_gets_no_refresh(
         pushes: Pushes, aor: str) -> None:
     rd = await start_daemon(refresh_config(tmp_path, ensure_asterisk, pushes, ensure_redis.url,
                                            'disabled_providers = ["fcm"]\n'))
-    token = f"refresh-{aor}:APA91b-off"
+    token = fcm_token(f"refresh-{aor}-off")
     await sleeping(ensure_asterisk, aor, token, expires=4)
     await wait_for(lambda: rd.daemon.store.bindings_for(aor), 5, "binding stored")
     await asyncio.sleep(5.5)  # past the expiry: a refresh would have been sent by now
