@@ -308,9 +308,12 @@ class RefreshSettings:
 @dataclass(frozen=True)
 class MwiSettings:
     """Voicemail pushes from AMI MessageWaiting (docs/reachability.md). ``mailboxes`` maps a
-    mailbox (``box@context``) to AORs, ahead of the endpoints' own ``mailboxes`` option."""
+    mailbox (``box@context``) to AORs, ahead of the endpoints' own ``mailboxes`` option.
+    Off by default: MessageWaiting is in AMI's ``call`` class, so turning it on subscribes the
+    daemon to every channel event of the PBX (measured: with 1000 calls at once that flood
+    slowed wake-ups tenfold; docs/reachability.md)."""
 
-    enabled: bool = True
+    enabled: bool = False
     min_interval: float = 30.0  # per mailbox; changes inside it are coalesced into one push
     disabled_providers: tuple[str, ...] = ("vendor",)  # as [refresh]
     push_ttl: float = 86400.0

@@ -99,7 +99,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     config.write_text(daemon_config(ast, redis.url, http_port, work / "sa.json", fcm.url,
                                     f"bench-{uuid.uuid4().hex[:6]}:",
                                     extra='[log]\nlevel = "WARNING"\n[refresh]\nenabled = false\n'
-                                          '[mwi]\nmin_interval = 3\n'))
+                                          '[mwi]\nenabled = true\nmin_interval = 3\n'))
     daemon = Daemon(config, work / "daemon.log", http_port)
     slot = os.environ.pop("ARI_PUSH_RIG_SLOT", None)  # not a daemon setting
     try:

@@ -35,7 +35,7 @@ def vm_asterisk(asterisk_root: Path) -> Iterator[AsteriskInstance]:
 
 def mwi_config(tmp_path: Path, asterisk: AsteriskInstance, p: Pushes, redis_url: str, extra: str = "") -> Path:
     assert p.fcm is not None
-    text = ("[refresh]\nenabled = false\n[mwi]\nmin_interval = 3\n" + extra +
+    text = ("[refresh]\nenabled = false\n[mwi]\nenabled = true\nmin_interval = 3\n" + extra +
             f'[[fcm]]\nproject_id = "{PROJECT}"\nservice_account_file = "{p.service_account}"\n'
             f'api_url = "{p.fcm.url}"\nca_file = "{p.fcm.ca_file}"\n')
     return daemon_config(tmp_path, asterisk, redis_url, text)

@@ -21,7 +21,7 @@ def test_defaults(tmp_path: Path) -> None:
     s = load(cfg(tmp_path, ""), environ={})
     assert s.refresh.enabled and s.refresh.at_fraction == 0.8 and s.refresh.min_interval == 600.0
     assert s.refresh.disabled_providers == ("vendor",)  # a vendor URL is a call hook: off unless asked
-    assert s.mwi.enabled and s.mwi.min_interval == 30.0 and s.mwi.mailboxes == ()
+    assert not s.mwi.enabled and s.mwi.min_interval == 30.0 and s.mwi.mailboxes == ()  # opt-in: AMI call events
     assert s.mwi.disabled_providers == ("vendor",)
     assert s.messages.enabled and s.messages.ttl == 3600.0 and not s.messages.preview  # no text in pushes
 
