@@ -164,12 +164,16 @@ class Capture:
         if not aor or not uri:
             return None
         now = self.clock()
+        notes: list[ContactRejected] = []
         try:
-            push = parse_contact(uri, self.policy)
+            push = parse_contact(uri, self.policy, notes)
         except ContactRejected as exc:
             self.metrics.rejected.labels(exc.reason).inc()
             log.warning("rejected contact of %s: %s", aor, exc)
             push = None
+        for note in notes:  # accepted, but part of it refused (a bad half of a dual token)
+            self.metrics.rejected.labels(note.reason).inc()
+            log.warning("contact of %s: kept the valid token, refused %s", aor, note)
         if signal:
             # Wake waiting calls first: a call must not wait behind the store write (nor behind
             # other registrations' writes queued before it). Local calls may have been woken

@@ -21,6 +21,7 @@ under ``SIP/Registry/<peer>``.
 from __future__ import annotations
 
 import base64
+import contextvars
 import functools
 import ipaddress
 import re
@@ -567,6 +568,9 @@ def _split_apns_prid(prid: str, services: list[str]) -> dict[str, str]:
     return tokens
 
 
+_NOTES: contextvars.ContextVar[list[ContactRejected] | None] = contextvars.ContextVar("contact_notes", default=None)
+
+
 def _rfc8599(found: dict[str, str | None], policy: ContactPolicy) -> PushParams:
     provider_text = _value(found, "pn-provider")
     if not provider_text:
@@ -579,7 +583,19 @@ def _rfc8599(found: dict[str, str | None], policy: ContactPolicy) -> PushParams:
         if not param:
             raise ContactRejected("missing-param", "pn-param", "APNs needs TEAMID.bundle.id[.voip]")
         bundle, services = _split_apns_param(param)
-        tokens = {s: _apns_token(t, "pn-prid", policy) for s, t in _split_apns_prid(prid, services).items()}
+        tokens: dict[str, str] = {}
+        refused: list[ContactRejected] = []
+        for service, raw_token in _split_apns_prid(prid, services).items():
+            try:
+                tokens[service] = _apns_token(raw_token, "pn-prid", policy)
+            except ContactRejected as exc:
+                refused.append(exc)
+        if not tokens:
+            raise refused[0]
+        if refused:  # one half of a dual token is bad: keep the good half, report the other
+            sink = _NOTES.get()
+            if sink is not None:
+                sink.extend(refused)
         main = "voip" if "voip" in tokens else "remote"
         return PushParams(
             provider="apns",
@@ -766,19 +782,25 @@ def _parse(uri: str, policy: ContactPolicy) -> PushParams | None:
     return replace(push, purr=_purr(found), options=_options(found, policy))
 
 
-def parse_contact(uri: str, policy: ContactPolicy) -> PushParams | None:
+def parse_contact(uri: str, policy: ContactPolicy,
+                  notes: list[ContactRejected] | None = None) -> PushParams | None:
     """The push address in a contact URI as Asterisk reports it (AMI ``URI:``/``Uri:``, ARI
     ``contact_info.uri``), or a ``<uri>`` Contact header value.
 
     None when the URI has no push parameter at all (a desk phone); PushParams when they are
     valid; ContactRejected otherwise. Never raises anything else, whatever the input.
+    ``notes`` collects what was refused in a contact that is still accepted (the bad half of
+    an Apple dual token: the good half is kept).
     """
+    reset = _NOTES.set(notes)
     try:
         return _parse(uri, policy)
     except ContactRejected:
         raise
     except Exception as exc:  # fail closed on attacker input: never crash the caller
         raise ContactRejected("internal-error", "uri", type(exc).__name__) from None
+    finally:
+        _NOTES.reset(reset)
 
 
 # ---------------------------------------------------------------- masking

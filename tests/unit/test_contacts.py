@@ -553,7 +553,9 @@ def test_service_mismatch(params: str) -> None:
     [
         ("pn-provider=apns;pn-prid=zz" + T1[2:] + ";pn-param=T.com.x.voip", "pn-prid", "zz" + T1[2:]),
         ("pn-provider=apns;pn-prid=" + T1[:62] + ";pn-param=T.com.x.voip", "pn-prid", T1[:62]),
-        (f"pn-provider=apns;pn-prid={T1}:voip&{T2[:60]}:remote;pn-param=T.com.x.voip&remote", "pn-prid", T2[:60]),
+        # both halves bad (one bad half keeps the other: test_a_dual_token_with_one_bad_half_...)
+        (f"pn-provider=apns;pn-prid={T1[:60]}:voip&{T2[:60]}:remote;pn-param=T.com.x.voip&remote", "pn-prid",
+         T1[:60]),
         (f"pn-type=apple;pn-tok={T1[:63]}g;app-id=com.x", "pn-tok", T1[:63] + "g"),
         ("pn-provider=fcm;pn-prid=abc/def:APA91bH-abc_DEF123;pn-param=p", "pn-prid", "abc/def:APA91bH-abc_DEF123"),
         ("pn-provider=fcm;pn-prid=a:b:APA91bH-abc_DEF123x;pn-param=p", "pn-prid", "a:b:APA91bH-abc_DEF123x"),
@@ -685,3 +687,19 @@ def test_policy_token_limits() -> None:
     push = parse_contact(f"{LAB};pn-provider=apns;pn-prid={T1}{T2};pn-param=T.com.x.voip", longer)
     assert push is not None and push.token == T1 + T2
     rejected(f"{LAB};pn-provider=apns;pn-prid={T1}a;pn-param=T.com.x.voip", "token-alphabet", policy=longer)
+
+
+@pytest.mark.parametrize("bad", ["voip", "remote"])
+def test_a_dual_token_with_one_bad_half_keeps_the_good_half_and_reports_the_other(bad: str) -> None:
+    good_token, bad_token = "ab" * 32, "not-hex"
+    voip, remote = (bad_token, good_token) if bad == "voip" else (good_token, bad_token)
+    uri = (f"sip:1001@10.0.0.6:5060;pn-provider=apns;pn-prid={voip}:voip&{remote}:remote;"
+           "pn-param=ABCDE12345.com.example.phone.voip&remote")
+    notes: list[ContactRejected] = []
+    push = parse_contact(uri, ContactPolicy(), notes)
+    assert push is not None and push.token == good_token and push.extra_tokens == ()
+    # the VoIP half lost: a remote-only device (calls as alert pushes); the remote lost: VoIP only
+    assert push.param == ("com.example.phone" if bad == "voip" else "com.example.phone.voip")
+    assert [n.reason for n in notes] == ["token-alphabet"]
+    with pytest.raises(ContactRejected):  # both halves bad: refused whole
+        parse_contact(uri.replace(good_token, "zz"), ContactPolicy())
