@@ -714,6 +714,20 @@ class CallFlow:
                 self.metrics.pushes.labels(p.binding.push.provider, message.kind.value, r.outcome.value).inc()
         return {**earlier, **results}
 
+    async def _settle_push(self, bound: float = 3.0) -> None:
+        """The call ended while its push was still on the wire: give it ``bound`` seconds to get
+        its answer (the follow-ups and end notices depend on whether it reached the phone; the
+        caller's channel is already dealt with), then stop it."""
+        push = self._push_task
+        if push is None or push.done():
+            return
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(push), bound)
+        if not push.done():
+            push.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await push
+
     async def _follow_up(self, bindings: Sequence[Binding], kind: PushKind) -> None:
         push = self._push_task
         if push is not None and not push.done():
@@ -749,7 +763,7 @@ class CallFlow:
         if self.phase is not Phase.ENDING:
             self.phase = Phase.ENDING  # cancelled or failed mid-way: clean up all the same
         try:
-            for task in (self._push_task, self._retry_task, *self._timers):
+            for task in (self._retry_task, *self._timers):
                 if task is not None and not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -768,6 +782,7 @@ class CallFlow:
                                                                   self.settings.continue_context), "continue")
             if self.bridge_id:
                 await self._quietly(self.pbx.destroy_bridge(self.bridge_id), "destroy bridge")
+            await self._settle_push()
             if not answered and self.pushed:
                 await self._follow_up(self.pushed, PushKind.CANCEL)
                 if self.status is Status.TIMEOUT and self.settings.missed_call_push:

@@ -226,6 +226,8 @@ async def test_ios_dual_token_gets_a_background_push_on_its_remote_token(
         assert req.headers["apns-push-type"] == "background" and req.headers["apns-priority"] == "5"
         assert req.headers["apns-topic"] == "com.example.phone"
         assert req.payload["aps"] == {"content-available": 1} and req.payload["type"] == "refresh"
-        assert metric(rd.daemon, "ari_push_refresh_pushes_total", {"result": "delivered"}) == 1
+        # the local APNs has the request before the daemon has its answer: wait for the count
+        await wait_for(lambda: metric(rd.daemon, "ari_push_refresh_pushes_total", {"result": "delivered"}) == 1,
+                       10, "the delivered refresh counted")
     finally:
         await apns.stop()
