@@ -65,6 +65,8 @@ class Capture:
         self.user_agent_of: Callable[[str, str], Awaitable[str]] | None = None
         #: told about every stored push binding; ``fresh``: registered just now (refresh, messages)
         self.on_binding: Callable[[Binding, bool], None] | None = None
+        #: told the PBX's qualify state of every contact it reports: (URI, ContactStatus/Status)
+        self.on_contact_status: Callable[[str, str], None] | None = None
 
     # ---------------------------------------------------------------- feeds
 
@@ -74,8 +76,11 @@ class Capture:
         if msg.event not in ("ContactStatus", "PeerStatus"):
             return
         aor = msg.get("AOR") or msg.get("Peer")
-        if msg.event == "ContactStatus" and msg.get("ContactStatus").lower() in LIVE_STATUSES:
-            self.deliver_now(aor, msg.get("URI"))
+        if msg.event == "ContactStatus":
+            if self.on_contact_status is not None:
+                self.on_contact_status(msg.get("URI"), msg.get("ContactStatus"))
+            if msg.get("ContactStatus").lower() in LIVE_STATUSES:
+                self.deliver_now(aor, msg.get("URI"))
         try:
             self.queues[hash(aor) % WORKERS].put_nowait(msg)
         except asyncio.QueueFull:
@@ -141,6 +146,8 @@ class Capture:
             if c.event != "ContactList":
                 continue
             aor = c.get("Aor") or c.get("ObjectName").partition(";@")[0]
+            if self.on_contact_status is not None:
+                self.on_contact_status(c.get("Uri"), c.get("Status"))
             if await self.capture(aor, c.get("Endpoint") or aor, c.get("Uri"), c.get("UserAgent"), signal=False):
                 stored += 1
         log.info("resynchronised %d contacts from Asterisk, %d with push parameters", len(contacts), stored)

@@ -173,6 +173,7 @@ class Daemon:
         if self.messages is not None:
             self.health.routes += self.messages.routes()
         self.capture.on_binding = self._on_binding
+        self.capture.on_contact_status = self.calls.reach.on_status
         self.created_at = time.monotonic()
         self.ready_at: float | None = None
 
