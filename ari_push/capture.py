@@ -28,6 +28,8 @@ from ari_push.wakeups import Registration, WakeupHub
 log = logging.getLogger("ari_push.capture")
 
 LIVE_STATUSES = frozenset({"nonqualified", "reachable", "created", "updated"})
+RECAPTURE_AFTER = 60.0  # s: a Reachable sooner than this after a capture of the same URI is not one
+RECENT_LIMIT = 50_000
 QUEUE_LIMIT = 10_000
 WORKERS = 4  # events of one AOR always go to the same worker, so they stay in order
 
@@ -58,6 +60,8 @@ class Capture:
         self.clock = clock
         self.queues: list[asyncio.Queue[AmiMessage]] = [asyncio.Queue(QUEUE_LIMIT) for _ in range(WORKERS)]
         self.dropped = 0
+        #: contact URI -> when it was last captured from a ContactStatus (bounded, oldest first)
+        self._captured_at: dict[str, float] = {}
         self.resync_needed = False
         #: Says which provider table serves a binding (push/routing.py); set once providers exist.
         self.explain: Callable[[Binding], str] | None = None
@@ -130,11 +134,26 @@ class Capture:
         if msg.event == "ContactStatus":
             if msg.get("ContactStatus").lower() not in LIVE_STATUSES:
                 return None
-            aor = msg.get("AOR")
-            return await self.capture(aor, msg.get("EndpointName") or aor, msg.get("URI"), "", delivered=True)
+            aor, uri = msg.get("AOR"), msg.get("URI")
+            if self._seen_just_now(uri, msg.get("ContactStatus").lower() == "reachable"):
+                return None
+            return await self.capture(aor, msg.get("EndpointName") or aor, uri, "", delivered=True)
         if msg.event == "PeerStatus" and msg.get("PeerStatus").lower() == "registered":
             return await self._chan_sip(msg)
         return None
+
+    def _seen_just_now(self, uri: str, qualified: bool) -> bool:
+        """A qualify's ``Reachable`` for a contact captured moments ago (a new contact of a
+        qualified AOR reports ``NonQualified`` then ``Reachable`` within a millisecond) says
+        nothing new: the waiting calls were woken by the first, the binding written then.
+        A ``Reachable`` long after (the phone answers OPTIONS again) is captured as a
+        registration."""
+        now = self.clock()
+        last = self._captured_at.pop(uri, None)
+        self._captured_at[uri] = now
+        while len(self._captured_at) > RECENT_LIMIT:
+            del self._captured_at[next(iter(self._captured_at))]
+        return qualified and last is not None and now - last < RECAPTURE_AFTER
 
     async def resync(self) -> int:
         """Read every registered contact from Asterisk and store what carries push parameters."""

@@ -1,0 +1,43 @@
+"""Capture on a qualified AOR: the qualify state goes to the call flow, and the Reachable that
+follows a new contact's NonQualified is not captured twice."""
+
+from __future__ import annotations
+
+from ari_push.ami_frames import AmiMessage
+from ari_push.bindings import MemoryStore
+from ari_push.capture import RECAPTURE_AFTER, Capture
+from ari_push.contacts import ContactPolicy
+from ari_push.metrics import Metrics
+from ari_push.qualify import ContactReach, Reach
+from ari_push.wakeups import WakeupHub
+
+URI = "sip:1001@10.0.0.6:5060;transport=udp;pn-provider=fcm;pn-prid=" + "t" * 40 + ";pn-param=proj"
+
+
+def status(value: str, uri: str = URI) -> AmiMessage:
+    return AmiMessage((("Event", "ContactStatus"), ("URI", uri), ("ContactStatus", value), ("AOR", "1001"),
+                       ("EndpointName", "1001")))
+
+
+async def test_reachable_right_after_a_new_contact_is_not_captured_again() -> None:
+    now = [1000.0]
+    store, metrics = MemoryStore(), Metrics()
+    capture = Capture(store, WakeupHub(), ContactPolicy(), None, metrics, clock=lambda: now[0])
+    reach = ContactReach()
+    capture.on_contact_status = reach.on_status
+    for value in ("NonQualified", "Reachable"):
+        msg = status(value)
+        capture.on_ami_event(msg)
+        await capture.handle(msg)
+    assert reach.of(URI) is Reach.REACHABLE
+    assert metrics.registrations.labels("rfc8599")._value.get() == 1  # one capture, not two
+    msg = status("Unreachable")
+    capture.on_ami_event(msg)
+    assert await capture.handle(msg) is None and reach.of(URI) is Reach.UNREACHABLE
+    now[0] += RECAPTURE_AFTER + 1  # the phone answers OPTIONS again, long after: a registration
+    msg = status("Reachable")
+    capture.on_ami_event(msg)
+    assert await capture.handle(msg) is not None
+    assert metrics.registrations.labels("rfc8599")._value.get() == 2 and reach.of(URI) is Reach.REACHABLE
+    capture.on_ami_event(status("Removed"))
+    assert reach.of(URI) is Reach.UNKNOWN
