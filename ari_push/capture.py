@@ -30,6 +30,7 @@ log = logging.getLogger("ari_push.capture")
 LIVE_STATUSES = frozenset({"nonqualified", "reachable", "created", "updated"})
 RECAPTURE_AFTER = 60.0  # s: a Reachable sooner than this after a capture of the same URI is not one
 RECENT_LIMIT = 50_000
+AGENT_KEPT = 3600.0  # s: how long a device's User-Agent read from the PBX is reused
 QUEUE_LIMIT = 10_000
 WORKERS = 4  # events of one AOR always go to the same worker, so they stay in order
 
@@ -62,6 +63,8 @@ class Capture:
         self.dropped = 0
         #: contact URI -> when it was last captured from a ContactStatus (bounded, oldest first)
         self._captured_at: dict[str, float] = {}
+        #: device -> (its User-Agent, when read): bounded, re-read after AGENT_KEPT
+        self._agents: dict[str, tuple[str, float]] = {}
         self.resync_needed = False
         #: Says which provider table serves a binding (push/routing.py); set once providers exist.
         self.explain: Callable[[Binding], str] | None = None
@@ -174,6 +177,17 @@ class Capture:
 
     # ---------------------------------------------------------------- core
 
+    def _known_agent(self, device_id: str) -> str:
+        agent, at = self._agents.get(device_id, ("", 0.0))
+        return agent if self.clock() - at < AGENT_KEPT else ""
+
+    def _remember_agent(self, device_id: str, agent: str) -> None:
+        if agent:
+            self._agents.pop(device_id, None)
+            self._agents[device_id] = (agent, self.clock())
+            while len(self._agents) > RECENT_LIMIT:
+                del self._agents[next(iter(self._agents))]
+
     async def _user_agent(self, aor: str, uri: str) -> str:
         assert self.user_agent_of is not None
         try:
@@ -211,8 +225,14 @@ class Capture:
             return None
         if not user_agent and self.user_agent_of is not None:
             # AMI's ContactStatus carries no User-Agent (Asterisk 22); the contact object has it.
-            # Read after the wake-up above, so no call waits for it.
-            user_agent = await self._user_agent(aor, uri)
+            # Read after the wake-up above, so no call waits for it; once an hour per device, as
+            # every read is an ARI request that the next event of this shard waits behind.
+            user_agent = self._known_agent(push.device_id)
+            if not user_agent:
+                user_agent = await self._user_agent(aor, uri)
+                self._remember_agent(push.device_id, user_agent)
+        else:
+            self._remember_agent(push.device_id, user_agent)  # PJSIPShowContacts gives it
         binding = Binding(aor=aor, endpoint=endpoint, push=push, contact_uri=uri, user_agent=user_agent,
                           first_seen=now, last_seen=now)
         try:
