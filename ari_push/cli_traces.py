@@ -156,7 +156,7 @@ async def _test_push(settings: Settings, aor: str, device: str | None) -> int:
             line += f"  HTTP {r.detail['status']}"
         if r.detail.get("token"):
             line += f"  token {r.detail['token']}"
-        if r.detail.get("reason"):
+        if r.detail.get("reason") and r.outcome != "delivered":
             line += f"  ({printable(str(r.detail['reason']))})"
         print(line)
     return 0 if all(r.outcome == "delivered" for r in results) else EXIT_NOT_DELIVERED
