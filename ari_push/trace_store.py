@@ -256,7 +256,7 @@ class RedisTraceStore:
 
     def __init__(self, client: aioredis.Redis, prefix: str, keep: float = 86400.0, max_calls: int = 10_000,
                  max_events: int = 200, *, on_dropped: Dropped = lambda _reason, _n: None,
-                 flush_delay: float = FLUSH_DELAY, max_pending: int = MAX_PENDING) -> None:
+                 flush_delay: float = FLUSH_DELAY, max_pending: int = MAX_PENDING, index_cap: int = INDEX_CAP) -> None:
         self.redis = client
         self.prefix = prefix
         self.keep = keep
@@ -265,6 +265,7 @@ class RedisTraceStore:
         self.on_dropped = on_dropped
         self.flush_delay = flush_delay
         self.max_pending = max_pending
+        self.index_cap = index_cap
         self.dropped = 0  # writes lost (buffer full or Redis down), also reported to on_dropped
         self._pending: deque[TraceWrite] = deque()
         self._wake = asyncio.Event()
@@ -328,7 +329,7 @@ class RedisTraceStore:
 
     def _args(self, w: TraceWrite, now: float) -> list[Any]:
         s = w.start
-        return [self.prefix, w.call_id, repr(now), int(self.keep), self.max_calls, self.max_events, INDEX_CAP,
+        return [self.prefix, w.call_id, repr(now), int(self.keep), self.max_calls, self.max_events, self.index_cap,
                 s.aor if s else "", s.caller if s else "", repr(s.started_at) if s else "", s.node if s else "",
                 w.status or "", repr(w.ended_at) if w.ended_at is not None else "", w.dropped,
                 *(json.dumps(e.to_json(), separators=(",", ":")) for e in w.events)]
