@@ -271,6 +271,7 @@ class RedisTraceStore:
         self._wake = asyncio.Event()
         self._write = client.register_script(_WRITE)
         self.channel = f"{prefix}traces:updates"
+        self._publish_refused = False
 
     # ------------------------------------------------------------ writing
 
@@ -319,13 +320,23 @@ class RedisTraceStore:
                     await self._write(args=self._args(w, now), client=pipe)  # queued: one round trip
                 for call_id in dict.fromkeys(w.call_id for w in merged):
                     pipe.publish(self.channel, call_id)
-                await pipe.execute()
+                replies = await pipe.execute(raise_on_error=False)
         except (aioredis.RedisError, OSError) as exc:
             log.debug("trace writes dropped (%d): %s", len(batch), exc)
             self._drop("redis", len(batch))
+            return
         except asyncio.CancelledError:
             self._drop("stopped", len(batch))
             raise
+        failed = [r for r in replies[:len(merged)] if isinstance(r, Exception)]
+        if failed:  # a script refused (e.g. an ACL without the trace keys): those writes are lost
+            self._drop("redis", len(failed))
+            log.debug("trace writes refused (%d): %s", len(failed), failed[0])
+        refused = next((r for r in replies[len(merged):] if isinstance(r, Exception)), None)
+        if refused is not None and not self._publish_refused:
+            self._publish_refused = True  # an ACL without the updates channel: traces are kept, live pages poll
+            log.warning("trace updates cannot be published on %s (%s); traces are still written", self.channel,
+                        refused)
 
     def _args(self, w: TraceWrite, now: float) -> list[Any]:
         s = w.start

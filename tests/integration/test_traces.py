@@ -32,6 +32,7 @@ from tests.integration.test_cluster import (  # noqa: F401
     daemons,
     shared_sleeping_phone,
 )
+from tests.integration.test_freeswitch_calls import fs_daemon  # noqa: F401
 from tests.integration.test_iphone import apns, iphone  # noqa: F401
 from tests.integration.test_iphone import start as iphone_daemon
 from tests.integration.test_providers_e2e import TIMEOUT as CALL_TIMEOUT
@@ -85,7 +86,7 @@ def first(trace: CallTrace, kind: str, /, **detail: object) -> TraceEvent:
 
 async def test_a_call_woken_by_an_fcm_push_has_its_timeline_in_redis_and_the_cli_prints_it(
         tmp_path: Path, daemon: RunningDaemon, services: Services, ensure_asterisk: AsteriskInstance,  # noqa: F811
-        aor: str) -> None:
+        aor: str, capsys: Any) -> None:
     token = fcm_token(f"trace{aor}")
     phone = await sleeping_phone(ensure_asterisk, aor, fcm_params(token), daemon)
     device = (await daemon.daemon.store.bindings_for(aor))[0].device_id
@@ -114,6 +115,8 @@ async def test_a_call_woken_by_an_fcm_push_has_its_timeline_in_redis_and_the_cli
     assert re.search(rf"^\s+\+\d+\.\d ms  push  {device}  fcm call delivered \d+\.\d ms", out, re.M), out
     assert re.search(rf"^\s+\+\d+\.\d ms  register  {device}  (new|same) URI$", out, re.M), out
     assert token not in out
+    with capsys.disabled():
+        print(f"\n$ ari-push trace {trace.call_id}\n{out}")
     rc, out, _ = await cli(config_of(tmp_path), "trace", aor, "--last", "3", "--json")
     assert rc == 0 and [c["call_id"] for c in json.loads(out)["calls"]] == [trace.call_id]
     assert CallTrace.from_json(json.loads(out)["calls"][0]) == trace
@@ -281,3 +284,59 @@ async def test_redis_down_during_a_call_the_call_succeeds_and_the_lost_trace_is_
         assert body is not None and body > 0  # exported on /metrics
     finally:
         redis.cleanup()
+
+
+async def test_the_cli_reads_the_embedded_store_from_the_running_daemon(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, start_daemon: Any) -> None:
+    from rig.redis import free_port
+
+    config = daemon_config(tmp_path, ensure_asterisk)  # no [redis]: the traces live in the daemon
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{free_port()}"'))
+    rd = await start_daemon(config)
+    caller = SipUA("2000", ensure_asterisk.ports.sip)
+    await caller.open()
+    try:
+        assert (await asyncio.wait_for(caller.call("98765"), 10)).status == 480  # not a known AOR
+    finally:
+        caller.close()
+    trace = await ended_trace(rd.daemon.traces, "98765", "NO_DEVICES")
+    rc, out, err = await cli(config, "trace", "98765")
+    assert rc == 0, err
+    assert out.startswith(f"call {trace.call_id} to 98765 from 2000, ") and ": NO_DEVICES after" in out
+    rc, out, _ = await cli(config, "trace", trace.call_id, "--json")
+    assert rc == 0 and CallTrace.from_json(json.loads(out)["calls"][0]) == await rd.daemon.traces.get(trace.call_id)
+    rc, out, err = await cli(config, "trace", "4242")
+    assert rc == 1 and out == "" and "no trace for call id, AOR or caller '4242'" in err
+    await rd.stop()
+    rc, out, err = await cli(config, "trace", "98765")
+    assert rc == 1 and out == "" and "the traces live inside the running daemon, which does not answer at" in err
+
+
+async def test_a_freeswitch_call_is_traced_through_the_shared_call_manager(
+        fs_daemon: Any, ensure_freeswitch: Any, push_endpoint: PushEndpoint, aor: str, aor2: str) -> None:  # noqa: F811
+    from rig.freeswitch import SIP_PASSWORD
+    from tests.integration.test_freeswitch_calls import parked
+    from tests.integration.test_freeswitch_calls import sleeping_phone as fs_sleeping_phone
+    from tests.integration.test_freeswitch_calls import wake_on_push as fs_wake_on_push
+
+    fs = ensure_freeswitch
+    phone = await fs_sleeping_phone(fs, aor, push_endpoint, fs_daemon)
+    caller = SipUA(aor2, fs.ports.sip, password=SIP_PASSWORD)
+    await caller.open()
+    try:
+        call = caller.start_call(aor, timeout=20)
+        await fs_wake_on_push(phone, push_endpoint, same_port=False)
+        await asyncio.wait_for(phone.invites.get(), 10)
+        assert (await call).status == 200
+        assert await phone.hangup() == 200
+        await asyncio.wait_for(caller.byes.get(), 5)
+        await wait_for(lambda: not parked(fs), 5, "no channels left")
+    finally:
+        phone.close()
+        caller.close()
+    trace = await ended_trace(fs_daemon.traces, aor, "ANSWERED")
+    steps = [first(trace, "call_start"), first(trace, "push", kind="call", outcome="delivered"),
+             first(trace, "register"), first(trace, "leg", fate="answered"), first(trace, "bridge"),
+             first(trace, "hangup"), first(trace, "status")]
+    assert [trace.events.index(e) for e in steps] == sorted(trace.events.index(e) for e in steps)
+    assert steps[1].detail["provider"] == "vendor" and trace.caller == aor2

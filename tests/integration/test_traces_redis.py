@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -158,3 +159,28 @@ async def test_the_writer_task_batches_and_flushes_on_stop(client: aioredis.Redi
     await asyncio.wait_for(task, 5)
     trace = await store.get("c1")
     assert trace is not None and [e.kind for e in trace.events] == ["call_start", "push"]
+
+
+async def test_the_least_privilege_acl_of_the_security_doc_allows_traces(tmp_path: Path) -> None:
+    """The ACL line of docs/security.md lets the trace store write, read, publish and subscribe."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    line = next(x.strip() for x in doc.splitlines() if x.strip().startswith("ACL SETUSER ari-push "))
+    server = RedisServer(workdir=tmp_path / "acl", password="admin-pw-0123456789")
+    server.start()
+    client = aioredis.Redis.from_url(server.url, username="ari-push", password="app-pw-0123456789")
+    try:
+        rules = [">app-pw-0123456789" if r == ">APP-PASSWORD" else r for r in line.split()[3:]]
+        assert server.command("ACL", "SETUSER", "ari-push", *rules) == "OK"
+        writer, reader = RedisTraceStore(client, "ari-push:"), RedisTraceStore(client, "ari-push:")
+        updates = reader.updates()
+        got: asyncio.Task[Any] = asyncio.ensure_future(anext(updates))
+        while not (await client.pubsub_numsub(reader.channel))[0][1]:
+            await asyncio.sleep(0.02)
+        await written(writer, start("c1"), push("c1"))
+        assert await asyncio.wait_for(got, 5) == "c1" and writer.dropped == 0
+        trace = await reader.get("c1")
+        assert trace is not None and [e.kind for e in trace.events] == ["call_start", "push"]
+        await updates.aclose()
+    finally:
+        await client.aclose()
+        server.cleanup()
