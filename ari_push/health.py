@@ -23,6 +23,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -46,6 +47,7 @@ class HttpRequest:
     params: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -153,21 +155,23 @@ class HealthServer:
             await self._respond(writer, 400, b"bad request\n", "text/plain", head=False)
             return
         method, target, _ = parts
-        path = target.split("?", 1)[0]
+        path, _, query_text = target.partition("?")
         added = self._added_route(method, path)
         if added is not None:
             handler, params = added
             headers = _headers(head)
-            length = headers.get("content-length", "")
-            if not length.isdigit():
-                await self._respond(writer, 411, b"Content-Length required\n", "text/plain", head=False)
-                return
-            if int(length) > MAX_BODY_BYTES:
-                await self._respond(writer, 413, b"too large\n", "text/plain", head=False)
-                return
-            async with asyncio.timeout(self.header_timeout):
-                body = await reader.readexactly(int(length))
-            answer = await handler(HttpRequest(method, path, params, headers, body))
+            body = b""
+            if method not in ("GET", "HEAD"):
+                length = headers.get("content-length", "")
+                if not length.isdigit():
+                    await self._respond(writer, 411, b"Content-Length required\n", "text/plain", head=False)
+                    return
+                if int(length) > MAX_BODY_BYTES:
+                    await self._respond(writer, 413, b"too large\n", "text/plain", head=False)
+                    return
+                async with asyncio.timeout(self.header_timeout):
+                    body = await reader.readexactly(int(length))
+            answer = await handler(HttpRequest(method, path, params, headers, body, dict(parse_qsl(query_text))))
             await self._respond(writer, answer.status, answer.text.encode(), answer.content_type, head=False)
             return
         if method not in ("GET", "HEAD"):
