@@ -13,9 +13,8 @@ Owner liveness: the writer of each daemon (``node``) keeps ``<prefix>traces:node
 its node scored with the Redis time until which it counts as alive (now + ``node_ttl``), at every
 batch and every ``heartbeat`` s (the same timing as the cluster's heartbeat, docs/clustering.md;
 the cluster's own ZSET names Stasis apps, which daemons of a lease share, so it cannot say which
-daemon owns a call). A reader marks a trace not ended whose node's time is past (or unknown) as
-abandoned (``CallTrace.abandoned_at``); a take-over names the new node and the trace is in
-flight again. A clean stop removes the node at once (its calls were ended by the drain).
+daemon owns a call). A reader marks a trace not ended whose node's time is past as abandoned (``CallTrace.abandoned_at``); a take-over names the new node and the trace is in
+flight again. A clean stop marks the node gone at once (its calls were ended by the drain).
 
 Bounds (docs/operations.md, "Call traces"): each trace lives ``traces.keep`` seconds after its
 last write; at most ``traces.max_calls`` traces (the oldest go first, their keys deleted with
@@ -324,7 +323,7 @@ class RedisTraceStore:
     async def run(self, stop: asyncio.Event) -> None:
         """The writer: owned by the daemon's TaskGroup. Flushes each batch, beats every
         ``heartbeat`` s, waits (capped, jittered) while Redis does not answer; on stop, flushes
-        what is left (at most 2 s), counts what could not go out, and removes its node."""
+        what is left (at most 2 s), counts what could not go out, and marks its node gone."""
         while not stop.is_set():
             waiter = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(stop.wait())
@@ -345,8 +344,8 @@ class RedisTraceStore:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2.0):
                 if await self.flush() and self.node:
-                    with contextlib.suppress(aioredis.RedisError, OSError):
-                        await self.redis.zrem(self.nodes_key, self.node)  # a clean stop is not a death
+                    with contextlib.suppress(aioredis.RedisError, OSError):  # gone from now on, not at its ttl
+                        await self._beat(keys=[self.nodes_key], args=[self.node, 0, int(self.keep * 1000)])
         if self._pending:
             log.warning("%d trace writes not written at stop (Redis did not answer)", len(self._pending))
             self._drop("stopped", len(self._pending))
@@ -406,6 +405,7 @@ class RedisTraceStore:
             log.warning("trace writes held while redis does not answer (%s: %s)", type(exc).__name__, exc)
         self._pending.extendleft(reversed(batch))
         self.held = len(self._pending)
+        self._wake.set()  # the writer tries again after its backoff
         over = len(self._pending) - self.max_pending
         if over > 0:
             for _ in range(over):
@@ -444,9 +444,10 @@ class RedisTraceStore:
             if trace is None:
                 continue
             until = alive_until.get(trace.node)
-            if trace.status is None and (until is None or until < now_ms):
-                # its node is gone: abandoned since its last heartbeat lapsed (unknown: since it started)
-                trace = replace(trace, abandoned_at=until / 1000 if until is not None else trace.started_at)
+            if trace.status is None and until is not None and until <= now_ms:
+                # its node is gone: abandoned since its last heartbeat lapsed (a node never seen
+                # beating, e.g. a reader-only store's, is not judged)
+                trace = replace(trace, abandoned_at=until / 1000)
             out.append(trace)
         return out
 
