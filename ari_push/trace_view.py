@@ -91,7 +91,7 @@ def format_trace(trace: CallTrace) -> str:
         state = "in flight" if trace.in_flight else str(trace.status)
     if trace.ended_at is not None:
         state += f" after {max(0.0, trace.ended_at - trace.started_at):.2f} s"
-    lines = [f"call {printable(trace.call_id)} to {printable(trace.aor)} from {printable(trace.caller) or '?'}, "
+    lines = [f"call {printable(trace.call_id)} to {printable(trace.aor) or '?'} from {printable(trace.caller) or '?'}, "
              f"{started} UTC, node {printable(trace.node)}: {state}"]
     width = max((len(f"{e.t_ms:+.1f}") for e in trace.events), default=6)
     for e in trace.events:
