@@ -13,8 +13,10 @@ Owner liveness: the writer of each daemon (``node``) keeps ``<prefix>traces:node
 its node scored with the Redis time until which it counts as alive (now + ``node_ttl``), at every
 batch and every ``heartbeat`` s (the same timing as the cluster's heartbeat, docs/clustering.md;
 the cluster's own ZSET names Stasis apps, which daemons of a lease share, so it cannot say which
-daemon owns a call). A reader marks a trace not ended whose node's time is past as abandoned (``CallTrace.abandoned_at``); a take-over names the new node and the trace is in
-flight again. A clean stop marks the node gone at once (its calls were ended by the drain).
+daemon owns a call, and exist only in cluster modes). A reader marks a trace not ended whose
+node's time is past as abandoned (``CallTrace.abandoned_at``); a node never seen beating is not
+judged. A take-over names the new node and the trace is in flight again. A clean stop marks the
+node gone at once (its calls were ended by the drain).
 
 Bounds (docs/operations.md, "Call traces"): each trace lives ``traces.keep`` seconds after its
 last write; at most ``traces.max_calls`` traces (the oldest go first, their keys deleted with

@@ -357,21 +357,26 @@ async def test_calls_refused_before_their_flow_starts_have_a_trace(
         assert rc == 0, err
         assert ": SHUTDOWN after" in out and "refused: the daemon is stopping" in out
     finally:
-        phone.close()
-        caller.close()
-        await client.aclose()
-        await asyncio.to_thread(_hang_up_all, ensure_asterisk)
-        await wait_for(lambda: no_channels(ensure_asterisk), 10, "no channels left")
+        await _clean_up(ensure_asterisk, client, phone, caller)
 
 
-def _hang_up_all(asterisk: AsteriskInstance) -> None:
+async def _clean_up(asterisk: AsteriskInstance, client: Any, *uas: SipUA) -> None:
+    """Close the phones and the Redis client, hang up every channel left (a dead daemon's too)."""
     import contextlib
     import urllib.error
 
-    channels = asterisk.ari("GET", "/ari/channels")
-    for c in channels if isinstance(channels, list) else []:
-        with contextlib.suppress(urllib.error.HTTPError):
-            asterisk.ari("DELETE", f"/ari/channels/{c['id']}")
+    for ua in uas:
+        ua.close()
+    await client.aclose()
+
+    def hang_up_all() -> None:
+        channels = asterisk.ari("GET", "/ari/channels")
+        for c in channels if isinstance(channels, list) else []:
+            with contextlib.suppress(urllib.error.HTTPError):
+                asterisk.ari("DELETE", f"/ari/channels/{c['id']}")
+
+    await asyncio.to_thread(hang_up_all)
+    await wait_for(lambda: no_channels(asterisk), 10, "no channels left")
 
 
 async def test_a_call_whose_daemon_dies_with_no_take_over_reads_as_abandoned(
@@ -417,10 +422,7 @@ async def test_a_call_whose_daemon_dies_with_no_take_over_reads_as_abandoned(
         assert rc == 0 and json.loads(out)["calls"][0]["abandoned"] is True
     finally:
         answer.cancel()
-        caller.close()
-        await client.aclose()
-        await asyncio.to_thread(_hang_up_all, ensure_asterisk)
-        await wait_for(lambda: no_channels(ensure_asterisk), 10, "no channels left")
+        await _clean_up(ensure_asterisk, client, caller)
 
 
 async def test_the_cli_reads_the_embedded_store_from_the_running_daemon(

@@ -265,7 +265,7 @@ async def test_the_least_privilege_acl_of_the_security_doc_allows_traces(tmp_pat
     try:
         rules = [">app-pw-0123456789" if r == ">APP-PASSWORD" else r for r in line.split()[3:]]
         assert server.command("ACL", "SETUSER", "ari-push", *rules) == "OK"
-        writer, reader = RedisTraceStore(client, "ari-push:"), RedisTraceStore(client, "ari-push:")
+        writer, reader = RedisTraceStore(client, "ari-push:", node="a"), RedisTraceStore(client, "ari-push:")
         updates = reader.updates()
         got: asyncio.Task[Any] = asyncio.ensure_future(anext(updates))
         while not (await client.pubsub_numsub(reader.channel))[0][1]:
@@ -273,7 +273,8 @@ async def test_the_least_privilege_acl_of_the_security_doc_allows_traces(tmp_pat
         await written(writer, start("c1"), push("c1"))
         assert await asyncio.wait_for(got, 5) == "c1" and writer.dropped == 0
         trace = await reader.get("c1")
-        assert trace is not None and [e.kind for e in trace.events] == ["call_start", "push"]
+        assert trace is not None and [e.kind for e in trace.events] == ["call_start", "push"] and trace.in_flight
+        assert await client.zscore("ari-push:traces:nodes", "a") is not None  # the writer's heartbeat allowed
         await updates.aclose()
     finally:
         await client.aclose()
