@@ -24,15 +24,10 @@ import logging
 import xml.etree.ElementTree as ET
 from typing import Protocol
 
-from ari_push.bindings import BindingStore
 from ari_push.capture import QUEUE_LIMIT, WORKERS, Capture
-from ari_push.contacts import ContactPolicy
-from ari_push.esl import EslClient, EslError
+from ari_push.esl import EslError
 from ari_push.esl_frames import EslEvent
-from ari_push.metrics import Metrics
 from ari_push.model import Binding
-from ari_push.settings import Settings
-from ari_push.wakeups import WakeupHub
 
 log = logging.getLogger("ari_push.fs_capture")
 
@@ -175,30 +170,3 @@ class FreeswitchCapture:
             await self.resync()
         except Exception as exc:  # best effort; events keep flowing
             log.warning("FreeSWITCH registration resync failed: %s", exc)
-
-
-class FreeswitchFeed:
-    """What the composition root runs for ``[freeswitch]``: the event socket link and the capture
-    on it, sharing the daemon's store, wake-up hub and metrics with the Asterisk side's design."""
-
-    def __init__(self, settings: Settings, store: BindingStore, wakeups: WakeupHub, metrics: Metrics,
-                 node_id: str = "") -> None:
-        if settings.freeswitch is None:
-            raise ValueError("FreeswitchFeed needs a [freeswitch] section")
-        self.settings = settings
-        self.capture = Capture(store, wakeups, ContactPolicy.from_settings(settings.capture), None, metrics,
-                               node_id)
-        self.esl = EslClient(settings.freeswitch, on_event=self._on_event, on_connect=self._on_connect)
-        self.feed = FreeswitchCapture(self.capture, self.esl, settings.freeswitch.profile)
-
-    def _on_event(self, event: EslEvent) -> None:
-        self.feed.on_esl_event(event)
-
-    async def _on_connect(self) -> None:
-        await self.feed.resync_quietly()
-        self.capture.wakeups.gap()  # waiting calls re-read what they may have missed while the link was down
-
-    async def run(self, stop: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.esl.run(stop), name="freeswitch-esl")
-            tg.create_task(self.feed.run(stop), name="freeswitch-capture")

@@ -1,5 +1,5 @@
 """End-to-end on FreeSWITCH: real FreeSWITCH 1.10.12 + Redis + the FreeSWITCH side of the daemon
-(ari_push.freeswitch_daemon, in this process) + a local vendor push endpoint, with our SIP phone
+(ari_push.service.Daemon on its FreeSWITCH side, in this process) + a local vendor push endpoint, with our SIP phone
 (digest auth) that wakes a set delay after the push. Not part of the tests.
 
     ARI_PUSH_RIG_SLOT=N .venv/bin/python bench/freeswitch_e2e.py [--rounds 20] [--answer-rounds 5]
@@ -27,7 +27,8 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ari_push.freeswitch_daemon import FreeswitchDaemon
+from ari_push.service import Daemon
+
 from ari_push.settings import load
 from rig.freeswitch import ESL_PASSWORD, PROFILE, SIP_PASSWORD, FreeswitchInstance, FsPorts
 from rig.redis import RedisServer
@@ -136,8 +137,9 @@ async def main(rounds: int, answer_rounds: int) -> dict[str, object]:
             f'[freeswitch]\nport = {fs.ports.esl}\npassword = "{ESL_PASSWORD}"\nprofile = "{PROFILE}"\n'
             f'[redis]\nurl = "{redis.url}"\nkey_prefix = "bench-{uuid.uuid4().hex[:6]}:"\n'
             '[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n[calls]\ndefault_timeout = 20\n'
-            '[push]\nrate_per_minute = 0\n')
-        daemon = FreeswitchDaemon(load(path, environ={}))
+            '[push]\nrate_per_minute = 0\n[http]\nenabled = false\n')
+        daemon = Daemon(load(path, environ={}))
+        assert daemon.esl is not None
         task = asyncio.create_task(daemon.run(stop))
         try:
             await daemon.esl.link.wait_up(15)

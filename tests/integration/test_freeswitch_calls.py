@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ari_push.freeswitch_daemon import FreeswitchDaemon
+from ari_push.service import Daemon
 from ari_push.settings import load
 from rig.freeswitch import ESL_PASSWORD, PROFILE, SIP_PASSWORD, FreeswitchInstance
 from rig.redis import RedisServer
@@ -21,14 +21,15 @@ from rig.sipua import SipUA
 from tests.conftest import wait_for
 from tests.integration.test_calls import PushEndpoint, push_endpoint  # noqa: F401 - the fixture
 
-StartDaemon = Callable[..., Awaitable[FreeswitchDaemon]]
+StartDaemon = Callable[..., Awaitable[Daemon]]
 
 
 @pytest.fixture
 async def fs_daemon(tmp_path: Path, ensure_freeswitch: FreeswitchInstance, ensure_redis: RedisServer,
-                    push_endpoint: PushEndpoint) -> AsyncIterator[FreeswitchDaemon]:  # noqa: F811
+                    push_endpoint: PushEndpoint) -> AsyncIterator[Daemon]:  # noqa: F811
     text = (f'[freeswitch]\nport = {ensure_freeswitch.ports.esl}\npassword = "{ESL_PASSWORD}"\n'
             f'profile = "{PROFILE}"\nheartbeat = 2\nrequest_timeout = 3\n'
+            '[http]\nlisten = "127.0.0.1:0"\n'
             f'[redis]\nurl = "{ensure_redis.url}"\nkey_prefix = "t-{uuid.uuid4().hex[:8]}:"\n'
             '[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n'
             '[calls]\ndefault_timeout = 6\n'
@@ -36,7 +37,7 @@ async def fs_daemon(tmp_path: Path, ensure_freeswitch: FreeswitchInstance, ensur
             '[vendor]\nbody_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')
     path = tmp_path / "fs-daemon.toml"
     path.write_text(text)
-    daemon = FreeswitchDaemon(load(path, environ={}))
+    daemon = Daemon(load(path, environ={}))
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     await wait_for(lambda: daemon.esl.link.up, 15, "FreeSWITCH link up")
@@ -47,7 +48,7 @@ async def fs_daemon(tmp_path: Path, ensure_freeswitch: FreeswitchInstance, ensur
             await task
 
 
-async def sleeping_phone(fs: FreeswitchInstance, user: str, ep: PushEndpoint, daemon: FreeswitchDaemon) -> SipUA:
+async def sleeping_phone(fs: FreeswitchInstance, user: str, ep: PushEndpoint, daemon: Daemon) -> SipUA:
     phone = SipUA(user, fs.ports.sip, password=SIP_PASSWORD)
     await phone.open()
     assert await phone.register(f"X-PUSH-URI=http://127.0.0.1:{ep.port}/push/{user}") == 200
@@ -71,7 +72,7 @@ def parked(fs: FreeswitchInstance) -> list[str]:
 
 @pytest.mark.parametrize("same_port", [False, True], ids=["new-uri", "same-uri"])
 async def test_sleeping_phone_is_woken_rung_bridged_and_hung_up(
-        fs_daemon: FreeswitchDaemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
+        fs_daemon: Daemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
         aor: str, aor2: str, same_port: bool) -> None:
     fs, ep = ensure_freeswitch, push_endpoint
     phone = await sleeping_phone(fs, aor, ep, fs_daemon)
@@ -100,7 +101,7 @@ async def test_sleeping_phone_is_woken_rung_bridged_and_hung_up(
 
 
 async def test_nobody_wakes_timeout_hands_back_with_push_status(
-        fs_daemon: FreeswitchDaemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
+        fs_daemon: Daemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
         aor: str, aor2: str) -> None:
     fs, ep = ensure_freeswitch, push_endpoint
     await sleeping_phone(fs, aor, ep, fs_daemon)
@@ -115,7 +116,7 @@ async def test_nobody_wakes_timeout_hands_back_with_push_status(
 
 
 async def test_caller_hangs_up_while_waiting_gets_cancel_push(
-        fs_daemon: FreeswitchDaemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
+        fs_daemon: Daemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
         aor: str, aor2: str) -> None:
     fs, ep = ensure_freeswitch, push_endpoint
     await sleeping_phone(fs, aor, ep, fs_daemon)
@@ -132,7 +133,7 @@ async def test_caller_hangs_up_while_waiting_gets_cancel_push(
 
 
 async def test_phone_declines_caller_is_handed_back_declined(
-        fs_daemon: FreeswitchDaemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
+        fs_daemon: Daemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
         aor: str, aor2: str) -> None:
     fs, ep = ensure_freeswitch, push_endpoint
     phone = await sleeping_phone(fs, aor, ep, fs_daemon)
@@ -150,7 +151,7 @@ async def test_phone_declines_caller_is_handed_back_declined(
 
 @pytest.mark.parametrize("target", ["3999", "known-user-without-devices"])
 async def test_unknown_user_or_no_devices_is_handed_back_at_once(
-        fs_daemon: FreeswitchDaemon, ensure_freeswitch: FreeswitchInstance, aor: str, aor2: str,
+        fs_daemon: Daemon, ensure_freeswitch: FreeswitchInstance, aor: str, aor2: str,
         target: str) -> None:
     fs = ensure_freeswitch
     callee = "3999" if target == "3999" else aor  # 3999 is not in the directory; aor has no binding
@@ -174,10 +175,11 @@ async def test_link_loss_while_a_call_waits_the_call_continues(
     await proxy.start()
     text = (f'[freeswitch]\nport = {proxy.port}\npassword = "{ESL_PASSWORD}"\nheartbeat = 1\nrequest_timeout = 2\n'
             f'[redis]\nurl = "{ensure_redis.url}"\nkey_prefix = "t-{uuid.uuid4().hex[:8]}:"\n'
+            '[http]\nlisten = "127.0.0.1:0"\n'
             '[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n[calls]\ndefault_timeout = 20\n')
     path = tmp_path / "fs-proxy.toml"
     path.write_text(text)
-    daemon = FreeswitchDaemon(load(path, environ={}))
+    daemon = Daemon(load(path, environ={}))
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     try:
@@ -211,7 +213,7 @@ async def test_link_loss_while_a_call_waits_the_call_continues(
 
 
 async def test_freeswitch_restart_while_a_call_waits_ends_it_and_the_next_call_works(
-        fs_daemon: FreeswitchDaemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
+        fs_daemon: Daemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
         aor: str, aor2: str) -> None:
     fs, ep = ensure_freeswitch, push_endpoint
     phone = await sleeping_phone(fs, aor, ep, fs_daemon)
