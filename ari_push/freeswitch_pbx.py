@@ -274,13 +274,16 @@ class FreeswitchPbx:
             cid = str(row.get("uuid", ""))
             state = "Up" if row.get("callstate") in ("ACTIVE", "HELD") else "Ring"
             args = ""
+            # The application column names the last one run (``ring_ready`` sent by ari-push, not
+            # ``park``), so the channel's variables say what it is: a leg, or a caller handed to
+            # ari-push and not handed back yet (no ``push_status``).
             app = str(row.get("application", ""))
-            if app == "park":
-                leg_caller = await self._var(cid, "ari_push_caller")
-                target = await self._var(cid, "push_target") if not leg_caller else ""
-                if leg_caller:
-                    args = f"{DIALED},{leg_caller}"
-                elif target and await self._var(cid, "ari_push") == "1":
+            leg_caller = await self._var(cid, "ari_push_caller")
+            if leg_caller:
+                args = f"{DIALED},{leg_caller}"
+            elif await self._var(cid, "ari_push") == "1" and not await self._var(cid, "push_status"):
+                target = await self._var(cid, "push_target")
+                if target:
                     args, app = target, "Stasis"
             try:
                 age = min(max(0.0, time.time() - float(row.get("created_epoch") or 0)), 3600.0)
