@@ -199,6 +199,7 @@ class FreeswitchInstance:
             <param name="nonce-ttl" value="60"/>
             <param name="minimum-session-expires" value="90"/>
             <param name="user-agent-string" value="FreeSWITCH-rig"/>
+            <param name="rtp-timer-name" value="soft"/>
           </settings>
         </profile>
       </profiles>

@@ -24,28 +24,40 @@ from tests.integration.test_calls import PushEndpoint, push_endpoint  # noqa: F4
 StartDaemon = Callable[..., Awaitable[Daemon]]
 
 
+@contextlib.asynccontextmanager
+async def running_daemon(tmp_path: Path, fs: FreeswitchInstance, redis: RedisServer,
+                         calls: str = "", timeout: float = 6) -> AsyncIterator[Daemon]:
+    """The daemon (service.Daemon on its FreeSWITCH side) in this loop; ``calls``: more [calls] keys."""
+    text = (f'[freeswitch]\nport = {fs.ports.esl}\npassword = "{ESL_PASSWORD}"\n'
+            f'profile = "{PROFILE}"\nheartbeat = 2\nrequest_timeout = 3\n'
+            '[http]\nlisten = "127.0.0.1:0"\n'
+            f'[redis]\nurl = "{redis.url}"\nkey_prefix = "t-{uuid.uuid4().hex[:8]}:"\n'
+            '[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n'
+            f'[calls]\ndefault_timeout = {timeout:g}\n' + calls +
+            '[push]\nburst = 50\n'
+            '[vendor]\nbody_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')
+    path = tmp_path / f"fs-daemon-{uuid.uuid4().hex[:6]}.toml"
+    path.write_text(text)
+    daemon = Daemon(load(path, environ={}))
+    assert daemon.esl is not None
+    esl = daemon.esl
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    await wait_for(lambda: esl.link.up, 15, "FreeSWITCH link up")
+    try:
+        yield daemon
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(20):
+                await task
+
+
 @pytest.fixture
 async def fs_daemon(tmp_path: Path, ensure_freeswitch: FreeswitchInstance, ensure_redis: RedisServer,
                     push_endpoint: PushEndpoint) -> AsyncIterator[Daemon]:  # noqa: F811
-    text = (f'[freeswitch]\nport = {ensure_freeswitch.ports.esl}\npassword = "{ESL_PASSWORD}"\n'
-            f'profile = "{PROFILE}"\nheartbeat = 2\nrequest_timeout = 3\n'
-            '[http]\nlisten = "127.0.0.1:0"\n'
-            f'[redis]\nurl = "{ensure_redis.url}"\nkey_prefix = "t-{uuid.uuid4().hex[:8]}:"\n'
-            '[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n'
-            '[calls]\ndefault_timeout = 6\n'
-            '[push]\nburst = 50\n'
-            '[vendor]\nbody_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')
-    path = tmp_path / "fs-daemon.toml"
-    path.write_text(text)
-    daemon = Daemon(load(path, environ={}))
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop))
-    await wait_for(lambda: daemon.esl.link.up, 15, "FreeSWITCH link up")
-    yield daemon
-    stop.set()
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(20):
-            await task
+    async with running_daemon(tmp_path, ensure_freeswitch, ensure_redis) as daemon:
+        yield daemon
 
 
 async def sleeping_phone(fs: FreeswitchInstance, user: str, ep: PushEndpoint, daemon: Daemon) -> SipUA:
@@ -147,6 +159,57 @@ async def test_phone_declines_caller_is_handed_back_declined(
     await wait_for(lambda: f"push_status=DECLINED target={aor}" in fs.log_text(), 5, "dialplan saw DECLINED")
     phone.close()
     caller.close()
+
+
+@pytest.mark.parametrize("moh", [False, True], ids=["ring_ready", "pre_answer-tone"])
+async def test_what_the_caller_hears_while_the_phone_wakes(
+        tmp_path: Path, ensure_freeswitch: FreeswitchInstance, ensure_redis: RedisServer,
+        push_endpoint: PushEndpoint, aor: str, aor2: str, moh: bool) -> None:  # noqa: F811
+    """Without ``moh_class`` the caller gets ringback signalling only (180, no media before the
+    answer); with it, 183 Session Progress and the stream as early media (RTP) while the phone
+    sleeps, then the phone's own audio once bridged."""
+    fs, ep = ensure_freeswitch, push_endpoint
+    calls = 'moh_class = "tone_stream://%(1000,4000,440,480);loops=-1"\n' if moh else ""
+    async with running_daemon(tmp_path, fs, ensure_redis, calls, timeout=20) as daemon:
+        phone = await sleeping_phone(fs, aor, ep, daemon)
+        caller = SipUA(aor2, fs.ports.sip, password=SIP_PASSWORD)
+        await caller.open()
+        call = caller.start_call(aor, timeout=30)
+        await asyncio.wait_for(ep.on_call.get(), 10)
+        assert caller.rtp is not None
+        rtp = caller.rtp
+        if moh:
+            await wait_for(lambda: 183 in caller.provisional, 10, "183 Session Progress")
+            await wait_for(lambda: rtp.received >= 25, 10, "early media (RTP) while the phone sleeps")
+        else:
+            await wait_for(lambda: 180 in caller.provisional, 10, "180 Ringing")
+            await asyncio.sleep(1.0)  # a window for media that must not come
+            assert rtp.received == 0 and 183 not in caller.provisional
+        before = rtp.received
+        await phone.open()
+        assert await phone.register() == 200
+        assert (await call).status == 200
+        assert 180 in caller.provisional
+        assert caller.rtp is not None and phone.rtp is not None
+        if not moh:
+            assert before == 0  # nothing reached the caller until the answer
+        crtp, prtp = caller.rtp, phone.rtp
+        if moh:  # the stream stops once the phone answers
+            await asyncio.sleep(0.5)
+            quiet = crtp.received
+            await asyncio.sleep(0.5)
+            assert crtp.received - quiet <= 2
+        heard = crtp.received
+        await prtp.send_for(0.6)
+        await wait_for(lambda: crtp.received >= heard + 10, 5, "the phone's audio at the caller")
+        await crtp.send_for(0.6)
+        await wait_for(lambda: prtp.received > 10, 5, "the caller's audio at the phone")
+        assert await phone.hangup() == 200
+        async with asyncio.timeout(5):
+            await caller.byes.get()
+        await wait_for(lambda: not parked(fs), 5, "no channels left")
+        phone.close()
+        caller.close()
 
 
 @pytest.mark.parametrize("target", ["3999", "known-user-without-devices"])
