@@ -28,22 +28,12 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ari_push.service import Daemon
-
 from ari_push.settings import load
-from rig.freeswitch import ESL_PASSWORD, PROFILE, SIP_PASSWORD, FreeswitchInstance, FsPorts
+from rig.freeswitch import ESL_PASSWORD, PROFILE, SIP_PASSWORD, FreeswitchInstance, FsPorts, recipe_dialplan
 from rig.redis import RedisServer
 from rig.sipua import SipUA
 
-RECIPE = """
-      <extension name="recipe">
-        <condition field="destination_number" expression="^recipe-(\\d{4})$">
-          <action application="set" data="recipe_target=$1"/>
-          <action application="ring_ready"/>
-          <action application="sleep" data="2000"/>
-          <action application="bridge" data="{leg_timeout=8}${sofia_contact(${recipe_target}@$${domain})}"/>
-        </condition>
-      </extension>
-"""
+RECIPE = recipe_dialplan()  # `sleep 2000` then bridge; the harness wakes the phone at the call's start
 DELAYS = (0.3, 1.0, 2.5, 4.0)
 
 

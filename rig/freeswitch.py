@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -55,6 +56,26 @@ class FsPorts:
         return cls(sip=base, esl=base + 1, rtp_start=base + 4, rtp_end=base + 27)
 
 
+def recipe_dialplan(relay_port: int = 0, prefix: str = "recipe-", sleep_ms: int = 2000, leg_timeout: int = 8) -> str:
+    """The FreeSWITCH recipe ari-push replaces, as an extension for ``extra_dialplan``: ``<prefix><user>``
+    rings the caller, pushes (``system`` running curl against a local relay's
+    ``/recipe-push/<user>``; ``relay_port=0``: no push, the harness wakes the phone itself), sleeps
+    ``sleep_ms``, then bridges to ``${sofia_contact(...)}``: whatever is registered by then."""
+    push = (f'          <action application="system" data="curl -s -o /dev/null --max-time 2 '
+            f'http://127.0.0.1:{relay_port}/recipe-push/${{recipe_target}}"/>\n') if relay_port else ""
+    pattern = "".join("\\" + c if c in "*+.?" else c for c in prefix)
+    return (f'      <extension name="recipe">\n'
+            f'        <condition field="destination_number" expression="^{pattern}(\\d{{4}})$">\n'
+            f'          <action application="set" data="recipe_target=$1"/>\n'
+            f'          <action application="ring_ready"/>\n'
+            f'{push}'
+            f'          <action application="sleep" data="{sleep_ms}"/>\n'
+            f'          <action application="bridge" data="{{leg_timeout={leg_timeout}}}'
+            f'${{sofia_contact(${{recipe_target}}@$${{domain}})}}"/>\n'
+            f'        </condition>\n'
+            f'      </extension>\n')
+
+
 class FreeswitchError(RuntimeError):
     pass
 
@@ -63,7 +84,7 @@ class FreeswitchInstance:
     """One FreeSWITCH process. ``users`` are the directory users (the test AOR block by default)."""
 
     def __init__(self, tree: Path, name: str, ports: FsPorts,
-                 users: range = range(TEST_AOR_FIRST, TEST_AOR_FIRST + TEST_AOR_COUNT),
+                 users: Sequence[int] = range(TEST_AOR_FIRST, TEST_AOR_FIRST + TEST_AOR_COUNT),
                  extra_dialplan: str = "", multiple_registrations: str = "contact") -> None:
         """``multiple_registrations``: the sofia profile parameter (``contact``: one registration per
         contact URI; ``true``: per Call-ID; ``false``: one per user)."""
