@@ -24,7 +24,7 @@ import logging
 import xml.etree.ElementTree as ET
 from typing import Protocol
 
-from ari_push.capture import QUEUE_LIMIT, WORKERS, Capture
+from ari_push.capture import Capture, EventShards
 from ari_push.esl import EslError
 from ari_push.esl_frames import EslEvent
 from ari_push.model import Binding
@@ -62,9 +62,8 @@ class FreeswitchCapture:
         self.core = capture
         self.esl = esl
         self.profile = profile
-        self.queues: list[asyncio.Queue[EslEvent]] = [asyncio.Queue(QUEUE_LIMIT) for _ in range(WORKERS)]
-        self.dropped = 0
-        self.resync_needed = False
+        self.shards: EventShards[EslEvent] = EventShards(self.handle, self.resync, capture.wakeups.gap,
+                                                         "FreeSWITCH")
         self.resyncs = 0
         self.gone = 0  # unregister/expire events handled (a binding is never deleted for one)
 
@@ -82,13 +81,7 @@ class FreeswitchCapture:
             uri = sofia_contact_uri(event.get("contact"))
             if uri:
                 self.core.deliver_now(aor, uri)
-        try:
-            self.queues[hash(aor) % WORKERS].put_nowait(event)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            self.resync_needed = True
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning("FreeSWITCH capture queue full; %d events dropped so far", self.dropped)
+        self.shards.put(aor, event)
 
     @staticmethod
     def _aor(event: EslEvent) -> str:
@@ -96,8 +89,7 @@ class FreeswitchCapture:
 
     async def run(self, stop: asyncio.Event, resync_interval: float = 0.0) -> None:
         async with asyncio.TaskGroup() as tg:
-            for queue in self.queues:
-                tg.create_task(self._worker(queue, stop))
+            tg.create_task(self.shards.run(stop))
             if resync_interval > 0:
                 tg.create_task(self._periodic(stop, resync_interval))
 
@@ -108,26 +100,6 @@ class FreeswitchCapture:
                     await stop.wait()
                     return
             await self.resync_quietly()
-
-    async def _worker(self, queue: asyncio.Queue[EslEvent], stop: asyncio.Event) -> None:
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            while True:
-                get = asyncio.ensure_future(queue.get())
-                await asyncio.wait({get, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if not get.done():
-                    get.cancel()
-                    return
-                try:
-                    await self.handle(get.result())
-                    if self.resync_needed and all(q.empty() for q in self.queues):
-                        self.resync_needed = False
-                        await self.resync()
-                        self.core.wakeups.gap()
-                except Exception:
-                    log.exception("capture failed on a FreeSWITCH event")
-        finally:
-            stopper.cancel()
 
     async def handle(self, event: EslEvent) -> Binding | None:
         aor = self._aor(event)
