@@ -183,6 +183,11 @@ class Daemon:
             self.mwi = build_mwi(settings.mwi, self.redis, self.keys, self.store, ari, self.dispatcher, self.metrics)
             self.messages = build_messages(settings.messages, self.redis, self.keys, self.store,
                                            AsteriskContacts(ari, ami), ari, ami, self.dispatcher, self.metrics)
+        else:
+            off = [name for name, on in (("refresh", settings.refresh.enabled), ("mwi", settings.mwi.enabled),
+                                         ("messages", settings.messages.enabled)) if on]
+            if off:
+                log.info("on FreeSWITCH [%s] are not available yet: off", "], [".join(off))
         if self.messages is not None:
             self.health.routes += self.messages.routes()
         self.capture.on_binding = self._on_binding
