@@ -32,6 +32,8 @@ from ari_push.calls import CallManager
 from ari_push.capture import Capture
 from ari_push.channels import DIALED
 from ari_push.cluster import Cluster
+from ari_push.console.access import Access
+from ari_push.console.api import Console
 from ari_push.contacts import ContactPolicy
 from ari_push.health import HealthServer
 from ari_push.links import LinkState
@@ -156,7 +158,18 @@ class Daemon:
         links = [self.ami.link, self.ari.link] + ([self.redis_link] if self.redis is not None else [])
         self.health = HealthServer(settings.http.listen, links, self.metrics,
                                    header_timeout=settings.http.header_timeout,
-                                   max_connections=settings.http.max_connections)
+                                   max_connections=settings.http.max_connections,
+                                   max_streams=settings.http.max_streams)
+        # The operator's console (console/): pages and API on the health server, all behind one
+        # access check (bearer/basic auth when configured, Host check, CSRF token for actions).
+        self.access = Access(bearer_token=str(settings.http.auth_token), basic_auth=str(settings.http.basic_auth),
+                             bound_host=self.health.host)
+        self.health.guard, self.health.authenticated = self.access.check, self.access.authenticated
+        self.console: Console | None = None
+        if settings.http.console:
+            self.console = Console(store=self.store, metrics=self.metrics, links=links, access=self.access,
+                                   node_id=self.node_id, traces=None, test_push=None)
+            self.health.routes += self.console.routes()
         self.started = asyncio.Event()
         # Reachability (docs/reachability.md): registration-refresh pushes, voicemail pushes, SIP
         # MESSAGE to sleeping phones; each None when its section is off.
@@ -252,6 +265,8 @@ class Daemon:
                     tg.create_task(self.mwi.run(inner_stop), name="mwi")
                 if self.messages is not None:
                     tg.create_task(self.messages.run(inner_stop), name="messages")
+                if self.console is not None:
+                    tg.create_task(self.console.run(inner_stop), name="console")
                 if self.cluster is not None:
                     tg.create_task(self.cluster.run(inner_stop), name="cluster")
                 if isinstance(self.wakeups, RedisWakeups):
