@@ -116,7 +116,7 @@ async def chromium(shots: Path) -> AsyncIterator[Browser]:
     profile = tempfile.mkdtemp(prefix="ari-push-chromium-")
     log = shots.parent / "chromedriver.log"
     shots.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as out:  # noqa: ASYNC230 - opened once, before the loop matters
+    with open(log, "wb") as out:
         proc = subprocess.Popen([CHROMEDRIVER, f"--port={port}", "--allowed-ips=127.0.0.1"],
                                 stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

@@ -6,13 +6,10 @@ Screenshots of every page go to ``<tmp_path>/screenshots/``.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -20,10 +17,10 @@ import pytest
 
 from rig.asterisk import AsteriskInstance
 from rig.redis import RedisServer
-from rig.sipua import SipUA
 from tests.browser import chromium
-from tests.conftest import daemon_config, wait_for
+from tests.conftest import daemon_config
 from tests.integration.test_calls import PushEndpoint, push_endpoint, sleeping_phone, wake_on_push  # noqa: F401
+
 
 USER, PASSWORD = "admin", "s3cret-console-pass"
 AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
@@ -52,7 +49,7 @@ def cli(config: Path, *args: str) -> str:
 
 
 async def test_devices_page_auth_csrf_and_forget(console_daemon, ensure_asterisk: AsteriskInstance,
-                                                 push_endpoint: PushEndpoint, aor: str, tmp_path: Path) -> None:
+                                                 push_endpoint: PushEndpoint, aor: str, tmp_path: Path) -> None:  # noqa: F811
     daemon = console_daemon.daemon
     base = f"http://127.0.0.1:{daemon.health.port}"
     shots = tmp_path / "screenshots"
@@ -97,7 +94,8 @@ async def test_devices_page_auth_csrf_and_forget(console_daemon, ensure_asterisk
             "return Promise.all([post({'Content-Type': 'application/json'}, JSON.stringify({aor: arguments[0]})),"
             "  post({'Content-Type': 'text/plain', 'X-CSRF-Token': document.querySelector('meta[name=csrf-token]')"
             "    .content}, JSON.stringify({aor: arguments[0]})),"
-            "  post({'Content-Type': 'application/json', 'X-CSRF-Token': 'forged'}, JSON.stringify({aor: arguments[0]}))]);",
+            "  post({'Content-Type': 'application/json', 'X-CSRF-Token': 'forged'},"
+            "    JSON.stringify({aor: arguments[0]}))]);",
             aor)
         assert refused == [403, 415, 403]
         assert len(await daemon.store.bindings_for(aor)) == 1
