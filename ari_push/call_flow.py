@@ -53,6 +53,7 @@ from ari_push.pbx import ContactSnapshot, LegRequest, PbxError, PbxPort
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.plan import PlannedPush, PushPlanner
 from ari_push.settings import CallSettings
+from ari_push.trace_recorder import NO_TRACE, TraceRecorder
 from ari_push.wakeups import Gap, Registration
 
 log = logging.getLogger("ari_push.calls")
@@ -242,6 +243,7 @@ class CallFlow:
         on_leg: Callable[[str, CallFlow | None], None] = lambda _leg, _flow: None,
         awake: AwakeDevices | None = None,
         on_end_notice: Callable[[EndNotice], None] = lambda _notice: None,
+        trace: TraceRecorder = NO_TRACE,
     ) -> None:
         self.channel_id = channel_id
         self.call_id = call_id
@@ -259,6 +261,7 @@ class CallFlow:
         self.on_leg = on_leg  # the manager routes a leg's events here from the moment it exists
         self.awake = awake if awake is not None else AwakeDevices()
         self.on_end_notice = on_end_notice
+        self.trace = trace  # this call's timeline (trace_recorder.py): synchronous, no I/O
         self.started = time.monotonic() - age  # a resumed call keeps its original deadline
         self.phase = Phase.STARTING
         self.status = Status.TIMEOUT
@@ -403,9 +406,10 @@ class CallFlow:
 
     async def _ringback(self) -> None:
         if self.settings.moh_class:  # early media: 183 Session Progress, then music while the phone wakes
-            await self._quietly(self.pbx.early_media(self.channel_id, self.settings.moh_class), "early media")
+            ok = await self._quietly(self.pbx.early_media(self.channel_id, self.settings.moh_class), "early media")
         else:
-            await self._quietly(self.pbx.ring(self.channel_id), "ring")
+            ok = await self._quietly(self.pbx.ring(self.channel_id), "ring")
+        self.trace.add("ringback", early_media=bool(self.settings.moh_class), ok=ok)
 
     async def _contacts(self) -> list[str] | None:
         try:
@@ -495,6 +499,8 @@ class CallFlow:
             await self._registered(Registration(self.target, uri, self.device_of(uri)), from_gap=True)
 
     async def _registered(self, reg: Registration, from_gap: bool) -> None:
+        if not from_gap:
+            self.trace.add("register", reg.device_id, uri_change="same" if reg.contact_uri in self.live else "new")
         if reg.device_id:
             self.registered.add(reg.device_id)
             self.stale_pending.pop(reg.device_id, None)
@@ -505,6 +511,7 @@ class CallFlow:
         if action is LegAction.REPLACE and leg is not None:
             log.info("call %s: %s registered again; replacing the INVITE it slept through", self.call_id,
                      leg.device_id or leg.uri.split(";")[0])
+            self.trace.add("leg", leg.device_id, fate="replaced", leg=leg.channel_id)
             await self._drop_and_hang_up(leg)
             self.book.forget_uri(leg.uri)
             if leg.device_id:
@@ -513,6 +520,7 @@ class CallFlow:
             return
         for old in self.book.of_device(reg.device_id):
             # The device came back on a new address: the INVITE to the old one is lost.
+            self.trace.add("leg", old.device_id, fate="replaced", leg=old.channel_id, new_address=True)
             await self._drop_and_hang_up(old)
         await self._originate(reg.contact_uri, reg.device_id)
 
@@ -549,6 +557,7 @@ class CallFlow:
         leg = self.book.legs.get(event.channel_id)
         if leg is not None and event.state in ("Ringing", "Up") and not leg.progressed:
             leg.progressed = True
+            self.trace.add("leg", leg.device_id, fate="ringing", leg=leg.channel_id)
             await self._awake_on_old_contact(leg)
 
     async def _awake_on_old_contact(self, leg: Leg) -> None:
@@ -563,6 +572,7 @@ class CallFlow:
         if leg is None:
             return
         self.answered_by = leg  # the originated leg answered: it entered the app
+        self.trace.add("leg", leg.device_id, fate="answered", leg=leg.channel_id)
         self.to(Phase.ANSWERING)
         if not leg.progressed:
             leg.progressed = True
@@ -574,6 +584,7 @@ class CallFlow:
     async def _on_hangup_waiting(self, event: StasisEnd | ChannelHangupRequest | ChannelDestroyed) -> None:
         if event.channel_id == self.channel_id:
             self.caller_gone = True
+            self.trace.add("hangup", side="caller", cause=getattr(event, "cause", None))
             self.end(Status.CANCELLED)
             return
         leg = self.book.legs.get(event.channel_id)
@@ -581,6 +592,8 @@ class CallFlow:
             return
         self._drop(leg)
         device = leg.device_id or leg.uri.split(";")[0]
+        self.trace.add("leg", leg.device_id, fate="refused" if event.cause in DECLINE_CAUSES else "failed",
+                       leg=leg.channel_id, cause=event.cause, cause_txt=event.cause_txt or None)
         if event.cause not in DECLINE_CAUSES:
             self.book.failed_at[leg.uri] = time.time()
             log.info("call %s: leg to %s ended without an answer (cause %d %s)", self.call_id, device, event.cause,
@@ -627,6 +640,8 @@ class CallFlow:
             self.caller_gone = True
         elif leg is None or event.channel_id != leg.channel_id:
             return
+        self.trace.add("hangup", None if self.caller_gone else (leg.device_id if leg else None),
+                       side="caller" if self.caller_gone else "callee", cause=getattr(event, "cause", None))
         self.to(Phase.ENDING)
 
     async def _on_deadline_bridged(self, _event: Deadline) -> None:
@@ -643,10 +658,12 @@ class CallFlow:
         await self.pbx.bridge(bridge_id, self.call_id, [self.channel_id, leg.channel_id])
         self.bridge_id = bridge_id
         await self.pbx.answer(self.channel_id)
+        self.trace.add("bridge", leg.device_id, bridge=bridge_id, leg=leg.channel_id)
         log.info("call %s: answered by %s, bridged", self.call_id, leg.device_id or leg.uri.split(";")[0])
         for other in [lg for lg in self.book.legs.values() if lg is not leg]:
             # CANCEL with Reason: SIP;cause=200;text="Call completed elsewhere" (CallKit and
             # most SIP apps show "answered elsewhere", not a missed call)
+            self.trace.add("leg", other.device_id, fate="cancelled", leg=other.channel_id, reason="answered_elsewhere")
             await self._drop_and_hang_up(other, "answered_elsewhere")
         others = [b for b in self.pushed if b.device_id != leg.device_id]
         if others:
@@ -662,10 +679,12 @@ class CallFlow:
             leg_id=leg.channel_id, caller_channel=self.channel_id, endpoint=self._endpoint_of(device_id),
             contact_uri=uri, caller_name=self.caller_name, caller_number=self.caller_number,
             call_id=self.call_id, ring_timeout=self.settings.dial_timeout)
+        self.trace.add("leg", device_id, fate="originated", leg=leg.channel_id, awake=awake)
         try:
             await self.pbx.originate(request)
             log.info("call %s: ringing %s", self.call_id, device_id or uri.split(";")[0])
         except PbxError as exc:
+            self.trace.add("leg", device_id, fate="failed", leg=leg.channel_id, reason=str(exc)[:200])
             log.warning("call %s: originate to %s failed: %s", self.call_id, uri.split(";")[0], exc)
             self._drop(leg)
             # With no answer (the link dropped mid-request) the PBX may have made the channel
@@ -762,6 +781,7 @@ class CallFlow:
         call), the bridge gone; then the follow-up pushes."""
         if self.phase is not Phase.ENDING:
             self.phase = Phase.ENDING  # cancelled or failed mid-way: clean up all the same
+        self.trace.close(self.status.value)
         try:
             for task in (self._retry_task, *self._timers):
                 if task is not None and not task.done():
@@ -771,6 +791,7 @@ class CallFlow:
             answered = self.status is Status.ANSWERED
             for leg in list(self.book.legs.values()):
                 if not (answered and leg is self.answered_by):
+                    self.trace.add("leg", leg.device_id, fate="cancelled", leg=leg.channel_id)
                     await self._quietly(self.pbx.hangup(leg.channel_id), "hangup")
             if answered:
                 if not self.caller_gone:

@@ -37,6 +37,7 @@ from ari_push.pbx import LegRequest, Pbx, PbxError
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.plan import PushPlanner
 from ari_push.settings import Settings
+from ari_push.trace_recorder import Tracer
 from ari_push.wakeups import Registration, Signal, WakeupHub
 
 log = logging.getLogger("ari_push.calls")
@@ -78,6 +79,7 @@ class CallManager:
         wakeups: WakeupHub,
         metrics: Metrics,
         policy: ContactPolicy,
+        tracer: Tracer | None = None,
     ) -> None:
         self.settings = settings
         self.pbx = pbx
@@ -86,6 +88,7 @@ class CallManager:
         self.wakeups = wakeups
         self.metrics = metrics
         self.policy = policy
+        self.tracer = tracer or Tracer(None, "")  # call traces (trace_recorder.py); none by default
         self.pbx_id = ""  # the PBX's entity id, part of every call id (learnt on connect)
         self.calls: dict[str, CallFlow] = {}  # caller channel id -> its flow
         self.leg_owner: dict[str, CallFlow] = {}  # leg channel id -> the flow that originated it
@@ -118,7 +121,7 @@ class CallManager:
         elif cid in self.notice_legs:
             self.notice_legs[cid].put_nowait(event)
 
-    def start_call(self, channel: ChannelInfo, args: list[str], pbx_id: str = "") -> None:
+    def start_call(self, channel: ChannelInfo, args: list[str], pbx_id: str = "", resumed: bool = False) -> None:
         cid = channel.id
         if self.draining:
             self.spawn(self._refuse(cid, Status.SHUTDOWN), f"refuse-{cid}")
@@ -130,12 +133,14 @@ class CallManager:
             self.metrics.calls.labels(Status.NO_DEVICES.value).inc()
             self.spawn(self._refuse(cid, Status.NO_DEVICES), f"badargs-{cid}")
             return
+        call_id = call_id_for(pbx_id or self.pbx_id, cid)
+        trace = self.tracer.open(cid, call_id, options.target, channel.caller_number, channel.age, resumed)
         flow = CallFlow(
-            channel_id=cid, call_id=call_id_for(pbx_id or self.pbx_id, cid), target=options.target,
+            channel_id=cid, call_id=call_id, target=options.target,
             timeout=options.timeout, caller_number=channel.caller_number, caller_name=channel.caller_name,
             age=channel.age, pbx=self.pbx, planner=self.planner, dispatcher=self.dispatcher,
             settings=self.settings.calls, policy=self.policy, metrics=self.metrics, spawn=self.spawn,
-            on_leg=self._on_leg, awake=self.awake, on_end_notice=self.end_notice)
+            on_leg=self._on_leg, awake=self.awake, on_end_notice=self.end_notice, trace=trace)
         self.calls[cid] = flow
         self.spawn(self._run(flow), f"call-{cid}")
 
@@ -157,7 +162,7 @@ class CallManager:
         """A waiting call moved into this daemon's app from a dead daemon's (cluster.py)."""
         if channel.id not in self.calls:
             log.info("resuming adopted call %s to %s", channel.id, channel.args.split(",")[0])
-            self.start_call(channel, channel.args.split(","))
+            self.start_call(channel, channel.args.split(","), resumed=True)
 
     # ---------------------------------------------------------------- tasks
 
@@ -228,7 +233,7 @@ class CallManager:
             role = channel.role
             if role is ChannelRole.CALLER:
                 log.info("reconcile: resuming call %s to %s", cid, channel.args.split(",")[0])
-                self.start_call(channel, channel.args.split(","))
+                self.start_call(channel, channel.args.split(","), resumed=True)
             elif role is ChannelRole.UP:
                 await self._adopt_bridge_of(cid)
             else:
@@ -324,6 +329,9 @@ class CallManager:
                 if isinstance(event, HANGUPS):
                     return
             await self.pbx.hangup(leg_id, notice.reason)
+            rec = self.tracer.recorder_for(notice.call_id)
+            if rec is not None:
+                rec.add("note", b.device_id, text=f"end notice sent (INVITE + CANCEL, {notice.reason})")
             log.info("call %s: told device %s how the call ended (INVITE + CANCEL, %s)", notice.call_id, b.device_id,
                      notice.reason)
         except PbxError as exc:

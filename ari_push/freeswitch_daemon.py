@@ -33,6 +33,7 @@ from ari_push.push.plan import MemoryPushPlanner, PushPlanner, RedisPushPlanner
 from ari_push.redis_keys import Keys
 from ari_push.service import make_redis
 from ari_push.settings import Settings
+from ari_push.trace_recorder import build_traces
 from ari_push.wakeups import RedisWakeups, WakeupHub
 
 log = logging.getLogger("ari_push.freeswitch")
@@ -68,8 +69,10 @@ class FreeswitchDaemon:
         self.feed = FreeswitchCapture(self.capture, self.esl, fs.profile)
         self.pbx = FreeswitchPbx(self.esl, fs.profile)
         self.dispatcher = PushDispatcher(build_providers(settings), on_token_dead=self._on_token_dead)
+        self.traces, tracer = build_traces(settings.traces, self.redis, keys.prefix, self.node_id, self.metrics)
+        self.dispatcher.observer = tracer.on_push
         self.calls = CallManager(settings, self.pbx, self.planner, self.dispatcher, self.wakeups, self.metrics,
-                                 self.policy)
+                                 self.policy, tracer)
         self.started = asyncio.Event()
 
     def _on_event(self, event: EslEvent) -> None:
@@ -101,6 +104,8 @@ class FreeswitchDaemon:
                 tg.create_task(self.esl.run(inner_stop), name="freeswitch-esl")
                 tg.create_task(self.feed.run(inner_stop), name="freeswitch-capture")
                 tg.create_task(self.calls.run(inner_stop), name="calls")
+                if self.traces is not None:
+                    tg.create_task(self.traces.run(inner_stop), name="trace-writer")
                 if isinstance(self.wakeups, RedisWakeups):
                     tg.create_task(self.wakeups.run(inner_stop), name="wakeups")
                 self.started.set()

@@ -54,4 +54,7 @@ class Metrics:
             "not-push, full)", ["fate"], registry=r)
         self.message_pushes = Counter(
             "ari_push_message_pushes", "Pushes for waiting SIP MESSAGEs, by result", ["result"], registry=r)
-
+        # ---- call traces (docs/operations.md, "Call traces")
+        self.trace_writes_dropped = Counter(
+            "ari_push_trace_writes_dropped", "Call trace writes lost, by reason (redis: the store did not answer; "
+            "overflow: the write buffer was full); the calls themselves are not affected", ["reason"], registry=r)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -52,6 +53,9 @@ from ari_push.refresh import AsteriskContacts, RefreshScheduler, build_refresh
 from ari_push.refresh_store import MemorySchedule, RedisSchedule
 from ari_push.sd_notify import notify
 from ari_push.settings import RedisSettings, Settings
+from ari_push.test_push import send_test_push
+from ari_push.trace_recorder import build_traces
+from ari_push.trace_routes import TraceRoutes
 from ari_push.wakeups import RedisWakeups, WakeupHub
 
 log = logging.getLogger("ari_push.service")
@@ -147,8 +151,12 @@ class Daemon:
                                          fanout=Fanout.from_settings(settings))
         self.pbx = AsteriskPbx(self.ari, settings.ari.app)
         self.capture.user_agent_of = self.pbx.user_agent_of
+        # Call traces (docs/operations.md): Redis or in process; fed by the calls and the dispatcher
+        self.traces, self.tracer = build_traces(settings.traces, self.redis, self.keys.prefix, self.node_id,
+                                                self.metrics)
+        self.dispatcher.observer = self.tracer.on_push
         self.calls = CallManager(settings, self.pbx, self.planner, self.dispatcher, self.wakeups, self.metrics,
-                                 self.policy)
+                                 self.policy, self.tracer)
         self.cluster: Cluster | None = None
         if settings.cluster.mode != "single" and self.redis is not None:
             self.cluster = Cluster(settings.cluster, settings.ari.app, self.redis, self.keys, self.ari, self.node_id,
@@ -168,7 +176,8 @@ class Daemon:
         self.console: Console | None = None
         if settings.http.console:
             self.console = Console(store=self.store, metrics=self.metrics, links=links, access=self.access,
-                                   node_id=self.node_id, traces=None, test_push=None)
+                                   node_id=self.node_id, traces=self.traces,
+                                   test_push=functools.partial(send_test_push, self.store, self.dispatcher))
             self.health.routes += self.console.routes()
         self.started = asyncio.Event()
         # Reachability (docs/reachability.md): registration-refresh pushes, voicemail pushes, SIP
@@ -185,6 +194,8 @@ class Daemon:
                                                             self.dispatcher, self.metrics)
         if self.messages is not None:
             self.health.routes += self.messages.routes()
+        if self.traces is not None:
+            self.health.routes += TraceRoutes(self.traces).routes()
         self.capture.on_binding = self._on_binding
         self.created_at = time.monotonic()
         self.ready_at: float | None = None
@@ -259,6 +270,8 @@ class Daemon:
                 tg.create_task(self.capture.run(inner_stop), name="capture")
                 tg.create_task(self.calls.run(inner_stop), name="calls")
                 tg.create_task(self._sweeper(inner_stop), name="sweeper")
+                if self.traces is not None:
+                    tg.create_task(self.traces.run(inner_stop), name="trace-writer")
                 if self.refresh is not None:
                     tg.create_task(self.refresh.run(inner_stop), name="refresh")
                 if self.mwi is not None:

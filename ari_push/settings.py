@@ -340,6 +340,17 @@ class MessageSettings:
 
 
 @dataclass(frozen=True)
+class TraceSettings:
+    """Call traces (docs/operations.md, "Call traces"): each call's timeline, kept ``keep`` s
+    after its last event, at most ``max_calls`` calls and ``max_events`` events per call."""
+
+    enabled: bool = True
+    keep: float = 86400.0
+    max_calls: int = 10_000
+    max_events: int = 200
+
+
+@dataclass(frozen=True)
 class Settings:
     ari: AriSettings = field(default_factory=AriSettings)
     ami: AmiSettings = field(default_factory=AmiSettings)
@@ -363,6 +374,7 @@ class Settings:
     refresh: RefreshSettings = field(default_factory=RefreshSettings)
     mwi: MwiSettings = field(default_factory=MwiSettings)
     messages: MessageSettings = field(default_factory=MessageSettings)
+    traces: TraceSettings = field(default_factory=TraceSettings)
     freeswitch: FreeswitchSettings | None = None  # set: FreeSWITCH instead of Asterisk ([ari]/[ami])
 
 
@@ -986,12 +998,20 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
     refresh = _refresh(_Section(top.table("refresh"), "refresh", base), cap)
     mwi = _mwi(_Section(top.table("mwi"), "mwi", base), cap)
     messages = _messages(_Section(top.table("messages"), "messages", base))
+    tr_s = _Section(top.table("traces"), "traces", base)
+    traces = TraceSettings(
+        enabled=tr_s.flag("enabled", TraceSettings.enabled),
+        keep=tr_s.positive("keep", TraceSettings.keep),
+        max_calls=tr_s.count("max_calls", TraceSettings.max_calls, 1, 10_000_000),
+        max_events=tr_s.count("max_events", TraceSettings.max_events, 16, 100_000),
+    )
+    tr_s.done()
     settings = Settings(
         ari=ari, ami=ami, redis=red, capture=cap, calls=calls, push=push, cluster=cluster, http=http, log=log,
         apns=apns, fcm=fcm, hms=hms, hmos=hmos, webpush=webpush, plugins=plugins, vendor=vendor, webhook=hook,
         node_id=top.text("node_id"),
         shutdown_timeout=top.positive("shutdown_timeout", Settings.shutdown_timeout),
-        refresh=refresh, mwi=mwi, messages=messages,
+        refresh=refresh, mwi=mwi, messages=messages, traces=traces,
         freeswitch=freeswitch,
     )
     top.done()

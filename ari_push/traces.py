@@ -61,7 +61,8 @@ class TraceEvent:
         if device is not None and not isinstance(device, str):
             raise TraceFormatError("event device must be a string or null")
         if not isinstance(detail, Mapping) or not all(
-                isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in detail.items()):
+                isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool)))
+                for k, v in detail.items()):
             raise TraceFormatError("event detail must map names to strings, numbers, booleans or null")
         return cls(float(t_ms), kind, device, dict(detail))
 

@@ -34,6 +34,7 @@ from ari_push.health import HttpRequest, HttpResponse, RouteHandler
 from ari_push.links import LinkState
 from ari_push.metrics import Metrics
 from ari_push.model import Binding
+from ari_push.test_push import TestPushError
 from ari_push.traces import IN_FLIGHT, CallTrace, TraceStore
 
 log = logging.getLogger("ari_push.console")
@@ -342,6 +343,6 @@ class Console:
             results = await self.test_push(body["aor"], body.get("device"))
         except StoreUnavailable as exc:
             return _error(503, f"binding store unavailable: {exc}")
-        except (LookupError, ValueError) as exc:
+        except TestPushError as exc:  # no such AOR or device, or the store unreadable: nothing sent
             return _error(404, str(exc))
         return _json({"results": [_plain(r) for r in results]})

@@ -27,6 +27,8 @@ from ari_push.push.ratelimit import RateLimiter
 log = logging.getLogger(__name__)
 
 TokenDeadHandler = Callable[[Binding, PushResult], Awaitable[None]]
+#: told each push's final result: (binding, message, provider name, result, latency ms, attempts)
+PushObserver = Callable[[Binding, PushMessage, str, PushResult, float, int], None]
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -75,6 +77,7 @@ class PushDispatcher:
         self.rate_limited: Counter[str] = Counter()  # by push kind
         self._last_limit_log = float("-inf")
         self._limited_since_log = 0
+        self.observer: PushObserver | None = None  # call traces (trace_recorder.Tracer.on_push)
 
     @property
     def counters(self) -> dict[tuple[str, str], int]:
@@ -100,6 +103,18 @@ class PushDispatcher:
         ``verdict`` is the rate limit's answer for a CALL push when the caller already took the
         token (the call flow does, in the same store round trip as the bindings: push/plan.py);
         None asks the limiter here."""
+        started = self._monotonic()
+        result, provider_name, attempts = await self._send(binding, message, verdict)
+        if self.observer is not None:
+            try:
+                self.observer(binding, message, provider_name, result, (self._monotonic() - started) * 1000.0,
+                              attempts)
+            except Exception:  # a trace must never fail a push
+                log.exception("push observer failed")
+        return result
+
+    async def _send(self, binding: Binding, message: PushMessage,
+                    verdict: bool | None) -> tuple[PushResult, str, int]:
         provider = self.provider_for(binding)
         if provider is None:
             key = (binding.push.provider, binding.push.param)
@@ -109,12 +124,12 @@ class PushDispatcher:
                             key[0], key[1] or "-")
             result = PushResult(PushOutcome.SKIPPED, f"no credentials for {key[0]}/{key[1]}")
             self._final[(binding.push.provider, str(result.outcome))] += 1
-            return result
+            return result, binding.push.provider, 0
         limited = await self._rate_limited(binding, message, verdict)
         if limited is not None:
             self._final[(provider.name, str(limited.outcome))] += 1
-            return limited
-        result = await self._send_with_retries(provider, binding, message)
+            return limited, provider.name, 0
+        result, attempts = await self._send_with_retries(provider, binding, message)
         self._final[(provider.name, str(result.outcome))] += 1
         if result.outcome is PushOutcome.TOKEN_DEAD:
             log.info("push %s: token dead (%s), call %s", describe(binding), result.reason, message.call_id)
@@ -125,7 +140,7 @@ class PushDispatcher:
         elif result.outcome is not PushOutcome.DELIVERED:
             log.warning("push %s via %s: %s (%s), call %s", describe(binding), provider.name,
                         result.outcome, result.reason, message.call_id)
-        return result
+        return result, provider.name, attempts
 
     async def _rate_limited(self, binding: Binding, message: PushMessage,
                             verdict: bool | None = None) -> PushResult | None:
@@ -164,28 +179,29 @@ class PushDispatcher:
 
     async def _send_with_retries(
         self, provider: PushProvider, binding: Binding, message: PushMessage
-    ) -> PushResult:
+    ) -> tuple[PushResult, int]:
+        """The final result and how many attempts it took."""
         attempt = 0
         last: PushResult | None = None
         while True:
             left = message.deadline - self._clock()
             if left <= 0:
                 if last is None:
-                    return PushResult(PushOutcome.FAILED, "deadline passed before the first attempt")
-                return replace(last, reason=f"{last.reason}; deadline reached")
+                    return PushResult(PushOutcome.FAILED, "deadline passed before the first attempt"), attempt
+                return replace(last, reason=f"{last.reason}; deadline reached"), attempt
             attempt += 1
             result = await self._attempt(provider, binding, message, min(self.call_timeout, left))
             self._attempts[(provider.name, str(result.outcome))] += 1
             if result.outcome is not PushOutcome.RETRY:
-                return result
+                return result, attempt
             last = result
             if attempt >= self.max_attempts:
-                return replace(result, reason=f"{result.reason}; gave up after {attempt} attempts")
+                return replace(result, reason=f"{result.reason}; gave up after {attempt} attempts"), attempt
             delay = self.backoff(attempt)
             if result.retry_after is not None:
                 delay = max(delay, result.retry_after)
             if self._clock() + delay >= message.deadline:
-                return replace(result, reason=f"{result.reason}; deadline reached before retry")
+                return replace(result, reason=f"{result.reason}; deadline reached before retry"), attempt
             log.debug("push %s: %s, retry %d in %.2fs", describe(binding), result.reason, attempt, delay)
             await self._sleep(delay)
 

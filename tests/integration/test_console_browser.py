@@ -49,7 +49,7 @@ def cli(config: Path, *args: str) -> str:
 
 
 async def test_devices_page_auth_csrf_and_forget(console_daemon, ensure_asterisk: AsteriskInstance,
-                                                 push_endpoint: PushEndpoint, aor: str, tmp_path: Path) -> None:  # noqa: F811
+                                                 push_endpoint: PushEndpoint, aor: str, tmp_path: Path) -> None:  # noqa: F811  # noqa: F811
     daemon = console_daemon.daemon
     base = f"http://127.0.0.1:{daemon.health.port}"
     shots = tmp_path / "screenshots"

@@ -1,0 +1,439 @@
+"""Where call traces are kept: in process (embedded store) or in Redis (every daemon of a cluster).
+
+Both take writes the same way, ``submit(TraceWrite)``, which is synchronous and never waits:
+the in-process store applies it at once (a dict operation); the Redis store puts it in a bounded
+buffer that its writer task (``run``, owned by the daemon's TaskGroup) sends ``FLUSH_DELAY``
+later, a batch per round trip, one Lua call per call id, pipelined. Nothing on a call's path
+awaits Redis for a trace, and a Redis outage costs the trace, never the call: the batch is
+dropped and counted (``ari_push_trace_writes_dropped{reason}``).
+
+Bounds (docs/operations.md, "Call traces"): each trace lives ``traces.keep`` seconds after its
+last write; at most ``traces.max_calls`` traces (the oldest go first, their keys deleted with
+them); at most ``traces.max_events`` events per call (the rest are counted in ``dropped``); the
+AOR and caller indexes hold at most ``INDEX_CAP`` calls each and expire with the traces.
+
+Redis layout (``<prefix>`` is ``[redis] key_prefix``):
+
+* ``<prefix>trace:<call id>``: HASH aor, caller, started_at, node, status, ended_at, dropped
+* ``<prefix>trace:<call id>:ev``: LIST of event JSON, in the order written
+* ``<prefix>traces:all`` / ``traces:live``: ZSET of call ids by started_at (all / not ended)
+* ``<prefix>traces:aor:<aor>`` / ``traces:caller:<number>``: ZSET, the same, per AOR / caller
+* channel ``<prefix>traces:updates``: each changed call id, for live pages
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ari_push.traces import IN_FLIGHT, CallTrace, TraceEvent, TraceFormatError
+
+log = logging.getLogger("ari_push.traces")
+
+INDEX_CAP = 1000  # calls kept in one AOR's or one caller's index
+FLUSH_DELAY = 0.05  # s: a call's first events (start, ringback, push) go out together, after the push
+MAX_PENDING = 20_000  # writes buffered while Redis is slow; more are dropped and counted
+FIND_SCAN = 4  # find() with a status/provider filter reads up to limit * FIND_SCAN candidates
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStart:
+    aor: str
+    caller: str
+    started_at: float
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class TraceWrite:
+    """One change to one call's trace: its opening, events, its end (any of them)."""
+
+    call_id: str
+    start: TraceStart | None = None
+    events: tuple[TraceEvent, ...] = ()
+    status: str | None = None
+    ended_at: float | None = None
+    dropped: int = 0  # events the recorder did not send (past traces.max_events)
+
+
+Dropped = Callable[[str, int], None]  # (reason, how many writes)
+
+
+def _matches(trace: CallTrace, status: str | None, provider: str | None) -> bool:
+    if status == IN_FLIGHT:
+        if not trace.in_flight:
+            return False
+    elif status is not None and trace.status != status:
+        return False
+    return provider is None or provider in trace.providers()
+
+
+# ---------------------------------------------------------------- in process
+
+
+@dataclass
+class _Rec:
+    aor: str
+    caller: str
+    started_at: float
+    node: str
+    touched: float
+    status: str | None = None
+    ended_at: float | None = None
+    events: list[TraceEvent] = field(default_factory=list)
+    dropped: int = 0
+
+    def trace(self, call_id: str) -> CallTrace:
+        return CallTrace(call_id, self.aor, self.caller, self.started_at, self.node, self.status, self.ended_at,
+                         tuple(sorted(self.events, key=lambda e: e.t_ms)), self.dropped)
+
+
+class MemoryTraceStore:
+    """Traces of this daemon's calls, in its own memory (the embedded store): the same bounds."""
+
+    def __init__(self, keep: float = 86400.0, max_calls: int = 10_000, max_events: int = 200, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.keep = keep
+        self.max_calls = max_calls
+        self.max_events = max_events
+        self._clock = clock
+        self._recs: OrderedDict[str, _Rec] = OrderedDict()  # oldest first
+        self._next_sweep = 0.0
+        self._subscribers: set[asyncio.Queue[str]] = set()
+
+    def submit(self, write: TraceWrite) -> None:
+        now = self._clock()
+        rec = self._recs.get(write.call_id)
+        if write.start is not None:
+            s = write.start
+            if rec is None:
+                rec = self._recs[write.call_id] = _Rec(s.aor, s.caller, s.started_at, s.node, now)
+            else:
+                rec.node = s.node
+        if rec is None:
+            return  # events of a trace already gone (evicted): nothing to add them to
+        rec.touched = now
+        for event in write.events:
+            if len(rec.events) < self.max_events:
+                rec.events.append(event)
+            else:
+                rec.dropped += 1
+        rec.dropped += write.dropped
+        if write.status is not None:
+            rec.status, rec.ended_at = write.status, write.ended_at
+        self._prune(now)
+        for queue in list(self._subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(write.call_id)
+
+    def _prune(self, now: float, sweep: bool = False) -> None:
+        while len(self._recs) > self.max_calls:
+            self._recs.popitem(last=False)
+        if not sweep and now < self._next_sweep:
+            return  # the expiry sweep reads every trace: at most every few seconds on the write path
+        self._next_sweep = now + min(10.0, self.keep / 10)
+        stale = [cid for cid, rec in self._recs.items() if rec.touched < now - self.keep]
+        for cid in stale:
+            del self._recs[cid]
+
+    async def get(self, call_id: str) -> CallTrace | None:
+        self._prune(self._clock(), sweep=True)
+        rec = self._recs.get(call_id)
+        return rec.trace(call_id) if rec is not None else None
+
+    async def find(self, *, aor: str | None = None, caller: str | None = None, status: str | None = None,
+                   provider: str | None = None, limit: int = 50) -> list[CallTrace]:
+        self._prune(self._clock(), sweep=True)
+        out: list[CallTrace] = []
+        recs = sorted(self._recs.items(), key=lambda item: item[1].started_at, reverse=True)
+        for cid, rec in recs:
+            if len(out) >= limit:
+                break
+            if (aor is not None and rec.aor != aor) or (caller is not None and rec.caller != caller):
+                continue
+            trace = rec.trace(cid)
+            if _matches(trace, status, provider):
+                out.append(trace)
+        return out
+
+    async def in_flight(self) -> list[CallTrace]:
+        return await self.find(status=IN_FLIGHT, limit=self.max_calls)
+
+    async def updates(self) -> AsyncIterator[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
+        self._subscribers.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+    async def count(self) -> int:
+        self._prune(self._clock(), sweep=True)
+        return len(self._recs)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Nothing to write out; kept so both stores run the same way."""
+        await stop.wait()
+
+
+# ---------------------------------------------------------------- Redis
+
+# ARGV: 1 prefix, 2 call id, 3 now, 4 keep (s), 5 max calls, 6 max events, 7 index cap,
+# 8 aor, 9 caller, 10 started_at, 11 node ("" when no start), 12 status, 13 ended_at ("" when
+# not ended), 14 events dropped by the recorder, 15.. event JSON. Returns 1. Keys are built
+# here from the prefix (as push/plan.py: standalone Redis and Sentinel; Redis Cluster is not
+# supported, docs/storage.md).
+_WRITE = """
+local p, id, now, keep = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local maxc, maxe, icap = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local hk = p .. 'trace:' .. id
+local ek = hk .. ':ev'
+local all, live = p .. 'traces:all', p .. 'traces:live'
+local function index(key, score)
+  redis.call('ZADD', key, score, id)
+  local n = redis.call('ZCARD', key)
+  if n > icap then redis.call('ZREMRANGEBYRANK', key, 0, n - icap - 1) end
+  redis.call('EXPIRE', key, keep)
+end
+if ARGV[11] ~= '' then
+  if redis.call('HSETNX', hk, 'started_at', ARGV[10]) == 1 then
+    redis.call('HSET', hk, 'aor', ARGV[8], 'caller', ARGV[9])
+    local started = tonumber(ARGV[10])
+    redis.call('ZADD', all, started, id)
+    redis.call('ZADD', live, started, id)
+    redis.call('ZREMRANGEBYSCORE', all, '-inf', now - keep)
+    redis.call('ZREMRANGEBYSCORE', live, '-inf', now - keep)
+    local n = redis.call('ZCARD', all)
+    if n > maxc then
+      local old = redis.call('ZRANGE', all, 0, n - maxc - 1)
+      for _, o in ipairs(old) do
+        redis.call('DEL', p .. 'trace:' .. o, p .. 'trace:' .. o .. ':ev')
+        redis.call('ZREM', live, o)
+      end
+      redis.call('ZREMRANGEBYRANK', all, 0, n - maxc - 1)
+    end
+    redis.call('EXPIRE', all, keep)
+    redis.call('EXPIRE', live, keep)
+    if ARGV[8] ~= '' then index(p .. 'traces:aor:' .. ARGV[8], started) end
+    if ARGV[9] ~= '' then index(p .. 'traces:caller:' .. ARGV[9], started) end
+  end
+  redis.call('HSET', hk, 'node', ARGV[11])
+elseif redis.call('EXISTS', hk) == 0 then
+  return 0
+end
+if ARGV[14] ~= '0' then redis.call('HINCRBY', hk, 'dropped', tonumber(ARGV[14])) end
+if #ARGV >= 15 then
+  local len = redis.call('LLEN', ek)
+  local room = maxe - len
+  local n = #ARGV - 14
+  local last = 14 + math.min(n, math.max(room, 0))
+  if last >= 15 then redis.call('RPUSH', ek, unpack(ARGV, 15, last)) end
+  if n > room then redis.call('HINCRBY', hk, 'dropped', n - math.max(room, 0)) end
+  redis.call('EXPIRE', ek, keep)
+end
+if ARGV[12] ~= '' then
+  redis.call('HSET', hk, 'status', ARGV[12], 'ended_at', ARGV[13])
+  redis.call('ZREM', live, id)
+end
+redis.call('EXPIRE', hk, keep)
+return 1
+"""
+
+
+class RedisTraceStore:
+    """Traces in Redis, shared by every daemon of a cluster: one trace per call id, whichever
+    daemon writes to it (a take-over appends to the same trace and names the new node)."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, keep: float = 86400.0, max_calls: int = 10_000,
+                 max_events: int = 200, *, on_dropped: Dropped = lambda _reason, _n: None,
+                 flush_delay: float = FLUSH_DELAY, max_pending: int = MAX_PENDING) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.keep = keep
+        self.max_calls = max_calls
+        self.max_events = max_events
+        self.on_dropped = on_dropped
+        self.flush_delay = flush_delay
+        self.max_pending = max_pending
+        self.dropped = 0  # writes lost (buffer full or Redis down), also reported to on_dropped
+        self._pending: deque[TraceWrite] = deque()
+        self._wake = asyncio.Event()
+        self._write = client.register_script(_WRITE)
+        self.channel = f"{prefix}traces:updates"
+
+    # ------------------------------------------------------------ writing
+
+    def submit(self, write: TraceWrite) -> None:
+        """Never waits: the write goes out with the next batch, or is dropped and counted."""
+        if len(self._pending) >= self.max_pending:
+            self._drop("overflow", 1)
+            return
+        self._pending.append(write)
+        self._wake.set()
+
+    def _drop(self, reason: str, n: int) -> None:
+        self.dropped += n
+        self.on_dropped(reason, n)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The writer: owned by the daemon's TaskGroup; flushes what is left on stop."""
+        while not stop.is_set():
+            waiter = asyncio.ensure_future(self._wake.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                stopper.cancel()
+            if stop.is_set():
+                break
+            await asyncio.sleep(self.flush_delay)
+            await self.flush()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self.flush()
+
+    async def flush(self) -> None:
+        """Send every buffered write: one pipelined round trip (never raises)."""
+        self._wake.clear()
+        if not self._pending:
+            return
+        batch = list(self._pending)
+        self._pending.clear()
+        merged = _merge(batch)
+        now = time.time()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for w in merged:
+                    await self._write(args=self._args(w, now), client=pipe)  # queued: one round trip
+                for call_id in dict.fromkeys(w.call_id for w in merged):
+                    pipe.publish(self.channel, call_id)
+                await pipe.execute()
+        except (aioredis.RedisError, OSError) as exc:
+            log.debug("trace writes dropped (%d): %s", len(batch), exc)
+            self._drop("redis", len(batch))
+        except asyncio.CancelledError:
+            self._drop("stopped", len(batch))
+            raise
+
+    def _args(self, w: TraceWrite, now: float) -> list[Any]:
+        s = w.start
+        return [self.prefix, w.call_id, repr(now), int(self.keep), self.max_calls, self.max_events, INDEX_CAP,
+                s.aor if s else "", s.caller if s else "", repr(s.started_at) if s else "", s.node if s else "",
+                w.status or "", repr(w.ended_at) if w.ended_at is not None else "", w.dropped,
+                *(json.dumps(e.to_json(), separators=(",", ":")) for e in w.events)]
+
+    # ------------------------------------------------------------ reading
+
+    def _key(self, call_id: str) -> str:
+        return f"{self.prefix}trace:{call_id}"
+
+    async def _load(self, call_ids: Iterable[str]) -> list[CallTrace]:
+        ids = list(call_ids)
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for cid in ids:
+                pipe.hgetall(self._key(cid))
+                pipe.lrange(self._key(cid) + ":ev", 0, -1)
+            replies = await pipe.execute()
+        out = []
+        for i, cid in enumerate(ids):
+            trace = _from_redis(cid, replies[2 * i], replies[2 * i + 1])
+            if trace is not None:
+                out.append(trace)
+        return out
+
+    async def get(self, call_id: str) -> CallTrace | None:
+        found = await self._load([call_id])
+        return found[0] if found else None
+
+    async def find(self, *, aor: str | None = None, caller: str | None = None, status: str | None = None,
+                   provider: str | None = None, limit: int = 50) -> list[CallTrace]:
+        if aor is not None:
+            key = f"{self.prefix}traces:aor:{aor}"
+        elif caller is not None:
+            key = f"{self.prefix}traces:caller:{caller}"
+        elif status == IN_FLIGHT:
+            key = f"{self.prefix}traces:live"
+        else:
+            key = f"{self.prefix}traces:all"
+        filtered = status is not None or provider is not None or (aor is not None and caller is not None)
+        scan = limit * FIND_SCAN if filtered else limit
+        ids = [i.decode() if isinstance(i, bytes) else str(i)
+               for i in await self.redis.zrevrange(key, 0, max(0, scan - 1))]
+        out = []
+        for trace in await self._load(ids):
+            if caller is not None and trace.caller != caller:
+                continue
+            if _matches(trace, status, provider):
+                out.append(trace)
+        return out[:limit]
+
+    async def in_flight(self) -> list[CallTrace]:
+        ids = [i.decode() if isinstance(i, bytes) else str(i)
+               for i in await self.redis.zrevrange(f"{self.prefix}traces:live", 0, -1)]
+        return [t for t in await self._load(ids) if t.in_flight]
+
+    async def updates(self) -> AsyncIterator[str]:
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(self.channel)
+        try:
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    data = message.get("data")
+                    yield data.decode() if isinstance(data, bytes) else str(data)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.unsubscribe(self.channel)
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def count(self) -> int:
+        return int(await self.redis.zcard(f"{self.prefix}traces:all"))
+
+
+def _merge(batch: list[TraceWrite]) -> list[TraceWrite]:
+    """Consecutive writes to one call become one (one Lua call per call per batch)."""
+    out: dict[str, TraceWrite] = {}
+    order: list[str] = []
+    for w in batch:
+        prev = out.get(w.call_id)
+        if prev is None:
+            out[w.call_id] = w
+            order.append(w.call_id)
+            continue
+        out[w.call_id] = replace(prev, start=prev.start or w.start, events=prev.events + w.events,
+                                 status=w.status if w.status is not None else prev.status,
+                                 ended_at=w.ended_at if w.ended_at is not None else prev.ended_at,
+                                 dropped=prev.dropped + w.dropped)
+    return [out[cid] for cid in order]
+
+
+def _text(raw: dict[Any, Any], name: str) -> str:
+    value = raw.get(name.encode(), raw.get(name))
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+def _from_redis(call_id: str, meta: dict[Any, Any], events: list[Any]) -> CallTrace | None:
+    if not meta or not _text(meta, "started_at"):
+        return None
+    try:
+        status = _text(meta, "status") or None
+        ended = _text(meta, "ended_at")
+        evs = tuple(sorted((TraceEvent.from_json(json.loads(e)) for e in events), key=lambda e: e.t_ms))
+        return CallTrace(call_id, _text(meta, "aor"), _text(meta, "caller"), float(_text(meta, "started_at")),
+                         _text(meta, "node"), status, float(ended) if ended else None, evs,
+                         int(_text(meta, "dropped") or 0))
+    except (ValueError, TraceFormatError) as exc:
+        log.warning("trace %s is unreadable: %s", call_id, exc)
+        return None
