@@ -6,8 +6,10 @@ Screenshots of every page go to ``<tmp_path>/screenshots/``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +19,10 @@ import pytest
 
 from rig.asterisk import AsteriskInstance
 from rig.redis import RedisServer
+from rig.sipua import SipUA
 from tests.browser import chromium
 from tests.conftest import daemon_config
-from tests.integration.test_calls import PushEndpoint, push_endpoint, sleeping_phone, wake_on_push  # noqa: F401
-
+from tests.integration.test_calls import PushEndpoint, hang_up_and_check, push_endpoint, sleeping_phone, wake_on_push  # noqa: F401
 
 USER, PASSWORD = "admin", "s3cret-console-pass"
 AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
@@ -122,3 +124,76 @@ async def test_overview_page(console_daemon, tmp_path: Path) -> None:
                               "the live event stream open")
         assert daemon.health.open_streams == 1
         await browser.screenshot("overview")
+
+
+async def test_a_call_live_its_timeline_and_a_test_push(console_daemon, ensure_asterisk: AsteriskInstance,  # noqa: F811
+                                                        push_endpoint: PushEndpoint, aor: str, tmp_path: Path) -> None:
+    daemon = console_daemon.daemon
+    base = f"http://127.0.0.1:{daemon.health.port}"
+    phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, daemon.store)
+    caller = SipUA("2000", ensure_asterisk.ports.sip)
+    await caller.open()
+    async with chromium(tmp_path / "screenshots") as browser:
+        await browser.set_headers({"Authorization": AUTH})
+        await browser.go(f"{base}/console#/calls")
+        await browser.wait_js("return document.body.dataset.loaded === 'calls' && "
+                              "document.getElementById('live').classList.contains('on');", 30, "the calls page, live")
+
+        # the call rings the sleeping phone: it shows up in flight while the caller waits
+        answer = caller.start_call(aor)
+        await asyncio.wait_for(push_endpoint.on_call.get(), 15)
+        call_id = await browser.wait_js(
+            "const r = [...document.querySelectorAll('#calls-live tr[data-call]')]"
+            "  .find(r => r.cells[2].textContent === arguments[0]); return r ? r.dataset.call : null;",
+            30, "the waiting call in the in-flight table", aor)
+        [trace] = await daemon.traces.find(aor=aor, limit=1)
+        assert trace.call_id == call_id and trace.in_flight
+        assert not answer.done()  # still waiting for the phone
+        await browser.screenshot("calls-in-flight")
+
+        # the phone wakes, re-registers, answers, hangs up; the call leaves the in-flight table
+        await asyncio.sleep(0.2)
+        await phone.open(0)
+        assert await phone.register() == 200
+        await asyncio.wait_for(phone.invites.get(), 10)
+        assert (await asyncio.wait_for(answer, 15)).status == 200
+        await hang_up_and_check(phone, caller, ensure_asterisk)
+        await browser.wait_js("return !document.querySelector(`#calls-live tr[data-call=\"${arguments[0]}\"]`) && "
+                              "!!document.querySelector(`#calls tr[data-call=\"${arguments[0]}\"]`);", 30,
+                              "the call among the last calls", call_id)
+        await browser.screenshot("calls")
+
+        # its timeline: the push and the re-REGISTER drawn on the time axis, with their times
+        await browser.go(f"{base}/console#/call/{call_id}")
+        events = await browser.wait_js(
+            "if (document.body.dataset.loaded !== 'call') return null;"
+            "const evs = [...document.querySelectorAll('#timeline svg g.ev')].map(g => ({kind: g.dataset.kind,"
+            "  t: Number(g.dataset.tMs), x: Number(g.querySelector('[data-x]').dataset.x), text: g.textContent}));"
+            "return evs.some(e => e.kind === 'register') && evs.some(e => e.kind === 'bridge') ? evs : null;",
+            30, "the timeline with the re-REGISTER and the bridge")
+        push = next(e for e in events if e["kind"] == "push")
+        register = next(e for e in events if e["kind"] == "register")
+        assert "push vendor call delivered" in push["text"] and f"+{push['t']:.0f} ms" in push["text"]
+        assert "re-REGISTER (new URI)" in register["text"] and f"+{register['t']:.0f} ms" in register["text"]
+        assert 0 <= push["t"] < register["t"]
+        assert push["x"] < register["x"]  # drawn in time order on the axis
+        status = await browser.wait_js("return document.getElementById('call-status')?.textContent === 'ANSWERED' "
+                                       "&& 'ANSWERED';", 30, "the final status")
+        assert status == "ANSWERED"
+        shot = await browser.screenshot("call-timeline")
+        if DOCS_SHOT.parent.is_dir():
+            shutil.copyfile(shot, DOCS_SHOT)  # the README's picture, from the latest run
+
+        # the test-push button reaches the local push service, and the page shows its answer
+        await browser.go(f"{base}/console#/devices?aor={aor}")
+        await browser.wait_js("return document.querySelectorAll('#devices tbody tr[data-device]').length;", 30,
+                              "the device row")
+        last = await browser.text("#devices tbody tr[data-device] td:nth-child(8)")
+        assert "call" in last and "delivered" in last  # the device's last push, from the trace
+        before = len(push_endpoint.pushes)
+        await browser.click("#devices tbody tr[data-device] button.test-push")
+        result = await browser.wait_js("const t = document.getElementById('action-result').textContent;"
+                                       "return t.includes('→') ? t : null;", 30, "the test push's answer")
+        assert "vendor refresh → delivered in" in result
+        assert len(push_endpoint.pushes) == before + 1 and push_endpoint.pushes[-1]["type"] == "refresh"
+        await browser.screenshot("devices-test-push")

@@ -165,61 +165,78 @@ function drawTimeline(trace) {
     trace.ended_at ? 1000 * (trace.ended_at - trace.started_at) : 0);
   const lanes = ["call"];
   for (const e of events) if (e.device && !lanes.includes(e.device)) lanes.push(e.device);
-  const left = 150, right = 40, width = Math.max(900, 140 * Math.min(events.length, 12)), top = 40, laneH = 110;
-  const height = top + lanes.length * laneH + 30;
+  const box = document.getElementById("timeline");
+  const left = 150, right = 30, top = 44, width = Math.max(900, box.clientWidth - 2);
   const x = (t) => left + (width - left - right) * (t / end);
+  const laneOf = (e) => (e.device && lanes.includes(e.device) ? lanes.indexOf(e.device) : 0);
+  // place each label: one line ("re-REGISTER (new URI) +413 ms"), to the right of its mark or,
+  // near the right edge, to its left; on the first free row, rows alternating above and below
+  const rows = lanes.map(() => []);
+  const placed = events.map((e) => {
+    const label = (LABELS[e.kind] || (() => e.kind))(e.detail || {});
+    const text = `${label} +${Number(e.t_ms).toFixed(0)} ms`;
+    const w = 6.4 * text.length + 10, cx = x(e.t_ms);
+    const toLeft = cx + 8 + w > width - 4;
+    const x0 = toLeft ? cx - 8 - w : cx + 8, x1 = x0 + w;
+    const lane = laneOf(e);
+    let row = 0;
+    while ((rows[lane][row] || []).some(([a, b]) => x0 < b + 4 && a < x1 + 4)) row += 1;
+    (rows[lane][row] = rows[lane][row] || []).push([x0, x1]);
+    return { e, label, text, cx, toLeft, lane, row };
+  });
+  const rowH = 15;
+  const half = lanes.map((_, i) => Math.max(1, Math.ceil(rows[i].length / 2)) * rowH + 12);
+  const laneY = [];
+  let y0 = top;
+  lanes.forEach((_, i) => { laneY.push(y0 + half[i]); y0 += 2 * half[i] + 8; });
+  const height = y0 + 10;
   const root = svg("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img",
     "aria-label": `timeline of call ${trace.call_id}` });
   // the axis: ticks at round milliseconds
   const step = [1, 2, 5].flatMap((m) => [1, 10, 100, 1000, 10000, 100000].map((p) => m * p))
-    .sort((a, b) => a - b).find((s) => end / s <= 10) || 100000;
+    .sort((a, b) => a - b).find((st) => end / st <= 10) || 100000;
   const axis = svg("g", { class: "axis" });
-  axis.append(svg("line", { x1: left, x2: width - right, y1: top - 10, y2: top - 10 }));
+  axis.append(svg("line", { x1: left, x2: width - right, y1: top - 14, y2: top - 14 }));
   for (let t = 0; t <= end + 1e-9; t += step) {
-    axis.append(svg("line", { class: "grid", x1: x(t), x2: x(t), y1: top - 10, y2: height - 20 }));
-    axis.append(svg("text", { x: x(t), y: top - 16, "text-anchor": "middle", class: "t" },
+    axis.append(svg("line", { class: "grid", x1: x(t), x2: x(t), y1: top - 14, y2: height - 6 }));
+    axis.append(svg("text", { x: x(t), y: top - 20, "text-anchor": "middle", class: "t" },
       t >= 1000 ? `${(t / 1000).toFixed(step >= 1000 ? 0 : 1)} s` : `${t} ms`));
   }
   root.append(axis);
   lanes.forEach((lane, i) => {
-    const y = top + i * laneH + laneH / 2;
-    root.append(svg("line", { x1: left, x2: width - right, y1: y, y2: y, class: "grid" }));
-    root.append(svg("text", { x: 8, y: y + 4, class: "lane-label" }, lane === "call" ? "call" : `device ${lane.slice(0, 10)}`));
+    root.append(svg("line", { x1: left, x2: width - right, y1: laneY[i], y2: laneY[i], class: "grid" }));
+    root.append(svg("text", { x: 8, y: laneY[i] + 4, class: "lane-label" },
+      lane === "call" ? "call" : `device ${lane.slice(0, 10)}`));
   });
-  // the wait: from the first push to the bridge (or the end), shaded on the call lane
+  // the caller's wait: from the first push to the bridge (or the end), shaded on the call lane
   const firstPush = events.find((e) => e.kind === "push"), bridge = events.find((e) => e.kind === "bridge");
   if (firstPush) {
-    const y = top + laneH / 2;
     const x2 = x(bridge ? bridge.t_ms : end);
-    root.append(svg("rect", { class: "span", x: x(firstPush.t_ms), y: y - 6, width: Math.max(2, x2 - x(firstPush.t_ms)), height: 12 }));
+    root.append(svg("rect", { class: "span", x: x(firstPush.t_ms), y: laneY[0] - 5,
+      width: Math.max(2, x2 - x(firstPush.t_ms)), height: 10 }));
   }
-  const placed = new Map();
-  events.forEach((e) => {
-    const lane = e.device && lanes.includes(e.device) ? lanes.indexOf(e.device) : 0;
-    const y = top + lane * laneH + laneH / 2;
-    const slot = placed.get(lane) || [];
-    // labels alternate above and below, and step further out when they would overlap
-    let level = 0;
-    while (slot.some((s) => s.level === level && Math.abs(s.x - x(e.t_ms)) < 120)) level += 1;
-    slot.push({ level, x: x(e.t_ms) });
-    placed.set(lane, slot);
-    const dy = (level % 2 === 0 ? -1 : 1) * (16 + 12 * Math.floor(level / 2));
+  for (const p of placed) {
+    const { e, cx, lane, row } = p;
+    const y = laneY[lane];
     const g = svg("g", { class: `ev ev-${e.kind}`, "data-kind": e.kind, "data-t-ms": e.t_ms });
-    const cx = x(e.t_ms);
     if (e.kind === "register" || e.kind === "hangup" || e.kind === "status") {
-      g.append(svg("rect", { x: cx - 6, y: y - 6, width: 12, height: 12 }));
+      g.append(svg("rect", { x: cx - 6, y: y - 6, width: 12, height: 12, "data-x": cx }));
     } else if (e.kind === "leg") {
-      g.append(svg("path", { d: `M ${cx} ${y - 7} L ${cx + 7} ${y} L ${cx} ${y + 7} L ${cx - 7} ${y} Z` }));
+      g.append(svg("path", { d: `M ${cx} ${y - 7} L ${cx + 7} ${y} L ${cx} ${y + 7} L ${cx - 7} ${y} Z`, "data-x": cx }));
     } else {
-      g.append(svg("circle", { cx, cy: y, r: 6 }));
+      g.append(svg("circle", { cx, cy: y, r: 6, "data-x": cx }));
     }
-    const label = (LABELS[e.kind] || (() => e.kind))(e.detail || {});
-    g.append(svg("text", { x: cx + 8, y: y + dy, class: "label" }, label));
-    g.append(svg("text", { x: cx + 8, y: y + dy + (dy < 0 ? -12 : 12), class: "t" }, `+${Number(e.t_ms).toFixed(0)} ms`));
-    g.append(svg("title", {}, `${label} at +${Number(e.t_ms).toFixed(1)} ms`));
+    const up = row % 2 === 0, level = Math.floor(row / 2);
+    const ly = up ? y - 10 - level * rowH : y + 20 + level * rowH;
+    g.prepend(svg("line", { x1: cx, x2: cx, y1: y, y2: up ? ly + 3 : ly - 11, class: "tick" }));
+    g.append(svg("text", { x: p.toLeft ? cx - 8 : cx + 8, y: ly, class: "label",
+      "text-anchor": p.toLeft ? "end" : "start" }, p.label + " "));
+    const tspan = svg("tspan", { class: "t" }, `+${Number(e.t_ms).toFixed(0)} ms`);
+    g.lastChild.append(tspan);
+    g.append(svg("title", {}, `${p.label} at +${Number(e.t_ms).toFixed(1)} ms`));
     root.append(g);
-  });
-  document.getElementById("timeline").replaceChildren(root);
+  }
+  box.replaceChildren(root);
 }
 async function showCall(id) {
   document.getElementById("call-id").textContent = id;
