@@ -3,6 +3,7 @@ daemon, a local vendor push service): what an admin sees and can do, as they wou
 
 Screenshots of every page go to ``<tmp_path>/screenshots/``.
 """
+# ruff: noqa: F811 (pytest fixtures imported from test_calls are parameters here)
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from rig.redis import RedisServer
 from rig.sipua import SipUA
 from tests.browser import chromium
 from tests.conftest import daemon_config
-from tests.integration.test_calls import PushEndpoint, hang_up_and_check, push_endpoint, sleeping_phone, wake_on_push  # noqa: F401
+from tests.integration.test_calls import PushEndpoint, hang_up_and_check, push_endpoint, sleeping_phone  # noqa: F401
 
 USER, PASSWORD = "admin", "s3cret-console-pass"
 AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
@@ -51,7 +52,7 @@ def cli(config: Path, *args: str) -> str:
 
 
 async def test_devices_page_auth_csrf_and_forget(console_daemon, ensure_asterisk: AsteriskInstance,
-                                                 push_endpoint: PushEndpoint, aor: str, tmp_path: Path) -> None:  # noqa: F811  # noqa: F811
+                                                 push_endpoint: PushEndpoint, aor: str, tmp_path: Path) -> None:
     daemon = console_daemon.daemon
     base = f"http://127.0.0.1:{daemon.health.port}"
     shots = tmp_path / "screenshots"
@@ -126,7 +127,7 @@ async def test_overview_page(console_daemon, tmp_path: Path) -> None:
         await browser.screenshot("overview")
 
 
-async def test_a_call_live_its_timeline_and_a_test_push(console_daemon, ensure_asterisk: AsteriskInstance,  # noqa: F811
+async def test_a_call_live_its_timeline_and_a_test_push(console_daemon, ensure_asterisk: AsteriskInstance,
                                                         push_endpoint: PushEndpoint, aor: str, tmp_path: Path) -> None:
     daemon = console_daemon.daemon
     base = f"http://127.0.0.1:{daemon.health.port}"
