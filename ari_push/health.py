@@ -148,7 +148,6 @@ class HealthServer:
 
     async def stop(self) -> None:
         server, self._server = self._server, None
-        self._close_streams()
         if server is not None:
             server.close()
             for task in list(self._handlers):
@@ -166,6 +165,15 @@ class HealthServer:
     # ---------------------------------------------------------------- connections
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._connection(reader, writer)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._server is not None or task is None:
+                raise
+            task.uncancel()  # stop() ends its own handlers: done, not an error for asyncio to report
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.open_connections >= self.max_connections:
             self.refused_connections += 1
             writer.close()
@@ -257,9 +265,7 @@ class HealthServer:
                         async with asyncio.timeout(self.header_timeout):
                             await writer.drain()
         except asyncio.CancelledError:
-            if self._server is None:
-                raise  # stop(): the handler goes
-            task.uncancel()  # draining: this stream ends, the connection closes in _accept
+            task.uncancel()  # draining or stop: this stream ends, the connection closes in _accept
         finally:
             self._streams.discard(task)
 
