@@ -263,7 +263,10 @@ function route() {
   const params = new URLSearchParams(query || "");
   const shown = page === "overview" ? showOverview() : page === "devices" ? showDevices(params.get("aor"))
     : page === "calls" ? showCalls() : showCall(decodeURIComponent(parts.slice(1).join("/")));
-  shown.then(() => document.body.setAttribute("data-loaded", page))
+  shown.then(() => {  // data-loaded-ms: since the navigation started (bench/console_load.py reads it)
+    document.body.setAttribute("data-loaded-ms", performance.now().toFixed(1));
+    document.body.setAttribute("data-loaded", page);
+  })
     .catch((e) => { document.body.setAttribute("data-error", e.message); report(`error: ${e.message}`); });
 }
 
