@@ -99,13 +99,18 @@ function report(text) {
   out.hidden = false;
   out.textContent = text;
 }
+function detailText(detail) {
+  if (!detail || typeof detail !== "object") return detail ? ` (${detail})` : "";
+  const parts = Object.entries(detail).filter(([, v]) => v !== null && v !== "").map(([k, v]) => `${k} ${v}`);
+  return parts.length ? ` (${parts.join(", ")})` : "";
+}
 async function testPush(aor, device) {
   report(`test push to ${device} …`);
   try {
     const r = await post("/api/test-push", { aor, device });
     report(r.results.map((x) => `${x.device_id || device}: ${x.provider} ${x.kind || ""} → ${x.outcome}` +
       (x.latency_ms != null ? ` in ${Number(x.latency_ms).toFixed(0)} ms` : "") +
-      (x.detail ? ` (${x.detail})` : "")).join("\n") || "no device pushed");
+      detailText(x.detail)).join("\n") || "no device pushed");
   } catch (e) { report(`test push refused: ${e.message}`); }
 }
 async function forget(aor, device) {
