@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--reveal", action="store_true", help="show tokens in full")
     tf.set_defaults(reveal=False)
     tk.set_defaults(func=cmd_tokens)
+    from ari_push.cli_traces import add_commands  # trace, test-push (docs/operations.md)
+
+    add_commands(sub, _load)
     return p
 
 

@@ -94,11 +94,13 @@ async def send_test_push(store: Bindings, dispatcher: Sender, aor: str,
     message = probe_message(aor)
     out = []
     for b in bindings:
-        token = mask_token(b.push.provider, b.push.token)
         if voip_only(b):
+            token = mask_token(b.push.provider, b.push.token)
             out.append(PushTestResult(b.device_id, b.push.provider, KIND.value, REFUSED, None,
                                       {"reason": NO_NON_VOIP, "token": token}))
             continue
+        target = remote_target(b.push) if b.push.provider == "apns" else None
+        token = mask_token(b.push.provider, target[0] if target else b.push.token)  # the token pushed
         started = time.monotonic()
         result = await dispatcher.send(b, message)
         latency = (time.monotonic() - started) * 1000.0

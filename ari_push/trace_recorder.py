@@ -56,7 +56,8 @@ class TraceRecorder:
         return self.sink is not None
 
     def now_ms(self) -> float:
-        return (self._clock() - self.started) * 1000.0
+        """Milliseconds since the INVITE, to the microsecond (as stored and shown everywhere)."""
+        return round((self._clock() - self.started) * 1000.0, 3)
 
     def add(self, kind: str, device: str | None = None, /, **detail: DetailValue) -> None:
         if self.sink is None:

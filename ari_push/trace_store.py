@@ -256,7 +256,7 @@ class RedisTraceStore:
 
     def __init__(self, client: aioredis.Redis, prefix: str, keep: float = 86400.0, max_calls: int = 10_000,
                  max_events: int = 200, *, on_dropped: Dropped = lambda _reason, _n: None,
-                 flush_delay: float = FLUSH_DELAY, max_pending: int = MAX_PENDING) -> None:
+                 flush_delay: float = FLUSH_DELAY, max_pending: int = MAX_PENDING, index_cap: int = INDEX_CAP) -> None:
         self.redis = client
         self.prefix = prefix
         self.keep = keep
@@ -265,11 +265,13 @@ class RedisTraceStore:
         self.on_dropped = on_dropped
         self.flush_delay = flush_delay
         self.max_pending = max_pending
+        self.index_cap = index_cap
         self.dropped = 0  # writes lost (buffer full or Redis down), also reported to on_dropped
         self._pending: deque[TraceWrite] = deque()
         self._wake = asyncio.Event()
         self._write = client.register_script(_WRITE)
         self.channel = f"{prefix}traces:updates"
+        self._publish_refused = False
 
     # ------------------------------------------------------------ writing
 
@@ -318,17 +320,27 @@ class RedisTraceStore:
                     await self._write(args=self._args(w, now), client=pipe)  # queued: one round trip
                 for call_id in dict.fromkeys(w.call_id for w in merged):
                     pipe.publish(self.channel, call_id)
-                await pipe.execute()
+                replies = await pipe.execute(raise_on_error=False)
         except (aioredis.RedisError, OSError) as exc:
             log.debug("trace writes dropped (%d): %s", len(batch), exc)
             self._drop("redis", len(batch))
+            return
         except asyncio.CancelledError:
             self._drop("stopped", len(batch))
             raise
+        failed = [r for r in replies[:len(merged)] if isinstance(r, Exception)]
+        if failed:  # a script refused (e.g. an ACL without the trace keys): those writes are lost
+            self._drop("redis", len(failed))
+            log.debug("trace writes refused (%d): %s", len(failed), failed[0])
+        refused = next((r for r in replies[len(merged):] if isinstance(r, Exception)), None)
+        if refused is not None and not self._publish_refused:
+            self._publish_refused = True  # an ACL without the updates channel: traces are kept, live pages poll
+            log.warning("trace updates cannot be published on %s (%s); traces are still written", self.channel,
+                        refused)
 
     def _args(self, w: TraceWrite, now: float) -> list[Any]:
         s = w.start
-        return [self.prefix, w.call_id, repr(now), int(self.keep), self.max_calls, self.max_events, INDEX_CAP,
+        return [self.prefix, w.call_id, repr(now), int(self.keep), self.max_calls, self.max_events, self.index_cap,
                 s.aor if s else "", s.caller if s else "", repr(s.started_at) if s else "", s.node if s else "",
                 w.status or "", repr(w.ended_at) if w.ended_at is not None else "", w.dropped,
                 *(json.dumps(e.to_json(), separators=(",", ":")) for e in w.events)]

@@ -29,7 +29,7 @@ class TraceFormatError(ValueError):
     """A stored or received trace is not in the shape ``CallTrace.from_json`` reads."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TraceEvent:
     """One step of a call. ``t_ms``: milliseconds since the caller's INVITE reached the daemon's
     PBX (the caller channel's creation, which StasisStart and the FreeSWITCH take-over carry as

@@ -1,13 +1,17 @@
 """End-to-end benchmark: real Asterisk 22 + Redis + the ari-push daemon + a local FCM, with
 simulated phones that wake after a delay drawn from a distribution. Not part of the tests.
 
-    .venv/bin/python bench/e2e.py [--only latency,answer,capacity,ingest] [--quick]
+    .venv/bin/python bench/e2e.py [--only latency,answer,capacity,ingest] [--quick] [--traces on|off|both]
 
 Sections (docs/performance.md has the results and how to read them):
   latency   re-REGISTER sent by the woken phone -> INVITE received by it, new-URI and same-URI wakes
   answer    time to answer for wake delays 0.3/1/2.5/4/8 s: ari-push vs the Wait(3) recipe, same run
   capacity  N calls waiting for a push at once (100, 500, 1000): completion, latencies, daemon CPU/RSS
   ingest    new-contact REGISTERs per second the capture path (AMI -> parse -> Redis -> signal) sustains
+
+``--traces both`` runs the latency section in alternating blocks with call traces off and on
+(the daemon restarted between blocks, ``--trace-rounds`` of each), to show what recording adds to
+the caller's INVITE -> push (docs/operations.md, "Call traces").
 
 The daemon runs as a subprocess (``python -m ari_push run``) so its CPU and peak RSS are its own.
 Asterisk uses the port block of instance index 5 (another with --index 6) and, for the capacity
@@ -345,6 +349,7 @@ class Rig:
         self.ami_seen: dict[str, float] = {}  # contact URI -> when our AMI session saw ContactStatus
         self.leftovers: list[dict[str, Any]] = []
         self.sa_file = self.workdir / "service-account.json"
+        self.traces = args.traces != "off"  # [traces] enabled for the next daemon start
 
     # ------------------------------------------------------------ push + capture observers
 
@@ -440,7 +445,8 @@ class Rig:
         port = free_port()
         config = self.workdir / "ari-push.toml"
         config.write_text(daemon_config(self.asterisk, self.redis.url, port, self.sa_file, self.fcm.url,
-                                        self.prefix, default_timeout=60, ca_file=self.fcm.ca_file))
+                                        self.prefix, default_timeout=60, ca_file=self.fcm.ca_file,
+                                        extra="" if self.traces else "[traces]\nenabled = false\n"))
         self.daemon = Daemon(config, self.workdir / "daemon.log", port)
         await asyncio.to_thread(self.daemon.start)
 
@@ -691,10 +697,37 @@ async def section_latency(rig: Rig, calls: int, parallel: int, dist: Distributio
             "reregister_to_invite_ms": summary_ms([r.added for r in ok]),
             **breakdown(ok),
             "call_to_push_ms": summary_ms([r.push for r in rs if not math.isnan(r.push)]),
+            "call_to_push_raw_ms": [r.push for r in rs if not math.isnan(r.push)],
             # time to answer minus the wake delay: what ari-push adds to the phone's own wake-up
             "answer_after_wake_ms": summary_ms([r.answer - r.push - r.wake for r in ok if not math.isnan(r.push)]),
             "failures": [asdict(r) for r in rs if not r.answered][:10],
         }
+    return out
+
+
+async def section_traces(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
+    """The latency section in alternating blocks, call traces off then on, the daemon restarted
+    before each block; call -> push compared over all blocks of each mode."""
+    raw: dict[str, list[float]] = {"off": [], "on": []}
+    blocks = []
+    for round_ in range(args.trace_rounds):
+        for mode in ("off", "on"):
+            rig.traces = mode == "on"
+            await rig.start_daemon()
+            r = await section_latency(rig, args.latency_calls, args.latency_parallel,
+                                      Distribution(args.latency_wake, random.Random(args.seed + round_)))
+            pushes = r["new_uri"]["call_to_push_raw_ms"] + r["same_uri"]["call_to_push_raw_ms"]
+            raw[mode] += pushes
+            s = summary_ms(pushes)
+            blocks.append({"round": round_, "traces": mode, "calls": len(pushes), "call_to_push_ms": s,
+                           "answered": r["new_uri"]["answered"] + r["same_uri"]["answered"]})
+            print(f"  traces {mode} (round {round_ + 1}): {len(pushes)} calls, caller INVITE -> push p50 "
+                  f"{s['p50']:.1f} p95 {s['p95']:.1f} p99 {s['p99']:.1f} ms", flush=True)
+    out = {"blocks": blocks, **{mode: summary_ms(v) for mode, v in raw.items()}}
+    for mode in ("off", "on"):
+        s = out[mode]
+        print(f"traces {mode}: {len(raw[mode])} calls, caller INVITE -> push p50 {s['p50']:.1f} p95 {s['p95']:.1f} "
+              f"p99 {s['p99']:.1f} ms", flush=True)
     return out
 
 
@@ -1069,7 +1102,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await rig.start()
         results["machine"]["asterisk"] = rig.asterisk_version
         rng = random.Random(args.seed)
-        if "latency" in only:
+        if "latency" in only and args.traces == "both":
+            results["traces"] = await section_traces(rig, args)
+        elif "latency" in only:
             print(f"latency: {args.latency_calls} new-URI + {args.latency_calls} same-URI wakes", flush=True)
             results["latency"] = await section_latency(rig, args.latency_calls, args.latency_parallel,
                                                        Distribution(args.latency_wake, rng))
@@ -1127,6 +1162,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (daemon log, Redis)")
     parser.add_argument("--latency-calls", type=int, default=100, help="wakes of each kind (new/same URI)")
     parser.add_argument("--latency-wake", default="uniform:0.1,0.6", help="wake delay distribution")
+    parser.add_argument("--traces", default="on", choices=("on", "off", "both"),
+                        help="[traces] enabled in the daemon; both: latency blocks with traces off and on")
+    parser.add_argument("--trace-rounds", type=int, default=2, help="with --traces both: blocks of each mode")
     parser.add_argument("--latency-parallel", type=int, default=4, help="latency calls at a time (1: one by one)")
     parser.add_argument("--answer-calls", type=int, default=10, help="calls per approach and wake delay")
     parser.add_argument("--capacity", default="100,500,1000", help="concurrent waiting calls, comma-separated")
