@@ -38,7 +38,7 @@ async def console_daemon(tmp_path: Path, ensure_asterisk: AsteriskInstance, ensu
     secret.write_text(f"{USER}:{PASSWORD}\n")
     secret.chmod(0o600)
     extra = ('[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n'
-             '[calls]\ndefault_timeout = 12\n'
+             '[calls]\ndefault_timeout = 30\n'
              f'[http]\nbasic_auth_file = "{secret}"\n'
              '[vendor]\nbody_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')
     config = daemon_config(tmp_path, ensure_asterisk, ensure_redis.url, extra)
