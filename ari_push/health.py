@@ -258,12 +258,19 @@ class HealthServer:
                      "Cache-Control: no-store", "X-Accel-Buffering: no", *(f"{k}: {v}" for k, v in answer.headers),
                      "", ""]
             writer.write("\r\n".join(lines).encode("latin-1"))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.stream_max_seconds):
-                    async for chunk in answer.stream():
-                        writer.write(chunk)
-                        async with asyncio.timeout(self.header_timeout):
-                            await writer.drain()
+            chunks = answer.stream()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.stream_max_seconds):
+                        async for chunk in chunks:
+                            writer.write(chunk)
+                            async with asyncio.timeout(self.header_timeout):
+                                await writer.drain()
+            finally:
+                close = getattr(chunks, "aclose", None)  # the route's generator cleans up now, not at GC
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        await close()
         except asyncio.CancelledError:
             task.uncancel()  # draining or stop: this stream ends, the connection closes in _accept
         finally:

@@ -51,10 +51,10 @@ def host_name(host_header: str) -> str:
 
 @dataclass(frozen=True)
 class Access:
-    bearer_token: str = ""
-    basic_auth: str = ""  # user:password
+    bearer_token: str = field(default="", repr=False)
+    basic_auth: str = field(default="", repr=False)  # user:password
     bound_host: str = "127.0.0.1"  # the address the server listens on ("" or 0.0.0.0: every address)
-    csrf_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    csrf_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 
     @property
     def authenticated(self) -> bool:

@@ -346,3 +346,39 @@ def test_bad_console_settings_are_refused(tmp_path: Path, http: str, files: dict
     assert words in str(err.value)
     for text in files.values():
         assert text not in str(err.value) or len(text) < 4
+
+
+def test_access_never_shows_its_secrets() -> None:
+    access = Access(bearer_token=TOKEN, basic_auth="admin:pw-long-enough")
+    assert TOKEN not in repr(access) and "pw-long-enough" not in repr(access)
+    assert access.csrf_token not in repr(access)
+
+
+async def test_a_reader_that_stops_reading_is_dropped_and_its_stream_cleaned_up(rig: Rig) -> None:
+    """A stream whose reader takes nothing: each chunk must go out within header_timeout (2 s
+    here); the stream ends, its subscription is gone, the slot is free again."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", rig.port))
+    await asyncio.get_running_loop().sock_sendall(sock, f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{rig.port}"
+                                                        "\r\n\r\n".encode())
+    for _ in range(500):
+        if rig.server.open_streams == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert rig.server.open_streams == 1 and len(rig.console._subscribers) == 1
+    for i in range(3000):  # updates of big-enough traces fill the socket buffers
+        write_call(rig.traces, f"flood-{i}", aor="x" * 4000, status=None)
+        if i % 100 == 0:
+            await asyncio.sleep(0)
+    for _ in range(1500):
+        if rig.server.open_streams == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert rig.server.open_streams == 0
+    assert len(rig.console._subscribers) == 0
+    sock.close()
+    assert (await http(rig.port, "GET", "/healthz"))[0] == 200
