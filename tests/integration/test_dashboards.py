@@ -218,3 +218,21 @@ def test_promtool_refuses_a_broken_rule(tmp_path: Path) -> None:
     out = subprocess.run([_promtool(), "check", "rules", str(bad)], capture_output=True, text=True, timeout=60,
                          check=False)
     assert out.returncode != 0
+
+
+def test_promtool_unit_tests_of_the_alerts_pass() -> None:
+    """Each alert fires on the series that should raise it, after its `for`, with its labels and
+    text, and stays quiet on healthy series (dashboards/prometheus/alerts_test.yml)."""
+    out = subprocess.run([_promtool(), "test", "rules", "alerts_test.yml"], cwd=ALERTS.parent, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout
+
+
+def test_the_alert_unit_tests_catch_a_changed_rule(tmp_path: Path) -> None:
+    """They are not vacuous: a link alert that waits 10 minutes instead of 1 fails them."""
+    (tmp_path / "alerts.yml").write_text(ALERTS.read_text().replace("== 0\n        for: 1m", "== 0\n        for: 10m"))
+    shutil.copyfile(ALERTS.parent / "alerts_test.yml", tmp_path / "alerts_test.yml")
+    out = subprocess.run([_promtool(), "test", "rules", "alerts_test.yml"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode != 0 and "AriPushLinkDown" in out.stdout + out.stderr
