@@ -52,6 +52,7 @@ from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResu
 from ari_push.pbx import ContactSnapshot, LegRequest, PbxError, PbxPort
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.plan import PlannedPush, PushPlanner
+from ari_push.qualify import ContactReach, Reach
 from ari_push.settings import CallSettings
 from ari_push.trace_recorder import NO_TRACE, TraceRecorder
 from ari_push.wakeups import Gap, Registration
@@ -168,6 +169,14 @@ class Leg:
     awake: bool = False  # dialled because the contact registered during this call
 
 
+class StaleRing(StrEnum):
+    """When a pushed device's contact registered before the call gets an INVITE."""
+
+    NOW = "now"  # TCP/TLS (fails at once if dead), answers the qualify, or seen awake on it
+    LATER = "later"  # UDP, not qualified: after calls.stale_ring_delay unless it re-registered
+    IF_PUSH_FAILS = "if_push_fails"  # UDP, the qualify finds it unreachable: asleep
+
+
 class LegAction(StrEnum):
     DIAL = "dial"  # ring the contact
     REPLACE = "replace"  # same URI registered afresh: the INVITE sent while it slept is lost
@@ -242,6 +251,7 @@ class CallFlow:
         spawn: Spawn,
         on_leg: Callable[[str, CallFlow | None], None] = lambda _leg, _flow: None,
         awake: AwakeDevices | None = None,
+        reach: ContactReach | None = None,
         on_end_notice: Callable[[EndNotice], None] = lambda _notice: None,
         trace: TraceRecorder = NO_TRACE,
     ) -> None:
@@ -260,6 +270,7 @@ class CallFlow:
         self.spawn = spawn
         self.on_leg = on_leg  # the manager routes a leg's events here from the moment it exists
         self.awake = awake if awake is not None else AwakeDevices()
+        self.reach = reach if reach is not None else ContactReach()
         self.on_end_notice = on_end_notice
         self.trace = trace  # this call's timeline (trace_recorder.py): synchronous, no I/O
         self.started = time.monotonic() - age  # a resumed call keeps its original deadline
@@ -424,29 +435,39 @@ class CallFlow:
         re-registers), and ring the live contacts: it may be awake.
 
         A contact without push parameters, a pushed device's contact over TCP/TLS (it fails
-        at once when the app's socket is gone) and one of a device known to answer on its old
-        contact are rung at once. A pushed device's old UDP contact is rung only
-        ``calls.stale_ring_delay`` after the push, and only if the device has not re-registered
-        by then: an INVITE to a sleeping UDP phone is retransmitted for 32 s whatever
-        happens to the call (measured), and would reach the woken app after its call ended."""
+        at once when the app's socket is gone), one that answers the PBX's qualify and one of a
+        device known to answer on its old contact are rung at once. A pushed device's old UDP
+        contact that the qualify finds unreachable is rung only if no push reaches the device;
+        one that is not qualified is rung ``calls.stale_ring_delay`` after the push, and only if
+        the device has not re-registered by then: an INVITE to a sleeping UDP phone is
+        retransmitted for 32 s whatever happens to the call (measured), costs the PBX a channel
+        and its retransmissions, and would reach the woken app after its call ended."""
         pushed = {b.device_id for b in self.pushed}
         devices = [(uri, self.device_of(uri)) for uri in live]
+        reach = {uri: self.reach.of(uri) for uri in live}  # before the deletion makes the PBX forget it
         await asyncio.gather(*(self._drop_contact(uri, device) for uri, device in devices if device in pushed))
         if not dial:
             return
         now: list[tuple[str, str]] = []
         for uri, device in devices:
-            if device and device in pushed and not self._ring_at_once(uri, device):
-                self.stale_pending[device] = uri
-                self._after(self.settings.stale_ring_delay, RingStale(uri, device))
-            else:
+            ring = self._stale_ring(uri, device, reach[uri]) if device and device in pushed else StaleRing.NOW
+            if ring is StaleRing.NOW:
                 now.append((uri, device))
+                continue
+            self.stale_pending[device] = uri  # rung at once if no push reaches the device
+            if ring is StaleRing.LATER:
+                self._after(self.settings.stale_ring_delay, RingStale(uri, device))
         await asyncio.gather(*(self._originate(uri, device, awake=False) for uri, device in now))
 
-    def _ring_at_once(self, uri: str, device: str) -> bool:
+    def _stale_ring(self, uri: str, device: str, reach: Reach) -> StaleRing:
+        """When the old contact of a pushed device is worth an INVITE (see ``_ring_live``)."""
         snapshot = self.dropped.get(device)
         transport = (snapshot or ContactSnapshot(self.target, uri)).transport
-        return transport != "udp" or device in self.awake
+        if transport != "udp" or device in self.awake:
+            return StaleRing.NOW
+        if reach is Reach.REACHABLE:
+            return StaleRing.NOW
+        return StaleRing.IF_PUSH_FAILS if reach is Reach.UNREACHABLE else StaleRing.LATER
 
     async def _drop_contact(self, uri: str, device: str) -> None:
         try:

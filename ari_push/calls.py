@@ -36,6 +36,7 @@ from ari_push.metrics import Metrics
 from ari_push.pbx import LegRequest, Pbx, PbxError
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.plan import PushPlanner
+from ari_push.qualify import ContactReach
 from ari_push.settings import Settings
 from ari_push.trace_recorder import Tracer
 from ari_push.wakeups import Registration, Signal, WakeupHub
@@ -95,6 +96,7 @@ class CallManager:
         self.bridge_watch: dict[str, asyncio.Queue[ChannelEvent]] = {}  # channel id -> adopted bridge's queue
         self.notice_legs: dict[str, asyncio.Queue[ChannelEvent]] = {}  # end-notice leg -> its events
         self.awake = AwakeDevices()  # shared by the calls of this daemon
+        self.reach = ContactReach()  # the PBX's qualify state per contact, fed by capture
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
 
@@ -140,7 +142,7 @@ class CallManager:
             timeout=options.timeout, caller_number=channel.caller_number, caller_name=channel.caller_name,
             age=channel.age, pbx=self.pbx, planner=self.planner, dispatcher=self.dispatcher,
             settings=self.settings.calls, policy=self.policy, metrics=self.metrics, spawn=self.spawn,
-            on_leg=self._on_leg, awake=self.awake, on_end_notice=self.end_notice, trace=trace)
+            on_leg=self._on_leg, awake=self.awake, reach=self.reach, on_end_notice=self.end_notice, trace=trace)
         self.calls[cid] = flow
         self.spawn(self._run(flow), f"call-{cid}")
 

@@ -28,6 +28,9 @@ from ari_push.wakeups import Registration, WakeupHub
 log = logging.getLogger("ari_push.capture")
 
 LIVE_STATUSES = frozenset({"nonqualified", "reachable", "created", "updated"})
+RECAPTURE_AFTER = 60.0  # s: a Reachable sooner than this after a capture of the same URI is not one
+RECENT_LIMIT = 50_000
+AGENT_KEPT = 3600.0  # s: how long a device's User-Agent read from the PBX is reused
 QUEUE_LIMIT = 10_000
 WORKERS = 4  # events of one AOR always go to the same worker, so they stay in order
 
@@ -58,6 +61,10 @@ class Capture:
         self.clock = clock
         self.queues: list[asyncio.Queue[AmiMessage]] = [asyncio.Queue(QUEUE_LIMIT) for _ in range(WORKERS)]
         self.dropped = 0
+        #: contact URI -> when it was last captured from a ContactStatus (bounded, oldest first)
+        self._captured_at: dict[str, float] = {}
+        #: device -> (its User-Agent, when read): bounded, re-read after AGENT_KEPT
+        self._agents: dict[str, tuple[str, float]] = {}
         self.resync_needed = False
         #: Says which provider table serves a binding (push/routing.py); set once providers exist.
         self.explain: Callable[[Binding], str] | None = None
@@ -65,6 +72,8 @@ class Capture:
         self.user_agent_of: Callable[[str, str], Awaitable[str]] | None = None
         #: told about every stored push binding; ``fresh``: registered just now (refresh, messages)
         self.on_binding: Callable[[Binding, bool], None] | None = None
+        #: told the PBX's qualify state of every contact it reports: (URI, ContactStatus/Status)
+        self.on_contact_status: Callable[[str, str], None] | None = None
 
     # ---------------------------------------------------------------- feeds
 
@@ -74,8 +83,11 @@ class Capture:
         if msg.event not in ("ContactStatus", "PeerStatus"):
             return
         aor = msg.get("AOR") or msg.get("Peer")
-        if msg.event == "ContactStatus" and msg.get("ContactStatus").lower() in LIVE_STATUSES:
-            self.deliver_now(aor, msg.get("URI"))
+        if msg.event == "ContactStatus":
+            if self.on_contact_status is not None:
+                self.on_contact_status(msg.get("URI"), msg.get("ContactStatus"))
+            if msg.get("ContactStatus").lower() in LIVE_STATUSES:
+                self.deliver_now(aor, msg.get("URI"))
         try:
             self.queues[hash(aor) % WORKERS].put_nowait(msg)
         except asyncio.QueueFull:
@@ -125,11 +137,26 @@ class Capture:
         if msg.event == "ContactStatus":
             if msg.get("ContactStatus").lower() not in LIVE_STATUSES:
                 return None
-            aor = msg.get("AOR")
-            return await self.capture(aor, msg.get("EndpointName") or aor, msg.get("URI"), "", delivered=True)
+            aor, uri = msg.get("AOR"), msg.get("URI")
+            if self._seen_just_now(uri, msg.get("ContactStatus").lower() == "reachable"):
+                return None
+            return await self.capture(aor, msg.get("EndpointName") or aor, uri, "", delivered=True)
         if msg.event == "PeerStatus" and msg.get("PeerStatus").lower() == "registered":
             return await self._chan_sip(msg)
         return None
+
+    def _seen_just_now(self, uri: str, qualified: bool) -> bool:
+        """A qualify's ``Reachable`` for a contact captured moments ago (a new contact of a
+        qualified AOR reports ``NonQualified`` then ``Reachable`` within a millisecond) says
+        nothing new: the waiting calls were woken by the first, the binding written then.
+        A ``Reachable`` long after (the phone answers OPTIONS again) is captured as a
+        registration."""
+        now = self.clock()
+        last = self._captured_at.pop(uri, None)
+        self._captured_at[uri] = now
+        while len(self._captured_at) > RECENT_LIMIT:
+            del self._captured_at[next(iter(self._captured_at))]
+        return qualified and last is not None and now - last < RECAPTURE_AFTER
 
     async def resync(self) -> int:
         """Read every registered contact from Asterisk and store what carries push parameters."""
@@ -141,12 +168,25 @@ class Capture:
             if c.event != "ContactList":
                 continue
             aor = c.get("Aor") or c.get("ObjectName").partition(";@")[0]
+            if self.on_contact_status is not None:
+                self.on_contact_status(c.get("Uri"), c.get("Status"))
             if await self.capture(aor, c.get("Endpoint") or aor, c.get("Uri"), c.get("UserAgent"), signal=False):
                 stored += 1
         log.info("resynchronised %d contacts from Asterisk, %d with push parameters", len(contacts), stored)
         return stored
 
     # ---------------------------------------------------------------- core
+
+    def _known_agent(self, device_id: str) -> str:
+        agent, at = self._agents.get(device_id, ("", 0.0))
+        return agent if self.clock() - at < AGENT_KEPT else ""
+
+    def _remember_agent(self, device_id: str, agent: str) -> None:
+        if agent:
+            self._agents.pop(device_id, None)
+            self._agents[device_id] = (agent, self.clock())
+            while len(self._agents) > RECENT_LIMIT:
+                del self._agents[next(iter(self._agents))]
 
     async def _user_agent(self, aor: str, uri: str) -> str:
         assert self.user_agent_of is not None
@@ -185,8 +225,14 @@ class Capture:
             return None
         if not user_agent and self.user_agent_of is not None:
             # AMI's ContactStatus carries no User-Agent (Asterisk 22); the contact object has it.
-            # Read after the wake-up above, so no call waits for it.
-            user_agent = await self._user_agent(aor, uri)
+            # Read after the wake-up above, so no call waits for it; once an hour per device, as
+            # every read is an ARI request that the next event of this shard waits behind.
+            user_agent = self._known_agent(push.device_id)
+            if not user_agent:
+                user_agent = await self._user_agent(aor, uri)
+                self._remember_agent(push.device_id, user_agent)
+        else:
+            self._remember_agent(push.device_id, user_agent)  # PJSIPShowContacts gives it
         binding = Binding(aor=aor, endpoint=endpoint, push=push, contact_uri=uri, user_agent=user_agent,
                           first_seen=now, last_seen=now)
         try:

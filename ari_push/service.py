@@ -197,6 +197,7 @@ class Daemon:
         if self.traces is not None:
             self.health.routes += TraceRoutes(self.traces).routes()
         self.capture.on_binding = self._on_binding
+        self.capture.on_contact_status = self.calls.reach.on_status
         self.created_at = time.monotonic()
         self.ready_at: float | None = None
 

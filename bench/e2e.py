@@ -63,6 +63,7 @@ from rig.sipua import SipMessage, SipUA, build  # noqa: E402
 
 BENCH_AOR_FIRST = 40000  # extra AORs for the capacity run, added through extra_pjsip
 BENCH_AOR_COUNT = 1100
+QUALIFY_TIMEOUT = 3.0  # s, with --qualify
 RTP_PORTS = (10000, 14998)  # 2499 RTP sessions: a waiting call holds two (caller + the sleeping leg)
 CALLER = "2000"
 ANSWER_DELAYS = (0.3, 1.0, 2.5, 4.0, 8.0)
@@ -285,6 +286,8 @@ class BenchUA(SipUA):
             BenchUA.foreign += 1
             self.send(self._response(msg, 404, "Not Found", "bench"), msg.source)
             return
+        if msg.is_request and msg.method == "OPTIONS" and not msg.uri.startswith(f"sip:{self.user}@"):
+            return  # another phone's qualify: any answer would make that sleeping phone Reachable
         super()._on_message(msg)
 
 
@@ -347,6 +350,7 @@ class Rig:
         self._sub_task: asyncio.Task[None] | None = None
         self._ami_task: asyncio.Task[None] | None = None
         self.ami_seen: dict[str, float] = {}  # contact URI -> when our AMI session saw ContactStatus
+        self.unreachable: set[str] = set()  # contact URIs Asterisk's qualify last found Unreachable (--qualify)
         self.leftovers: list[dict[str, Any]] = []
         self.sa_file = self.workdir / "service-account.json"
         self.traces = args.traces != "off"  # [traces] enabled for the next daemon start
@@ -413,6 +417,10 @@ class Rig:
                                   if ": " in line)
                     if fields.get("ContactStatus") in ("NonQualified", "Reachable"):
                         self.ami_seen.setdefault(fields.get("URI", ""), now)
+                    if fields.get("ContactStatus") == "Unreachable":
+                        self.unreachable.add(fields.get("URI", ""))
+                    elif fields.get("ContactStatus") in ("Reachable", "Removed"):
+                        self.unreachable.discard(fields.get("URI", ""))
         finally:
             writer.close()
 
@@ -423,7 +431,9 @@ class Rig:
         self.asterisk_version = asterisk_version(root)
         self.sa_file.write_text(await self.fcm.start())
         await self.relay.start()
-        extra = "\n".join(f"[{a}](phone-endpoint)\naors={a}\n[{a}](push-aor)\nminimum_expiration=1\n"
+        qualify = (f"qualify_frequency={self.args.qualify:g}\nqualify_timeout={QUALIFY_TIMEOUT:g}\n"
+                   if self.args.qualify else "")
+        extra = "\n".join(f"[{a}](phone-endpoint)\naors={a}\n[{a}](push-aor)\nminimum_expiration=1\n{qualify}"
                           for a in range(BENCH_AOR_FIRST, BENCH_AOR_FIRST + BENCH_AOR_COUNT))
         self.asterisk = AsteriskInstance(root, self.args.name, Ports.for_index(self.args.index),
                                          extra_dialplan=recipe_dialplan(self.relay.port, dial_timeout=10),
@@ -776,6 +786,13 @@ async def section_capacity(rig: Rig, n: int, dist: Distribution, ramp: float, ho
     t = time.monotonic()
     await rig.phones_asleep(aors, parallel=100)
     registered_in = time.monotonic() - t
+    if rig.args.qualify:  # the calls start once Asterisk's qualify has found every sleeping phone
+        uris = {rig.phones[a].ua.contact_uri for a in aors}
+        deadline = time.monotonic() + rig.args.qualify + QUALIFY_TIMEOUT + 60
+        while not uris <= rig.unreachable and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        print(f"  qualify: {len(uris & rig.unreachable)}/{len(uris)} sleeping contacts Unreachable after "
+              f"{time.monotonic() - t - registered_in:.0f} s", flush=True)
     idle = proc_sample(rig.pids["daemon"])
     waiting_peak = 0.0
     loop = asyncio.get_running_loop()
@@ -1170,6 +1187,8 @@ def main() -> int:
     parser.add_argument("--capacity", default="100,500,1000", help="concurrent waiting calls, comma-separated")
     parser.add_argument("--capacity-wake", default="uniform:2,22",
                         help="wake delay distribution, counted from the moment every call has been pushed")
+    parser.add_argument("--qualify", type=float, default=0.0,
+                        help="qualify_frequency (s) on the bench's push AORs; 0: off, as the sample config")
     parser.add_argument("--ramp", type=float, default=50.0, help="calls placed per second")
     parser.add_argument("--hold", type=float, default=1.0, help="seconds each answered call stays bridged")
     parser.add_argument("--ingest-rates", default="100,200,400,800,1200")

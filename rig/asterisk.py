@@ -34,6 +34,8 @@ AMI_SECRET = "rig-ami-secret"
 # Test endpoints written into pjsip_local.conf: push AORs a test can take for itself.
 TEST_AOR_FIRST = 3000
 TEST_AOR_COUNT = 200
+QUALIFY_AOR_FIRST = 3900  # push AORs with qualify_frequency=2 (tests/integration/test_qualify.py)
+QUALIFY_AOR_COUNT = 4
 
 MODULES_CONF = """\
 [modules]
@@ -280,6 +282,10 @@ entityid = 02:fc:00:00:{self.ports.sip // 256 % 256:02x}:{self.ports.sip % 256:0
         out = ["; test endpoints: push AORs a test can take for itself"]
         for aor in range(TEST_AOR_FIRST, TEST_AOR_FIRST + TEST_AOR_COUNT):
             out += [f"[{aor}](phone-endpoint)", f"aors={aor}", f"[{aor}](push-aor)", "minimum_expiration=1", ""]
+        out += ["; qualified push AORs: Asterisk's OPTIONS tell ari-push an awake phone from a sleeping one"]
+        for aor in range(QUALIFY_AOR_FIRST, QUALIFY_AOR_FIRST + QUALIFY_AOR_COUNT):
+            out += [f"[{aor}](phone-endpoint)", f"aors={aor}", f"[{aor}](push-aor)", "minimum_expiration=1",
+                    "qualify_frequency=2", "qualify_timeout=1.0", ""]
         if self.extra_pjsip:
             out += ["; ---- extra_pjsip", self.extra_pjsip, ""]
         return "\n".join(out)

@@ -120,6 +120,8 @@ class SipUA:
         self.rtp: RtpPeer | None = None
         self.log: list[SipMessage] = []
         self.provisional: list[int] = []  # 180/183 seen by the caller
+        #: a suspended app behind a live socket: every request is logged, none is answered
+        self.asleep = False
 
     # ---------------------------------------------------------------- transport
 
@@ -258,6 +260,8 @@ class SipUA:
                 fut.set_result(msg)
             elif fut is not None and not fut.done() and 100 < msg.status < 200:
                 self.provisional.append(msg.status)
+            return
+        if self.asleep:
             return
         if msg.method == "INVITE":
             push_call = msg.header("X-Ari-Push-Call-Id")

@@ -9,7 +9,6 @@ Calls go out as data-only messages (the app decides how to ring). See docs/provi
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -21,7 +20,6 @@ from urllib.parse import quote
 import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult
 from ari_push.push.common import (
@@ -35,6 +33,7 @@ from ari_push.push.common import (
     retry_after,
     send_capped,
 )
+from ari_push.push.oauth import AuthFailure, TokenCache, load_key_file, token_answer
 from ari_push.settings import FcmProject, SettingsError
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,6 @@ log = logging.getLogger(__name__)
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ASSERTION_LIFETIME = 3600  # Google's maximum
-REFRESH_EARLY = 300.0  # refresh the access token this long before it expires
 MAX_DATA_BYTES = 4096  # keys plus values, UTF-8
 RESERVED_DATA_KEYS = frozenset({"from", "notification", "message_type"})
 RESERVED_DATA_PREFIXES = ("google.", "gcm.")
@@ -66,23 +64,10 @@ class ServiceAccount:
     @classmethod
     def parse(cls, text: str, where: str = "fcm.service_account") -> ServiceAccount:
         """Parse the JSON text; errors name the field, never show the key."""
-        try:
-            data = json.loads(text)
-        except ValueError:
-            raise SettingsError(where, "is not valid JSON (expected a service-account key file)") from None
-        if not isinstance(data, dict):
-            raise SettingsError(where, "is not a JSON object")
-        for name in ("client_email", "private_key", "token_uri"):
-            if not isinstance(data.get(name), str) or not data[name]:
-                raise SettingsError(where, f"has no {name!r}")
+        data, key = load_key_file(text, where, ("client_email", "private_key", "token_uri"),
+                                  "a service-account key file")
         if data.get("type", "service_account") != "service_account":
             raise SettingsError(where, f"type is {data.get('type')!r}, not 'service_account'")
-        try:
-            key = load_pem_private_key(data["private_key"].encode(), password=None)
-        except (ValueError, TypeError):
-            raise SettingsError(where, "private_key is not a PEM private key") from None
-        if not isinstance(key, RSAPrivateKey):
-            raise SettingsError(where, "private_key is not an RSA key")
         return cls(
             client_email=data["client_email"],
             token_uri=data["token_uri"],
@@ -90,14 +75,6 @@ class ServiceAccount:
             private_key_id=str(data.get("private_key_id", "")),
             private_key=key,
         )
-
-
-class _AuthFailure(Exception):
-    """The token endpoint refused or failed; carries the result to hand back."""
-
-    def __init__(self, result: PushResult) -> None:
-        super().__init__(result.reason)
-        self.result = result
 
 
 class FcmProvider:
@@ -125,13 +102,10 @@ class FcmProvider:
         self._http = LazyClient(http2=True, ca_file=project.ca_file, timeout=project.timeout,
                                 limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
                                 transport=transport)
-        self._lock = asyncio.Lock()
-        self._access_token = ""
-        self._refresh_at = 0.0
+        self.tokens = TokenCache(self._fetch_token, clock)
         self._send_url = (
             f"{project.api_url.rstrip('/')}/v1/projects/{quote(project.project_id, safe='')}/messages:send"
         )
-        self.token_fetches = 0
 
     def serves(self, binding: Binding) -> bool:
         push = binding.push
@@ -144,7 +118,7 @@ class FcmProvider:
     async def warm(self) -> None:
         self._http.get()
         try:  # the first call's push should not wait for the OAuth2 round trip
-            await self._token()
+            await self.tokens.get()
         except Exception as exc:
             log.warning("FCM project %s: no access token yet (%s); the first push will try again",
                         self.project.project_id, exc)
@@ -161,14 +135,14 @@ class FcmProvider:
         if isinstance(body, PushResult):
             return body
         try:
-            token = await self._token()
+            token = await self.tokens.get()
             response = await self._post(token, body)
             if response.status_code == 401 and _fcm_error(response)[0] != "THIRD_PARTY_AUTH_ERROR":
                 # Our access token was refused (revoked, or the clock lied): get a new one, once.
                 log.info("fcm %s: access token refused, refreshing", self.project.project_id)
-                token = await self._token(stale=token)
+                token = await self.tokens.get(stale=token)
                 response = await self._post(token, body)
-        except _AuthFailure as exc:
+        except AuthFailure as exc:
             return exc.result
         except httpx.HTTPError as exc:
             return network_result(exc)
@@ -227,18 +201,9 @@ class FcmProvider:
 
     # ------------------------------------------------------------ OAuth2
 
-    async def _token(self, stale: str | None = None) -> str:
-        """A valid access token. ``stale`` is one the API just refused: never hand it back."""
-        if self._fresh(stale):
-            return self._access_token
-        async with self._lock:
-            if self._fresh(stale):  # another task refreshed while we waited
-                return self._access_token
-            self._access_token, self._refresh_at = await self._fetch_token()
-            return self._access_token
-
-    def _fresh(self, stale: str | None) -> bool:
-        return bool(self._access_token) and self._access_token != stale and self._clock() < self._refresh_at
+    @property
+    def token_fetches(self) -> int:
+        return self.tokens.fetches
 
     def assertion(self) -> str:
         """The signed JWT we trade for an access token (RFC 7523 jwt-bearer grant)."""
@@ -254,35 +219,20 @@ class FcmProvider:
         return jwt.encode(claims, self.account.private_key, algorithm="RS256", headers=headers)
 
     async def _fetch_token(self) -> tuple[str, float]:
-        self.token_fetches += 1
         started = self._clock()
         client = self._http.get()
         response = await send_capped(client, client.build_request(
             "POST", self.account.token_uri, data={"grant_type": GRANT_TYPE, "assertion": self.assertion()}))
-        where = f"oauth token endpoint HTTP {response.status_code}"
-        if response.status_code != 200:
-            try:
-                body = response.json()
-                error = f"{body.get('error', '')}: {str(body.get('error_description', ''))[:200]}"
-            except (ValueError, AttributeError):
-                error = ""
-            reason = f"{where} {error}".strip()
-            if response.status_code == 429 or response.status_code >= 500:
-                wait = retry_after(response.headers.get("retry-after"), started)
-                raise _AuthFailure(PushResult(PushOutcome.RETRY, reason, response.status_code, wait))
-            log.error("fcm %s: cannot get an access token: %s", self.project.project_id, reason)
-            raise _AuthFailure(PushResult(PushOutcome.FAILED, reason, response.status_code))
         try:
-            body = response.json()
-            token = body["access_token"]
-            lifetime = float(body.get("expires_in", 3600))
-            if not isinstance(token, str) or not token:
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            raise _AuthFailure(PushResult(PushOutcome.RETRY, f"{where}: malformed token response")) from None
-        # Refresh REFRESH_EARLY before expiry, or half-way for (test) tokens shorter than that.
-        margin = min(REFRESH_EARLY, lifetime / 2)
-        return token, started + lifetime - margin
+            return token_answer(response, started, _oauth_error)
+        except AuthFailure as exc:
+            if exc.result.outcome is PushOutcome.FAILED:
+                log.error("fcm %s: cannot get an access token: %s", self.project.project_id, exc.result.reason)
+            raise
+
+
+def _oauth_error(body: dict[str, Any]) -> str:
+    return f"{body.get('error', '')}: {str(body.get('error_description', ''))[:200]}"
 
 
 def _data_size(data: dict[str, str]) -> int:

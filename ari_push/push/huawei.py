@@ -14,7 +14,6 @@ Both answer with a result code in the JSON body (``80000000`` success); the mapp
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -26,7 +25,6 @@ from urllib.parse import quote
 import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult
 from ari_push.push.common import (
@@ -41,6 +39,7 @@ from ari_push.push.common import (
     retry_after,
     send_capped,
 )
+from ari_push.push.oauth import REFRESH_EARLY, AuthFailure, TokenCache, load_key_file, token_answer
 from ari_push.settings import HmosProject, HmsApp, SettingsError
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,6 @@ RETRY_CODES = frozenset({"81000001"})
 MAX_MESSAGE_BYTES = 4096
 HUAWEI_TOKEN_URL = "https://oauth-login.cloud.huawei.com/oauth2/v3/token"
 HIGH = frozenset({PushKind.CALL, PushKind.CANCEL, PushKind.ANSWERED_ELSEWHERE})
-REFRESH_EARLY = 300.0
 
 
 def result_for(response: httpx.Response, clock: Clock) -> PushResult:
@@ -101,12 +99,6 @@ def _data(message: PushMessage) -> dict[str, str]:
     return fields
 
 
-class _AuthFailure(Exception):
-    def __init__(self, result: PushResult) -> None:
-        super().__init__(result.reason)
-        self.result = result
-
-
 # ---------------------------------------------------------------- HMS Core (v1, OAuth 2.0)
 
 
@@ -120,12 +112,9 @@ class HmsProvider:
         self._clock = clock
         self._http = LazyClient(http2=False, ca_file=app.ca_file, timeout=app.timeout,
                                 limits=httpx.Limits(max_connections=100, max_keepalive_connections=50))
-        self._lock = asyncio.Lock()
-        self._access_token = ""
-        self._refresh_at = 0.0
+        self.tokens = TokenCache(self._fetch, clock)
         # Huawei's reference names the path segment the OAuth 2.0 client id (for an app, its app id).
         self._send_url = f"{app.api_url.rstrip('/')}/v1/{quote(app.client_id or app.app_id, safe='')}/messages:send"
-        self.token_fetches = 0
 
     def serves(self, binding: Binding) -> bool:
         return binding.push.provider == "hms" and binding.push.param == self.app.app_id
@@ -134,7 +123,7 @@ class HmsProvider:
         preload_http()
         self._http.get()
         try:
-            await self._token()
+            await self.tokens.get()
         except Exception as exc:
             log.warning("HMS app %s: no access token yet (%s); the first push will try again", self.app.app_id, exc)
 
@@ -168,13 +157,13 @@ class HmsProvider:
         if isinstance(body, PushResult):
             return body
         try:
-            token = await self._token()
+            token = await self.tokens.get()
             response = await self._post(token, body)
             if _code(response) in AUTH_CODES or response.status_code == 401:
                 log.info("hms %s: access token refused, refreshing", self.app.app_id)
-                token = await self._token(stale=token)
+                token = await self.tokens.get(stale=token)
                 response = await self._post(token, body)
-        except _AuthFailure as exc:
+        except AuthFailure as exc:
             return exc.result
         except ResponseTooLarge as exc:
             return PushResult(PushOutcome.FAILED, str(exc))
@@ -190,20 +179,11 @@ class HmsProvider:
         return await send_capped(client, client.build_request("POST", self._send_url, content=body, headers={
             "authorization": f"Bearer {token}", "content-type": "application/json;charset=utf-8"}))
 
-    async def _token(self, stale: str | None = None) -> str:
-        if self._fresh(stale):
-            return self._access_token
-        async with self._lock:
-            if self._fresh(stale):
-                return self._access_token
-            self._access_token, self._refresh_at = await self._fetch()
-            return self._access_token
-
-    def _fresh(self, stale: str | None) -> bool:
-        return bool(self._access_token) and self._access_token != stale and self._clock() < self._refresh_at
+    @property
+    def token_fetches(self) -> int:
+        return self.tokens.fetches
 
     async def _fetch(self) -> tuple[str, float]:
-        self.token_fetches += 1
         started = self._clock()
         client = self._http.get()
         try:
@@ -211,31 +191,18 @@ class HmsProvider:
                 "grant_type": "client_credentials", "client_id": self.app.client_id,
                 "client_secret": str(self.app.client_secret)}))
         except ResponseTooLarge as exc:
-            raise _AuthFailure(PushResult(PushOutcome.FAILED, f"oauth token endpoint: {exc}")) from None
-        where = f"oauth token endpoint HTTP {response.status_code}"
+            raise AuthFailure(PushResult(PushOutcome.FAILED, f"oauth token endpoint: {exc}")) from None
         try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        if response.status_code != 200 or not isinstance(body, dict) or "access_token" not in body:
-            detail = ""
-            if isinstance(body, dict):
-                detail = f"error {body.get('error', '')} sub_error {body.get('sub_error', '')}: " \
-                         f"{str(body.get('error_description', ''))[:120]}"
-            reason = f"{where} {detail}".strip()
-            if response.status_code == 429 or response.status_code >= 500:
-                raise _AuthFailure(PushResult(PushOutcome.RETRY, reason, response.status_code,
-                                              retry_after(response.headers.get("retry-after"), started)))
-            log.error("hms %s: cannot get an access token: %s", self.app.app_id, reason)
-            raise _AuthFailure(PushResult(PushOutcome.FAILED, reason, response.status_code))
-        token = body["access_token"]
-        try:
-            lifetime = float(body.get("expires_in", 3600))
-        except (TypeError, ValueError):
-            lifetime = 3600.0
-        if not isinstance(token, str) or not token:
-            raise _AuthFailure(PushResult(PushOutcome.RETRY, f"{where}: malformed token response"))
-        return token, started + lifetime - min(REFRESH_EARLY, lifetime / 2)
+            return token_answer(response, started, _oauth_error)
+        except AuthFailure as exc:
+            if exc.result.outcome is PushOutcome.FAILED:
+                log.error("hms %s: cannot get an access token: %s", self.app.app_id, exc.result.reason)
+            raise
+
+
+def _oauth_error(body: dict[str, Any]) -> str:
+    return (f"error {body.get('error', '')} sub_error {body.get('sub_error', '')}: "
+            f"{str(body.get('error_description', ''))[:120]}")
 
 
 # ---------------------------------------------------------------- HarmonyOS (v3, service-account JWT)
@@ -253,21 +220,8 @@ class HuaweiServiceAccount:
 
     @classmethod
     def parse(cls, text: str, where: str) -> HuaweiServiceAccount:
-        try:
-            data = json.loads(text)
-        except ValueError:
-            raise SettingsError(where, "is not valid JSON (expected a Huawei service-account key file)") from None
-        if not isinstance(data, dict):
-            raise SettingsError(where, "is not a JSON object")
-        for name in ("key_id", "private_key", "sub_account"):
-            if not isinstance(data.get(name), str) or not data[name]:
-                raise SettingsError(where, f"has no {name!r}")
-        try:
-            key = load_pem_private_key(data["private_key"].encode(), password=None)
-        except (ValueError, TypeError):
-            raise SettingsError(where, "private_key is not a PEM private key") from None
-        if not isinstance(key, RSAPrivateKey):
-            raise SettingsError(where, "private_key is not an RSA key (Huawei signs PS256)")
+        data, key = load_key_file(text, where, ("key_id", "private_key", "sub_account"),
+                                  "a Huawei service-account key file", " (Huawei signs PS256)")
         return cls(project_id=str(data.get("project_id", "")), key_id=data["key_id"],
                    sub_account=data["sub_account"], token_uri=str(data.get("token_uri") or HUAWEI_TOKEN_URL),
                    private_key=key)

@@ -25,10 +25,8 @@ Usage (pytest or a plain script)::
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import ssl
 import time
 import uuid
 from collections import deque
@@ -36,14 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tests.fakes.h2server import H2Request, H2Response, H2Server
 from tests.fakes.keys import Pki, ec_key, private_pem
 
 PATH_RE = re.compile(r"^/3/device/([^/?]+)$")
@@ -89,97 +83,6 @@ class _Key:
     expired_through: int = -(10**12)  # tokens issued at or before this second are expired
 
 
-@dataclass
-class _Stream:
-    headers: list[tuple[str, str]]
-    body: bytearray = field(default_factory=bytearray)
-
-
-class _Protocol(asyncio.Protocol):
-    def __init__(self, server: FakeApns) -> None:
-        self.server = server
-        self.transport: asyncio.Transport | None = None
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        self.streams: dict[int, _Stream] = {}
-        self.number = 0
-        self.peer_cn: str | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        ssl_object = transport.get_extra_info("ssl_object")
-        self.server.handshakes += 1
-        self.number = self.server.handshakes
-        self.server._protocols.add(self)
-        if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
-            self.server.refused_connections += 1
-            transport.close()
-            return
-        peer = ssl_object.getpeercert()
-        if peer:
-            for rdn in peer.get("subject", ()):
-                for name, value in rdn:
-                    if name == "commonName":
-                        self.peer_cn = value
-        self.conn.initiate_connection()
-        self.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
-        self.flush()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.server._protocols.discard(self)
-
-    def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError:
-            self.flush()
-            if self.transport is not None:
-                self.transport.close()
-            return
-        for event in events:
-            if isinstance(event, h2.events.RequestReceived):
-                self.streams[event.stream_id] = _Stream([(str(k), str(v)) for k, v in event.headers or ()])
-            elif isinstance(event, h2.events.DataReceived):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None and event.data:
-                    stream.body.extend(event.data)
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, h2.events.StreamEnded):
-                stream = self.streams.pop(event.stream_id, None)
-                if stream is not None:
-                    self.answer(event.stream_id, stream)
-            elif isinstance(event, h2.events.StreamReset):
-                self.streams.pop(event.stream_id, None)
-            elif isinstance(event, h2.events.ConnectionTerminated) and self.transport is not None:
-                self.flush()
-                self.transport.close()
-                return
-        self.flush()
-
-    def answer(self, stream_id: int, stream: _Stream) -> None:
-        apns_id, answer = self.server.evaluate(stream.headers, bytes(stream.body), self.peer_cn, self.number)
-        if answer.stall:
-            return
-        headers = [(":status", str(answer.status)), ("apns-id", apns_id)]
-        if answer.retry_after:
-            headers.append(("retry-after", answer.retry_after))
-        if answer.status == 200:
-            self.conn.send_headers(stream_id, headers, end_stream=True)  # no DATA frame, like Apple
-            return
-        body: dict[str, Any] = {"reason": answer.reason}
-        if answer.timestamp_ms is not None:
-            body["timestamp"] = answer.timestamp_ms
-        data = json.dumps(body).encode()
-        headers += [("content-type", "application/json; charset=utf-8"), ("content-length", str(len(data)))]
-        self.conn.send_headers(stream_id, headers)
-        self.conn.send_data(stream_id, data, end_stream=True)
-
-
 class FakeApns:
     """The fake server. ``clock`` is Apple's clock for the JWT checks."""
 
@@ -196,16 +99,11 @@ class FakeApns:
         self.max_token_age = max_token_age
         #: client-certificate common name -> topics it may push to (certificate auth)
         self.cert_topics = cert_topics or {}
-        self.handshakes = 0
-        self.refused_connections = 0
         self.requests: list[ApnsRequest] = []
         self.answers: list[tuple[int, str]] = []
-        self.host = "127.0.0.1"
-        self.port = 0
         self._keys: dict[str, _Key] = {}
         self._scripts: dict[str, deque[ApnsAnswer]] = {}
-        self._server: asyncio.Server | None = None
-        self._protocols: set[_Protocol] = set()
+        self._h2 = H2Server(pki, self._handle, client_ca=pki.ca_file)
         #: token -> (voip | remote, bundle id), from register_device
         self.device_kinds: dict[str, tuple[str, str]] = {}
         #: told about every accepted push (token, headers, payload): a device model takes it here
@@ -216,28 +114,46 @@ class FakeApns:
         return f"https://{self.host}:{self.port}"
 
     @property
+    def host(self) -> str:
+        return self._h2.host
+
+    @property
+    def port(self) -> int:
+        return self._h2.port
+
+    @property
+    def handshakes(self) -> int:
+        return self._h2.handshakes
+
+    @property
+    def refused_connections(self) -> int:
+        return self._h2.refused_connections
+
+    @property
     def open_connections(self) -> int:
-        return len(self._protocols)
+        return self._h2.open_connections
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> FakeApns:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.pki.server_cert, self.pki.server_key)
-        ctx.load_verify_locations(self.pki.ca_file)
-        ctx.verify_mode = ssl.CERT_OPTIONAL  # certificate auth clients present one; token auth ones don't
-        ctx.set_alpn_protocols(["h2"])
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Protocol(self), host, port, ssl=ctx)
-        self.host, self.port = self._server.sockets[0].getsockname()[:2]
+        await self._h2.start(host, port)
         return self
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for proto in list(self._protocols):
-                if proto.transport is not None:
-                    proto.transport.abort()
-            await self._server.wait_closed()
-            self._server = None
+        await self._h2.stop()
+
+    async def _handle(self, request: H2Request) -> H2Response | None:
+        apns_id, answer = self.evaluate(request.header_list, request.body, request.peer_cn, request.connection)
+        if answer.stall:
+            return None
+        headers = [("apns-id", apns_id)]
+        if answer.retry_after:
+            headers.append(("retry-after", answer.retry_after))
+        if answer.status == 200:
+            return H2Response(200, b"", headers)  # no DATA frame, like Apple
+        body: dict[str, Any] = {"reason": answer.reason}
+        if answer.timestamp_ms is not None:
+            body["timestamp"] = answer.timestamp_ms
+        return H2Response(answer.status, json.dumps(body).encode(),
+                          [*headers, ("content-type", "application/json; charset=utf-8")])
 
     async def __aenter__(self) -> FakeApns:
         return await self.start()
@@ -276,9 +192,7 @@ class FakeApns:
         return len(self._keys[key_id].known)
 
     def drop_connections(self) -> None:
-        for proto in list(self._protocols):
-            if proto.transport is not None:
-                proto.transport.abort()
+        self._h2.drop_connections()
 
     # ------------------------------------------------------------ the checks
 

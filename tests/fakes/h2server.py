@@ -1,4 +1,4 @@
-"""A small HTTP/2-over-TLS server for the fakes that Google serves the way Google does (FCM).
+"""A small HTTP/2-over-TLS server for the fakes of the services that speak HTTP/2 (FCM, APNs).
 
 TLS with ALPN ``h2`` only (a client that cannot speak HTTP/2 is refused at the handshake,
 as the fake APNs does); each request is handed to an async handler as a :class:`H2Request`
@@ -26,8 +26,11 @@ from tests.fakes.keys import Pki
 class H2Request:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # the first value of each name
     body: bytes
+    header_list: list[tuple[str, str]] = field(default_factory=list)  # as sent, repeats included
+    peer_cn: str | None = None  # the client certificate's common name, when it showed one
+    connection: int = 0  # which TLS connection (1, 2, ...: the handshake count when it was made)
 
     @property
     def content_type(self) -> str:
@@ -50,17 +53,24 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
         self.streams: dict[int, tuple[list[tuple[str, str]], bytearray]] = {}
+        self.number = 0
+        self.peer_cn: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.server.handshakes += 1
+        self.number = self.server.handshakes
         self.server._conns.add(self)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
             self.server.refused_connections += 1
             transport.close()
             return
+        for rdn in (ssl_object.getpeercert() or {}).get("subject", ()):
+            for name, value in rdn:
+                if name == "commonName":
+                    self.peer_cn = value
         self.conn.initiate_connection()
         self.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
         self.flush()
@@ -105,11 +115,14 @@ class _Conn(asyncio.Protocol):
         headers: dict[str, str] = {}
         for name, value in header_list:
             headers.setdefault(name, value)
-        request = H2Request(headers.get(":method", ""), headers.get(":path", ""), headers, bytes(body))
+        request = H2Request(headers.get(":method", ""), headers.get(":path", ""), headers, bytes(body),
+                            header_list, self.peer_cn, self.number)
         response = await self.server.handler(request)
         if response is None or self.transport is None or self.transport.is_closing():
             return
-        out = [(":status", str(response.status)), *response.headers, ("content-length", str(len(response.body)))]
+        out = [(":status", str(response.status)), *response.headers]
+        if response.body:  # an empty answer has no DATA frame and no length (APNs' 200)
+            out.append(("content-length", str(len(response.body))))
         try:
             if response.body:
                 self.conn.send_headers(stream_id, out)
@@ -122,9 +135,13 @@ class _Conn(asyncio.Protocol):
 
 
 class H2Server:
-    def __init__(self, pki: Pki, handler: Handler) -> None:
+    """``client_ca``: ask clients for a certificate signed by it (optional, as APNs does:
+    certificate-auth clients show one, token-auth ones do not)."""
+
+    def __init__(self, pki: Pki, handler: Handler, *, client_ca: str = "") -> None:
         self.pki = pki
         self.handler = handler
+        self.client_ca = client_ca
         self.handshakes = 0
         self.refused_connections = 0
         self.host = "127.0.0.1"
@@ -145,6 +162,9 @@ class H2Server:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(self.pki.server_cert, self.pki.server_key)
+        if self.client_ca:
+            ctx.load_verify_locations(self.client_ca)
+            ctx.verify_mode = ssl.CERT_OPTIONAL
         ctx.set_alpn_protocols(["h2"])
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Conn(self), host, port, ssl=ctx)

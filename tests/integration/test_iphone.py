@@ -10,7 +10,9 @@ CANCEL/BYE, or a background/alert push naming the call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,102 +79,99 @@ def check(phone: IPhone, fake: FakeApns) -> None:
     assert all(status == 200 for status, _ in fake.answers), fake.answers  # nothing Apple would refuse
 
 
+@dataclass
+class Scene:
+    """A started daemon, an iPhone asleep on ``aor`` and a caller; ``desk``: a desk phone on the
+    same AOR, opened on demand."""
+
+    asterisk: AsteriskInstance
+    fake: FakeApns
+    phone: IPhone
+    caller: SipUA
+    desk: SipUA
+
+
+@contextlib.asynccontextmanager
+async def scene(tmp_path: Path, asterisk: AsteriskInstance, redis: RedisServer, start_daemon: Any,
+                apns: tuple[FakeApns, Path, Path], aor: str, *, timeout: float = 8,
+                **phone: Any) -> AsyncIterator[Scene]:
+    """Everything a case needs; afterwards Apple's rules hold (no violation, nothing refused),
+    every socket is closed and no channel is left."""
+    rd = await start(tmp_path, asterisk, redis, start_daemon, apns, timeout=timeout)
+    s = Scene(asterisk, apns[0], await iphone(asterisk, apns[0], rd, aor, **phone), SipUA("2000", asterisk.ports.sip),
+              SipUA(aor, asterisk.ports.sip))
+    await s.caller.open()
+    try:
+        yield s
+        check(s.phone, s.fake)
+    finally:
+        if s.desk.port:
+            await s.desk.unregister()
+        s.desk.close()
+        s.caller.close()
+        s.phone.close()
+    await wait_for(lambda: no_channels(asterisk), 10, "no channels left")
+
+
 async def test_normal_wake_is_one_voip_push_then_the_call(
         tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon: Any,
         apns: tuple[FakeApns, Path, Path], aor: str) -> None:
-    rd = await start(tmp_path, ensure_asterisk, ensure_redis, start_daemon, apns)
-    phone = await iphone(ensure_asterisk, apns[0], rd, aor)
-    caller = SipUA("2000", ensure_asterisk.ports.sip)
-    await caller.open()
-    try:
-        resp = await asyncio.wait_for(caller.call(aor), 15)
+    async with scene(tmp_path, ensure_asterisk, ensure_redis, start_daemon, apns, aor) as sc:
+        resp = await asyncio.wait_for(sc.caller.call(aor), 15)
         assert resp.status == 200
-        (call_id,) = phone.calls
-        assert await phone.learnt(call_id, 5) == "answered"
-        await caller.hangup()
-        await asyncio.wait_for(phone.ua.byes.get(), 5)  # type: ignore[union-attr]
-        assert [(kind, push_type) for kind, push_type, _ in phone.pushes] == [("voip", "voip")]
-        check(phone, apns[0])
-    finally:
-        caller.close()
-        phone.close()
-    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+        (call_id,) = sc.phone.calls
+        assert await sc.phone.learnt(call_id, 5) == "answered"
+        await sc.caller.hangup()
+        await asyncio.wait_for(sc.phone.ua.byes.get(), 5)  # type: ignore[union-attr]
+        assert [(kind, push_type) for kind, push_type, _ in sc.phone.pushes] == [("voip", "voip")]
 
 
 async def test_caller_hangs_up_before_the_wake_the_phone_learns_it_by_a_background_push(
         tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon: Any,
         apns: tuple[FakeApns, Path, Path], aor: str) -> None:
-    rd = await start(tmp_path, ensure_asterisk, ensure_redis, start_daemon, apns)
-    phone = await iphone(ensure_asterisk, apns[0], rd, aor, wake_delay=2.0)
-    caller = SipUA("2000", ensure_asterisk.ports.sip)
-    await caller.open()
-    try:
-        answer = caller.start_call(aor)
-        await wait_for(lambda: phone.calls, 10, "the VoIP push")
-        await caller.cancel()
+    async with scene(tmp_path, ensure_asterisk, ensure_redis, start_daemon, apns, aor, wake_delay=2.0) as sc:
+        answer = sc.caller.start_call(aor)
+        await wait_for(lambda: sc.phone.calls, 10, "the VoIP push")
+        await sc.caller.cancel()
         await asyncio.wait_for(answer, 10)
-        (call_id,) = phone.calls
-        assert await phone.learnt(call_id, 10) == "push:cancel"
-        assert ("remote", "background") in [(k, t) for k, t, _ in phone.pushes]
-        await asyncio.wait_for(phone.woke.wait(), 10)
+        (call_id,) = sc.phone.calls
+        assert await sc.phone.learnt(call_id, 10) == "push:cancel"
+        assert ("remote", "background") in [(k, t) for k, t, _ in sc.phone.pushes]
+        await asyncio.wait_for(sc.phone.woke.wait(), 10)
         await asyncio.sleep(0)  # the phone is up: nothing for the ended call may reach it now
-        assert phone.ua is not None and phone.ua.invites.empty()
-        check(phone, apns[0])
-    finally:
-        caller.close()
-        phone.close()
-    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+        assert sc.phone.ua is not None and sc.phone.ua.invites.empty()
 
 
 async def test_timeout_then_late_wake_gets_cancel_and_a_missed_call_alert(
         tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon: Any,
         apns: tuple[FakeApns, Path, Path], aor: str) -> None:
-    rd = await start(tmp_path, ensure_asterisk, ensure_redis, start_daemon, apns, timeout=1)
-    phone = await iphone(ensure_asterisk, apns[0], rd, aor, wake_delay=3.0)
-    caller = SipUA("2000", ensure_asterisk.ports.sip)
-    await caller.open()
-    try:
-        resp = await asyncio.wait_for(caller.call(aor), 15)
+    async with scene(tmp_path, ensure_asterisk, ensure_redis, start_daemon, apns, aor, timeout=1,
+                     wake_delay=3.0) as sc:
+        resp = await asyncio.wait_for(sc.caller.call(aor), 15)
         assert resp.status >= 400  # nobody woke in time: the dialplan's answer
-        (call_id,) = phone.calls
-        assert await phone.learnt(call_id, 10) == "push:cancel"
-        await wait_for(lambda: ("remote", "alert") in [(k, t) for k, t, _ in phone.pushes], 10, "missed-call alert")
-        alert = next(p for k, t, p in phone.pushes if t == "alert")
+        (call_id,) = sc.phone.calls
+        assert await sc.phone.learnt(call_id, 10) == "push:cancel"
+        await wait_for(lambda: ("remote", "alert") in [(k, t) for k, t, _ in sc.phone.pushes], 10,
+                       "missed-call alert")
+        alert = next(p for k, t, p in sc.phone.pushes if t == "alert")
         assert alert["type"] == "missed-call" and "2000" in alert["aps"]["alert"]["loc-args"][0]  # the caller
-        await asyncio.wait_for(phone.woke.wait(), 10)
-        assert phone.ua is not None and phone.ua.invites.empty()
-        check(phone, apns[0])
-    finally:
-        caller.close()
-        phone.close()
-    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+        await asyncio.wait_for(sc.phone.woke.wait(), 10)
+        assert sc.phone.ua is not None and sc.phone.ua.invites.empty()
 
 
 async def test_answered_elsewhere_by_a_desk_phone(
         tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon: Any,
         apns: tuple[FakeApns, Path, Path], aor: str) -> None:
-    rd = await start(tmp_path, ensure_asterisk, ensure_redis, start_daemon, apns)
-    phone = await iphone(ensure_asterisk, apns[0], rd, aor, wake_delay=1.5)
-    desk = SipUA(aor, ensure_asterisk.ports.sip)
-    await desk.open()
-    caller = SipUA("2000", ensure_asterisk.ports.sip)
-    await caller.open()
-    try:
-        assert await desk.register() == 200  # a desk phone on the same AOR: rung at once, answers
-        resp = await asyncio.wait_for(caller.call(aor), 15)
+    async with scene(tmp_path, ensure_asterisk, ensure_redis, start_daemon, apns, aor, wake_delay=1.5) as sc:
+        await sc.desk.open()
+        assert await sc.desk.register() == 200  # a desk phone on the same AOR: rung at once, answers
+        resp = await asyncio.wait_for(sc.caller.call(aor), 15)
         assert resp.status == 200
-        await wait_for(lambda: phone.calls, 10, "the VoIP push")
-        (call_id,) = phone.calls
-        assert await phone.learnt(call_id, 10) == "push:answered-elsewhere"
-        await caller.hangup()
-        await asyncio.wait_for(desk.byes.get(), 5)
-        check(phone, apns[0])
-    finally:
-        await desk.unregister()
-        desk.close()
-        caller.close()
-        phone.close()
-    await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
+        await wait_for(lambda: sc.phone.calls, 10, "the VoIP push")
+        (call_id,) = sc.phone.calls
+        assert await sc.phone.learnt(call_id, 10) == "push:answered-elsewhere"
+        await sc.caller.hangup()
+        await asyncio.wait_for(sc.desk.byes.get(), 5)
 
 
 @pytest.mark.parametrize("ending", ["caller-gave-up", "answered-elsewhere"])
@@ -181,35 +180,23 @@ async def test_voip_only_iphone_learns_the_end_by_invite_and_cancel(
         apns: tuple[FakeApns, Path, Path], aor: str, ending: str) -> None:
     """No remote token: no push may tell it. When it re-registers it gets an INVITE for the
     call and a CANCEL with the RFC 3326 reason."""
-    rd = await start(tmp_path, ensure_asterisk, ensure_redis, start_daemon, apns)
-    phone = await iphone(ensure_asterisk, apns[0], rd, aor, dual=False, wake_delay=2.0, answer=False)
-    caller = SipUA("2000", ensure_asterisk.ports.sip)
-    await caller.open()
-    desk = SipUA(aor, ensure_asterisk.ports.sip)
-    try:
+    async with scene(tmp_path, ensure_asterisk, ensure_redis, start_daemon, apns, aor, dual=False,
+                     wake_delay=2.0, answer=False) as sc:
         if ending == "answered-elsewhere":
-            await desk.open()
-            assert await desk.register() == 200
-            assert (await asyncio.wait_for(caller.call(aor), 15)).status == 200
+            await sc.desk.open()
+            assert await sc.desk.register() == 200
+            assert (await asyncio.wait_for(sc.caller.call(aor), 15)).status == 200
         else:
-            answer = caller.start_call(aor)
-            await wait_for(lambda: phone.calls, 10, "the VoIP push")
-            await caller.cancel()
+            answer = sc.caller.start_call(aor)
+            await wait_for(lambda: sc.phone.calls, 10, "the VoIP push")
+            await sc.caller.cancel()
             await asyncio.wait_for(answer, 10)
-        await wait_for(lambda: phone.calls, 10, "the VoIP push")
-        (call_id,) = phone.calls
-        how = await phone.learnt(call_id, 15)
+        await wait_for(lambda: sc.phone.calls, 10, "the VoIP push")
+        (call_id,) = sc.phone.calls
+        how = await sc.phone.learnt(call_id, 15)
         if ending == "answered-elsewhere":
             assert how.startswith("cancel:") and 'SIP;cause=200;text="Call completed elsewhere"' in how
-            await caller.hangup()
+            await sc.caller.hangup()
         else:
             assert how.startswith("cancel:") and "completed elsewhere" not in how
-        assert [(k, t) for k, t, _ in phone.pushes] == [("voip", "voip")]  # nothing but the call
-        check(phone, apns[0])
-    finally:
-        if desk.port:
-            await desk.unregister()
-        desk.close()
-        caller.close()
-        phone.close()
-    await wait_for(lambda: no_channels(ensure_asterisk), 10, "no channels left")
+        assert [(k, t) for k, t, _ in sc.phone.pushes] == [("voip", "voip")]  # nothing but the call

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ari_push.traces import CallTrace, TraceEvent
 from rig.asterisk import AsteriskInstance
 from rig.redis import RedisServer
@@ -202,31 +204,35 @@ async def test_test_push_to_an_iphone_is_background_on_its_remote_token_never_vo
         voip_only.close()
 
 
+@pytest.mark.parametrize("mode", ["broadcast", "lease"])
 async def test_a_take_over_keeps_one_trace_per_call_named_for_the_new_node(
         tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, daemons,  # noqa: F811
-        push_endpoint: PushEndpoint, aor: str) -> None:  # noqa: F811
+        push_endpoint: PushEndpoint, aor: str, mode: str) -> None:  # noqa: F811
     from ari_push.service import make_redis
     from ari_push.settings import RedisSettings
     from ari_push.trace_store import RedisTraceStore
 
     prefix = f"c-{time.monotonic_ns()}:"
-    a = daemons("a", cluster_config(tmp_path, ensure_asterisk, ensure_redis, "a", "lease", "ari-push", prefix))
+    apps = ("ari-push-a", "ari-push-b") if mode == "broadcast" else ("ari-push", "ari-push")
+    a = daemons("a", cluster_config(tmp_path, ensure_asterisk, ensure_redis, "a", mode, apps[0], prefix))
     await a.wait_log("ari link up")
     await a.wait_log("ami link up")
     phone = await shared_sleeping_phone(ensure_asterisk, ensure_redis, prefix, aor, push_endpoint)
     caller = SipUA("2000", ensure_asterisk.ports.sip)
     await caller.open()
-    answer = caller.start_call(aor)
+    answer = caller.start_call(f"c{aor}" if mode == "broadcast" else aor)
     await asyncio.wait_for(push_endpoint.on_call.get(), 10)
-    b = daemons("b", cluster_config(tmp_path, ensure_asterisk, ensure_redis, "b", "lease", "ari-push", prefix))
-    await b.wait_log("ari link down: standby")
+    b = daemons("b", cluster_config(tmp_path, ensure_asterisk, ensure_redis, "b", mode, apps[1], prefix))
+    await b.wait_log("ami link up")
+    if mode == "lease":
+        await b.wait_log("ari link down: standby")
     channel = caller_channel(ensure_asterisk)
     client = make_redis(RedisSettings(url=ensure_redis.url))
     store = RedisTraceStore(client, prefix)
     try:
         await wait_for(lambda: _pushed(store, channel), 10, "daemon a's push in the trace")
         a.kill()
-        await b.wait_log("resuming call", timeout=15)
+        await b.wait_log("adopting waiting call" if mode == "broadcast" else "resuming call", timeout=15)
         await phone.open()
         assert await phone.register() == 200
         await asyncio.wait_for(phone.invites.get(), 10)

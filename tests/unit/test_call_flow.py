@@ -32,6 +32,7 @@ from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushPara
 from ari_push.pbx import ContactSnapshot, LegRequest, PbxError
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.plan import MemoryPushPlanner, PlannedPush
+from ari_push.qualify import ContactReach, Reach
 from ari_push.settings import CallSettings, CaptureSettings, PushSettings, Settings
 from ari_push.wakeups import Registration, WakeupHub
 
@@ -483,6 +484,58 @@ async def test_tcp_contact_of_a_pushed_device_is_rung_at_once(rig: Harness) -> N
     assert (await rig.leg()).contact_uri == tcp  # over TCP a dead socket fails at once
     rig.manager.on_event(StasisEnd("caller-1"))
     await rig.ended(flow)
+
+
+async def test_udp_contact_that_answers_the_qualify_is_rung_at_once() -> None:
+    h = h_with(stale_ring_delay=60)
+    await h.add(binding(port=5001))
+    h.pbx.contacts_of[AOR] = [push_uri(5001)]
+    h.manager.reach.on_status(push_uri(5001), "Reachable")  # the PBX's OPTIONS got an answer: awake
+    flow = h.call()
+    assert (await h.leg()).contact_uri == push_uri(5001)  # no 60 s wait
+    h.manager.on_event(StasisEnd("caller-1"))
+    await h.ended(flow)
+    await h.close()
+
+
+async def test_udp_contact_the_qualify_finds_unreachable_gets_no_invite_while_the_push_is_out() -> None:
+    h = h_with(stale_ring_delay=0.05, default_timeout=0.5)
+    await h.add(binding(port=5001))
+    h.pbx.contacts_of[AOR] = [push_uri(5001)]
+    h.manager.reach.on_status(push_uri(5001), "Unreachable")  # asleep: an INVITE would retransmit for 32 s
+    flow = h.call()
+    await h.push()
+    assert await h.ended(flow) is Status.TIMEOUT  # it slept through the call...
+    assert h.pbx.legs == []  # ...and was never sent an INVITE it could receive after it
+    assert h.pbx.restored() == [push_uri(5001)]
+    await h.close()
+
+
+async def test_unreachable_udp_contact_is_rung_when_no_push_reaches_the_device() -> None:
+    h = h_with(stale_ring_delay=60, default_timeout=0.5)
+    h.service.answer = PushOutcome.FAILED
+    await h.add(binding(port=5001))
+    h.pbx.contacts_of[AOR] = [push_uri(5001)]
+    h.manager.reach.on_status(push_uri(5001), "Unreachable")
+    flow = h.call()
+    assert (await h.leg()).contact_uri == push_uri(5001)  # the only way left, however unlikely
+    assert await h.ended(flow) is Status.TIMEOUT
+    await h.close()
+
+
+async def test_qualify_state_forgotten_when_the_contact_is_removed() -> None:
+    reach = ContactReach(limit=2)
+    reach.on_status("sip:a", "Reachable")
+    reach.on_status("sip:b", "UNREACHABLE")
+    assert (reach.of("sip:a"), reach.of("sip:b")) == (Reach.REACHABLE, Reach.UNREACHABLE)
+    reach.on_status("sip:a", "Removed")
+    reach.on_status("sip:b", "NonQualified")  # re-registered with qualify off, or not qualified yet
+    assert (reach.of("sip:a"), reach.of("sip:b"), len(reach)) == (Reach.UNKNOWN, Reach.UNKNOWN, 0)
+    for uri in ("sip:1", "sip:2", "sip:3"):
+        reach.on_status(uri, "Reachable")
+    assert len(reach) == 2 and reach.of("sip:1") is Reach.UNKNOWN  # bounded: the oldest goes
+    reach.on_status("", "Reachable")
+    assert len(reach) == 2
 
 
 async def test_contact_of_a_device_that_slept_through_the_call_is_put_back() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -312,3 +313,52 @@ def test_dual_apns_token_gets_its_test_push_on_the_remote_token() -> None:
     assert not voip_only(dual)
     assert voip_only(Binding(AOR, AOR, PushParams("apns", VOIP, "com.ex.app.voip"), "u"))
     assert not voip_only(Binding(AOR, AOR, PushParams("apns", REMOTE, "com.ex.app"), "u"))
+
+
+# ---------------------------------------------------------------- [traces] settings
+
+
+def test_traces_settings_defaults_and_values(tmp_path: Path) -> None:
+    from ari_push.settings import load
+
+    base = '[ari]\npassword = "ari-pass-123"\n[ami]\nsecret = "ami-secret-456"\n'
+    path = tmp_path / "a.toml"
+    path.write_text(base)
+    t = load(path, environ={}).traces
+    assert (t.enabled, t.keep, t.max_calls, t.max_events) == (True, 86400.0, 10_000, 200)
+    path.write_text(base + "[traces]\nenabled = false\nkeep = 3600\nmax_calls = 500\nmax_events = 50\n")
+    t = load(path, environ={}).traces
+    assert (t.enabled, t.keep, t.max_calls, t.max_events) == (False, 3600.0, 500, 50)
+    t = load(path, environ={"ARI_PUSH_TRACES__MAX_CALLS": "42"}).traces
+    assert t.max_calls == 42
+
+
+@pytest.mark.parametrize("line, key", [
+    ("keep = 0", "traces.keep"), ("keep = -5", "traces.keep"), ("max_calls = 0", "traces.max_calls"),
+    ("max_events = 5", "traces.max_events"), ("enabled = 1", "traces.enabled"), ("colour = true", "traces.colour"),
+])
+def test_bad_traces_settings_name_the_key(tmp_path: Path, line: str, key: str) -> None:
+    from ari_push.settings import SettingsError, load
+
+    path = tmp_path / "a.toml"
+    path.write_text(f'[ari]\npassword = "ari-pass-123"\n[ami]\nsecret = "ami-secret-456"\n[traces]\n{line}\n')
+    with pytest.raises(SettingsError, match=key.replace(".", r"\.")):
+        load(path, environ={})
+
+
+async def test_build_traces_picks_the_store_the_settings_name() -> None:
+    import redis.asyncio as aioredis
+
+    from ari_push.metrics import Metrics
+    from ari_push.settings import TraceSettings
+    from ari_push.trace_recorder import build_traces
+    from ari_push.trace_store import RedisTraceStore
+
+    store, tracer = build_traces(TraceSettings(enabled=False), None, "p:", "n", Metrics())
+    assert store is None and tracer.open("c", "p", AOR, "2000") is not None and tracer.sink is None
+    store, _ = build_traces(TraceSettings(max_calls=7), None, "p:", "n", Metrics())
+    assert isinstance(store, MemoryTraceStore) and store.max_calls == 7
+    client = aioredis.Redis()  # never connected: building makes no connection
+    store, _ = build_traces(TraceSettings(), client, "p:", "n", Metrics())
+    assert isinstance(store, RedisTraceStore) and store.prefix == "p:"
+    await client.aclose()

@@ -1,0 +1,64 @@
+"""Capture on a qualified AOR: the qualify state goes to the call flow, and the Reachable that
+follows a new contact's NonQualified is not captured twice."""
+
+from __future__ import annotations
+
+from ari_push.ami_frames import AmiMessage
+from ari_push.bindings import MemoryStore
+from ari_push.capture import AGENT_KEPT, RECAPTURE_AFTER, Capture
+from ari_push.contacts import ContactPolicy
+from ari_push.metrics import Metrics
+from ari_push.qualify import ContactReach, Reach
+from ari_push.wakeups import WakeupHub
+
+URI = "sip:1001@10.0.0.6:5060;transport=udp;pn-provider=fcm;pn-prid=" + "t" * 40 + ";pn-param=proj"
+
+
+def status(value: str, uri: str = URI) -> AmiMessage:
+    return AmiMessage((("Event", "ContactStatus"), ("URI", uri), ("ContactStatus", value), ("AOR", "1001"),
+                       ("EndpointName", "1001")))
+
+
+async def test_reachable_right_after_a_new_contact_is_not_captured_again() -> None:
+    now = [1000.0]
+    store, metrics = MemoryStore(), Metrics()
+    capture = Capture(store, WakeupHub(), ContactPolicy(), None, metrics, clock=lambda: now[0])
+    reach = ContactReach()
+    capture.on_contact_status = reach.on_status
+    for value in ("NonQualified", "Reachable"):
+        msg = status(value)
+        capture.on_ami_event(msg)
+        await capture.handle(msg)
+    assert reach.of(URI) is Reach.REACHABLE
+    assert metrics.registrations.labels("rfc8599")._value.get() == 1  # one capture, not two
+    msg = status("Unreachable")
+    capture.on_ami_event(msg)
+    assert await capture.handle(msg) is None and reach.of(URI) is Reach.UNREACHABLE
+    now[0] += RECAPTURE_AFTER + 1  # the phone answers OPTIONS again, long after: a registration
+    msg = status("Reachable")
+    capture.on_ami_event(msg)
+    assert await capture.handle(msg) is not None
+    assert metrics.registrations.labels("rfc8599")._value.get() == 2 and reach.of(URI) is Reach.REACHABLE
+    capture.on_ami_event(status("Removed"))
+    assert reach.of(URI) is Reach.UNKNOWN
+
+
+async def test_a_device_user_agent_is_read_once_an_hour_not_on_every_registration() -> None:
+    now = [1000.0]
+    reads: list[str] = []
+    store = MemoryStore()
+    capture = Capture(store, WakeupHub(), ContactPolicy(), None, Metrics(), clock=lambda: now[0])
+
+    async def agent_of(aor: str, uri: str) -> str:
+        reads.append(uri)
+        return "Linphone/5.2"
+
+    capture.user_agent_of = agent_of
+    for port in (5060, 5061, 5062):  # the app wakes on a new port each time: a new contact
+        b = await capture.capture("1001", "1001", URI.replace(":5060", f":{port}"), "")
+        assert b is not None and b.user_agent == "Linphone/5.2"
+    assert len(reads) == 1
+    now[0] += AGENT_KEPT + 1
+    await capture.capture("1001", "1001", URI.replace(":5060", ":5063"), "")
+    assert len(reads) == 2  # an app upgrade shows within the hour
+    assert (await store.bindings_for("1001"))[0].user_agent == "Linphone/5.2"
