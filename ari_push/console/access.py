@@ -32,7 +32,8 @@ CSRF_HEADER = "x-csrf-token"
 
 
 def _refusal(status: int, error: str, headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
-    return HttpResponse(status, json.dumps({"error": error}), "application/json", headers=headers)
+    return HttpResponse(status, json.dumps({"error": error}), "application/json",
+                        headers=(("X-Content-Type-Options", "nosniff"), *headers))
 
 
 def _same(a: str, b: str) -> bool:
