@@ -284,6 +284,7 @@ class CallFlow:
         self.answered_by: Leg | None = None
         self.bridge_id = ""
         self.caller_gone = False
+        self.callee_gone = False  # the answered leg's hang-up was seen
         self.declined = False
         self.store_ok = True
         self.settled = asyncio.Event()  # no longer waiting for a device
@@ -661,6 +662,8 @@ class CallFlow:
             self.caller_gone = True
         elif leg is None or event.channel_id != leg.channel_id:
             return
+        else:
+            self.callee_gone = True  # it is hanging up already: no second DELETE for it
         self.trace.add("hangup", None if self.caller_gone else (leg.device_id if leg else None),
                        side="caller" if self.caller_gone else "callee", cause=getattr(event, "cause", None))
         self.to(Phase.ENDING)
@@ -817,7 +820,7 @@ class CallFlow:
             if answered:
                 if not self.caller_gone:
                     await self._quietly(self.pbx.hangup(self.channel_id), "hangup")
-                if self.answered_by is not None:
+                if self.answered_by is not None and not self.callee_gone:
                     await self._quietly(self.pbx.hangup(self.answered_by.channel_id), "hangup")
             elif not self.caller_gone:
                 await self._quietly(self.pbx.continue_in_dialplan(self.channel_id, self.status.value,

@@ -38,7 +38,7 @@ from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.plan import PushPlanner
 from ari_push.qualify import ContactReach
 from ari_push.settings import Settings
-from ari_push.trace_recorder import Tracer
+from ari_push.trace_recorder import NO_TRACE, Tracer, TraceRecorder
 from ari_push.wakeups import Registration, Signal, WakeupHub
 
 log = logging.getLogger("ari_push.calls")
@@ -125,17 +125,21 @@ class CallManager:
 
     def start_call(self, channel: ChannelInfo, args: list[str], pbx_id: str = "", resumed: bool = False) -> None:
         cid = channel.id
+        call_id = call_id_for(pbx_id or self.pbx_id, cid)
         if self.draining:
-            self.spawn(self._refuse(cid, Status.SHUTDOWN), f"refuse-{cid}")
+            trace = self._refused(channel, args, call_id, resumed, Status.SHUTDOWN,
+                                  "refused: the daemon is stopping")
+            self.spawn(self._refuse(cid, Status.SHUTDOWN, trace), f"refuse-{cid}")
             return
         try:
             options = parse_args(args, self.settings.calls.default_timeout, self.settings.calls.max_timeout)
         except ValueError as exc:
             log.warning("call %s: %s; continuing with NO_DEVICES", cid, exc)
             self.metrics.calls.labels(Status.NO_DEVICES.value).inc()
-            self.spawn(self._refuse(cid, Status.NO_DEVICES), f"badargs-{cid}")
+            trace = self._refused(channel, args, call_id, resumed, Status.NO_DEVICES,
+                                  f"refused: bad Stasis arguments: {exc}")
+            self.spawn(self._refuse(cid, Status.NO_DEVICES, trace), f"badargs-{cid}")
             return
-        call_id = call_id_for(pbx_id or self.pbx_id, cid)
         trace = self.tracer.open(cid, call_id, options.target, channel.caller_number, channel.age, resumed)
         flow = CallFlow(
             channel_id=cid, call_id=call_id, target=options.target,
@@ -343,11 +347,22 @@ class CallManager:
 
     # ---------------------------------------------------------------- small actions
 
-    async def _refuse(self, channel_id: str, status: Status) -> None:
+    def _refused(self, channel: ChannelInfo, args: list[str], call_id: str, resumed: bool, status: Status,
+                 reason: str) -> TraceRecorder:
+        """The whole trace of a call refused before its flow starts: its start, why, its status
+        (synchronous, nothing awaited)."""
+        target = args[0] if args and TARGET_RE.match(args[0]) else ""  # a bad target is in the reason
+        trace = self.tracer.open(channel.id, call_id, target, channel.caller_number, channel.age, resumed)
+        trace.add("note", text=reason[:200])
+        trace.close(status.value)
+        return trace
+
+    async def _refuse(self, channel_id: str, status: Status, trace: TraceRecorder = NO_TRACE) -> None:
         try:
             await self.pbx.continue_in_dialplan(channel_id, status.value, self.settings.calls.continue_context)
         except PbxError as exc:
             log.info("call %s: continue: %s", channel_id, exc)
+            trace.add("note", text=f"continue in the dialplan failed: {exc}"[:200])
 
     async def _hangup_quietly(self, channel_id: str) -> None:
         try:

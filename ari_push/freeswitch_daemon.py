@@ -69,7 +69,8 @@ class FreeswitchDaemon:
         self.feed = FreeswitchCapture(self.capture, self.esl, fs.profile)
         self.pbx = FreeswitchPbx(self.esl, fs.profile)
         self.dispatcher = PushDispatcher(build_providers(settings), on_token_dead=self._on_token_dead)
-        self.traces, tracer = build_traces(settings.traces, self.redis, keys.prefix, self.node_id, self.metrics)
+        self.traces, tracer = build_traces(settings.traces, self.redis, keys.prefix, self.node_id, self.metrics,
+                                           settings.cluster)
         self.dispatcher.observer = tracer.on_push
         self.calls = CallManager(settings, self.pbx, self.planner, self.dispatcher, self.wakeups, self.metrics,
                                  self.policy, tracer)

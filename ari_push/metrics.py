@@ -56,5 +56,6 @@ class Metrics:
             "ari_push_message_pushes", "Pushes for waiting SIP MESSAGEs, by result", ["result"], registry=r)
         # ---- call traces (docs/operations.md, "Call traces")
         self.trace_writes_dropped = Counter(
-            "ari_push_trace_writes_dropped", "Call trace writes lost, by reason (redis: the store did not answer; "
-            "overflow: the write buffer was full); the calls themselves are not affected", ["reason"], registry=r)
+            "ari_push_trace_writes_dropped", "Call trace writes lost, by reason (redis: the store refused them; "
+            "overflow: the write buffer was full; stopped: still held at stop); the calls themselves are not "
+            "affected", ["reason"], registry=r)

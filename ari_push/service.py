@@ -153,7 +153,7 @@ class Daemon:
         self.capture.user_agent_of = self.pbx.user_agent_of
         # Call traces (docs/operations.md): Redis or in process; fed by the calls and the dispatcher
         self.traces, self.tracer = build_traces(settings.traces, self.redis, self.keys.prefix, self.node_id,
-                                                self.metrics)
+                                                self.metrics, settings.cluster)
         self.dispatcher.observer = self.tracer.on_push
         self.calls = CallManager(settings, self.pbx, self.planner, self.dispatcher, self.wakeups, self.metrics,
                                  self.policy, self.tracer)

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushMessage, PushResult, mask_token
-from ari_push.settings import TraceSettings
+from ari_push.settings import ClusterSettings, TraceSettings
 from ari_push.trace_store import MemoryTraceStore, RedisTraceStore, TraceStart, TraceWrite
 from ari_push.traces import TRACE_KINDS, DetailValue, TraceEvent
 
@@ -131,15 +131,20 @@ class Tracer:
 
 
 def build_traces(settings: TraceSettings, client: aioredis.Redis | None, prefix: str, node: str,
-                 metrics: Metrics) -> tuple[MemoryTraceStore | RedisTraceStore | None, Tracer]:
+                 metrics: Metrics, cluster: ClusterSettings | None = None,
+                 ) -> tuple[MemoryTraceStore | RedisTraceStore | None, Tracer]:
     """The trace store the daemon's settings name (Redis when there is one, else in process;
-    None when ``[traces] enabled = false``) and the tracer that feeds it."""
+    None when ``[traces] enabled = false``) and the tracer that feeds it. The Redis store keeps
+    ``node`` alive with the cluster's ``heartbeat`` and ``node_ttl``: past it, this daemon's
+    calls not ended read as abandoned."""
     if not settings.enabled:
         return None, Tracer(None, node)
     store: MemoryTraceStore | RedisTraceStore
     if client is None:
         store = MemoryTraceStore(settings.keep, settings.max_calls, settings.max_events)
     else:
+        liveness = cluster or ClusterSettings()
         store = RedisTraceStore(client, prefix, settings.keep, settings.max_calls, settings.max_events,
-                                on_dropped=lambda reason, n: metrics.trace_writes_dropped.labels(reason).inc(n))
+                                on_dropped=lambda reason, n: metrics.trace_writes_dropped.labels(reason).inc(n),
+                                node=node, heartbeat=liveness.heartbeat, node_ttl=liveness.node_ttl)
     return store, Tracer(store, node, settings.max_events)

@@ -4,8 +4,19 @@ Both take writes the same way, ``submit(TraceWrite)``, which is synchronous and 
 the in-process store applies it at once (a dict operation); the Redis store puts it in a bounded
 buffer that its writer task (``run``, owned by the daemon's TaskGroup) sends ``FLUSH_DELAY``
 later, a batch per round trip, one Lua call per call id, pipelined. Nothing on a call's path
-awaits Redis for a trace, and a Redis outage costs the trace, never the call: the batch is
-dropped and counted (``ari_push_trace_writes_dropped{reason}``).
+awaits Redis for a trace, and a Redis outage never costs the call: a batch Redis did not take
+stays in the buffer and goes out when Redis is back (retried with capped jittered backoff), so
+the calls of the outage have their traces afterwards; only what the bounded buffer cannot hold
+is dropped and counted (``ari_push_trace_writes_dropped{reason}``).
+
+Owner liveness: the writer of each daemon (``node``) keeps ``<prefix>traces:nodes`` up to date,
+its node scored with the Redis time until which it counts as alive (now + ``node_ttl``), at every
+batch and every ``heartbeat`` s (the same timing as the cluster's heartbeat, docs/clustering.md;
+the cluster's own ZSET names Stasis apps, which daemons of a lease share, so it cannot say which
+daemon owns a call, and exist only in cluster modes). A reader marks a trace not ended whose
+node's time is past as abandoned (``CallTrace.abandoned_at``); a node never seen beating is not
+judged. A take-over names the new node and the trace is in flight again. A clean stop marks the
+node gone at once (its calls were ended by the drain).
 
 Bounds (docs/operations.md, "Call traces"): each trace lives ``traces.keep`` seconds after its
 last write; at most ``traces.max_calls`` traces (the oldest go first, their keys deleted with
@@ -18,6 +29,7 @@ Redis layout (``<prefix>`` is ``[redis] key_prefix``):
 * ``<prefix>trace:<call id>:ev``: LIST of event JSON, in the order written
 * ``<prefix>traces:all`` / ``traces:live``: ZSET of call ids by started_at (all / not ended)
 * ``<prefix>traces:aor:<aor>`` / ``traces:caller:<number>``: ZSET, the same, per AOR / caller
+* ``<prefix>traces:nodes``: ZSET of node ids by the Redis time (ms) until which each is alive
 * channel ``<prefix>traces:updates``: each changed call id, for live pages
 """
 
@@ -35,7 +47,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from ari_push.traces import IN_FLIGHT, CallTrace, TraceEvent, TraceFormatError
+from ari_push.backoff import Backoff
+from ari_push.traces import ABANDONED, IN_FLIGHT, CallTrace, TraceEvent, TraceFormatError
 
 log = logging.getLogger("ari_push.traces")
 
@@ -71,6 +84,9 @@ Dropped = Callable[[str, int], None]  # (reason, how many writes)
 def _matches(trace: CallTrace, status: str | None, provider: str | None) -> bool:
     if status == IN_FLIGHT:
         if not trace.in_flight:
+            return False
+    elif status == ABANDONED:
+        if not trace.abandoned:
             return False
     elif status is not None and trace.status != status:
         return False
@@ -249,6 +265,16 @@ redis.call('EXPIRE', hk, keep)
 return 1
 """
 
+# The writer's heartbeat: its node alive until Redis' now + ttl; nodes gone for ``keep`` leave.
+_BEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) / 1000))
+return now
+"""
+
 
 class RedisTraceStore:
     """Traces in Redis, shared by every daemon of a cluster: one trace per call id, whichever
@@ -256,7 +282,8 @@ class RedisTraceStore:
 
     def __init__(self, client: aioredis.Redis, prefix: str, keep: float = 86400.0, max_calls: int = 10_000,
                  max_events: int = 200, *, on_dropped: Dropped = lambda _reason, _n: None,
-                 flush_delay: float = FLUSH_DELAY, max_pending: int = MAX_PENDING, index_cap: int = INDEX_CAP) -> None:
+                 flush_delay: float = FLUSH_DELAY, max_pending: int = MAX_PENDING, index_cap: int = INDEX_CAP,
+                 node: str = "", heartbeat: float = 1.0, node_ttl: float = 3.0, retry_cap: float = 5.0) -> None:
         self.redis = client
         self.prefix = prefix
         self.keep = keep
@@ -266,11 +293,19 @@ class RedisTraceStore:
         self.flush_delay = flush_delay
         self.max_pending = max_pending
         self.index_cap = index_cap
-        self.dropped = 0  # writes lost (buffer full or Redis down), also reported to on_dropped
+        self.dropped = 0  # writes lost (buffer full, refused, or still held at stop), also reported to on_dropped
+        self.node = node  # this daemon's node id, kept alive in traces:nodes by the writer ("": a reader only)
+        self.heartbeat = heartbeat
+        self.node_ttl = node_ttl
+        self.held = 0  # writes of the current Redis outage kept in the buffer (0 when Redis answers)
         self._pending: deque[TraceWrite] = deque()
         self._wake = asyncio.Event()
         self._write = client.register_script(_WRITE)
+        self._beat = client.register_script(_BEAT)
+        self._retry = Backoff(base=min(0.5, retry_cap), cap=retry_cap)
+        self._next_beat = 0.0
         self.channel = f"{prefix}traces:updates"
+        self.nodes_key = f"{prefix}traces:nodes"
         self._publish_refused = False
 
     # ------------------------------------------------------------ writing
@@ -288,46 +323,72 @@ class RedisTraceStore:
         self.on_dropped(reason, n)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """The writer: owned by the daemon's TaskGroup; flushes what is left on stop."""
+        """The writer: owned by the daemon's TaskGroup. Flushes each batch, beats every
+        ``heartbeat`` s, waits (capped, jittered) while Redis does not answer; on stop, flushes
+        what is left (at most 2 s), counts what could not go out, and marks its node gone."""
         while not stop.is_set():
             waiter = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(stop.wait())
             try:
-                await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=self.heartbeat if self.node else None)
             finally:
                 waiter.cancel()
                 stopper.cancel()
             if stop.is_set():
                 break
-            await asyncio.sleep(self.flush_delay)
-            await self.flush()
+            if self._wake.is_set():
+                await asyncio.sleep(self.flush_delay)
+            if not await self.flush():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._retry.next()):
+                        await stop.wait()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2.0):
-                await self.flush()
+                if await self.flush() and self.node:
+                    with contextlib.suppress(aioredis.RedisError, OSError):  # gone from now on, not at its ttl
+                        await self._beat(keys=[self.nodes_key], args=[self.node, 0, int(self.keep * 1000)])
+        if self._pending:
+            log.warning("%d trace writes not written at stop (Redis did not answer)", len(self._pending))
+            self._drop("stopped", len(self._pending))
+            self._pending.clear()
 
-    async def flush(self) -> None:
-        """Send every buffered write: one pipelined round trip (never raises)."""
+    async def flush(self) -> bool:
+        """Send every buffered write (and the heartbeat when due): one pipelined round trip.
+        Never raises; False when Redis did not answer, the writes then stay buffered."""
         self._wake.clear()
-        if not self._pending:
-            return
+        beat = bool(self.node) and (bool(self._pending) or time.monotonic() >= self._next_beat)
+        if not self._pending and not beat:
+            return True
         batch = list(self._pending)
         self._pending.clear()
         merged = _merge(batch)
         now = time.time()
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
+                if beat:  # before the writes: a trace never names a node not yet seen alive
+                    await self._beat(keys=[self.nodes_key], client=pipe,
+                                     args=[self.node, int(self.node_ttl * 1000), int(self.keep * 1000)])
                 for w in merged:
                     await self._write(args=self._args(w, now), client=pipe)  # queued: one round trip
                 for call_id in dict.fromkeys(w.call_id for w in merged):
                     pipe.publish(self.channel, call_id)
                 replies = await pipe.execute(raise_on_error=False)
         except (aioredis.RedisError, OSError) as exc:
-            log.debug("trace writes dropped (%d): %s", len(batch), exc)
-            self._drop("redis", len(batch))
-            return
+            self._hold(batch, exc)
+            return False
         except asyncio.CancelledError:
-            self._drop("stopped", len(batch))
+            self._pending.extendleft(reversed(batch))  # counted by run() if it cannot write them
             raise
+        if beat:
+            self._next_beat = time.monotonic() + self.heartbeat
+            if isinstance(replies[0], Exception):
+                log.debug("trace heartbeat refused: %s", replies[0])
+            replies = replies[1:]
+        self._retry.reset()
+        if self.held:
+            log.warning("redis answers again: %d held trace writes written", self.held)
+            self.held = 0
         failed = [r for r in replies[:len(merged)] if isinstance(r, Exception)]
         if failed:  # a script refused (e.g. an ACL without the trace keys): those writes are lost
             self._drop("redis", len(failed))
@@ -337,6 +398,21 @@ class RedisTraceStore:
             self._publish_refused = True  # an ACL without the updates channel: traces are kept, live pages poll
             log.warning("trace updates cannot be published on %s (%s); traces are still written", self.channel,
                         refused)
+        return True
+
+    def _hold(self, batch: list[TraceWrite], exc: BaseException) -> None:
+        """Redis did not answer: the batch goes back to the buffer's front, in order; what the
+        bound cannot hold (the newest writes) is dropped and counted."""
+        if not self.held:
+            log.warning("trace writes held while redis does not answer (%s: %s)", type(exc).__name__, exc)
+        self._pending.extendleft(reversed(batch))
+        self.held = len(self._pending)
+        self._wake.set()  # the writer tries again after its backoff
+        over = len(self._pending) - self.max_pending
+        if over > 0:
+            for _ in range(over):
+                self._pending.pop()
+            self._drop("overflow", over)
 
     def _args(self, w: TraceWrite, now: float) -> list[Any]:
         s = w.start
@@ -355,15 +431,26 @@ class RedisTraceStore:
         if not ids:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.zrange(self.nodes_key, 0, -1, withscores=True)
             for cid in ids:
                 pipe.hgetall(self._key(cid))
                 pipe.lrange(self._key(cid) + ":ev", 0, -1)
             replies = await pipe.execute()
+        secs, micros = replies[0]
+        now_ms = int(secs) * 1000 + int(micros) // 1000
+        alive_until = {(n.decode() if isinstance(n, bytes) else str(n)): float(score) for n, score in replies[1]}
         out = []
         for i, cid in enumerate(ids):
-            trace = _from_redis(cid, replies[2 * i], replies[2 * i + 1])
-            if trace is not None:
-                out.append(trace)
+            trace = _from_redis(cid, replies[2 + 2 * i], replies[3 + 2 * i])
+            if trace is None:
+                continue
+            until = alive_until.get(trace.node)
+            if trace.status is None and until is not None and until <= now_ms:
+                # its node is gone: abandoned since its last heartbeat lapsed (a node never seen
+                # beating, e.g. a reader-only store's, is not judged)
+                trace = replace(trace, abandoned_at=until / 1000)
+            out.append(trace)
         return out
 
     async def get(self, call_id: str) -> CallTrace | None:
@@ -376,7 +463,7 @@ class RedisTraceStore:
             key = f"{self.prefix}traces:aor:{aor}"
         elif caller is not None:
             key = f"{self.prefix}traces:caller:{caller}"
-        elif status == IN_FLIGHT:
+        elif status in (IN_FLIGHT, ABANDONED):
             key = f"{self.prefix}traces:live"
         else:
             key = f"{self.prefix}traces:all"

@@ -84,10 +84,14 @@ def summary(e: TraceEvent) -> str:
 def format_trace(trace: CallTrace) -> str:
     """A readable timeline: a head line, then ``+12.3 ms  push  dev1  fcm call delivered 2.1 ms``."""
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(trace.started_at))
-    state = "in flight" if trace.in_flight else str(trace.status)
+    if trace.abandoned and trace.abandoned_at is not None:
+        gone = time.strftime("%H:%M:%S", time.gmtime(trace.abandoned_at))
+        state = f"abandoned (node {printable(trace.node)} gone since {gone} UTC, no other node took the call)"
+    else:
+        state = "in flight" if trace.in_flight else str(trace.status)
     if trace.ended_at is not None:
         state += f" after {max(0.0, trace.ended_at - trace.started_at):.2f} s"
-    lines = [f"call {printable(trace.call_id)} to {printable(trace.aor)} from {printable(trace.caller) or '?'}, "
+    lines = [f"call {printable(trace.call_id)} to {printable(trace.aor) or '?'} from {printable(trace.caller) or '?'}, "
              f"{started} UTC, node {printable(trace.node)}: {state}"]
     width = max((len(f"{e.t_ms:+.1f}") for e in trace.events), default=6)
     for e in trace.events:

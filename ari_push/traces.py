@@ -19,8 +19,10 @@ from typing import Protocol
 #: every kind of event a trace holds
 TRACE_KINDS = frozenset({"call_start", "ringback", "push", "register", "leg", "bridge", "hangup", "status", "note"})
 
-#: the ``status`` filter value of ``TraceStore.find`` selecting calls not ended
+#: the ``status`` filter value of ``TraceStore.find`` selecting calls not ended (owner alive)
 IN_FLIGHT = "in_flight"
+#: the ``status`` filter value selecting calls not ended whose owning daemon is gone
+ABANDONED = "abandoned"
 
 DetailValue = str | int | float | bool | None
 
@@ -73,7 +75,10 @@ class CallTrace:
     (FreeSWITCH), as everywhere in the daemon; ``started_at``: the epoch time of ``t_ms`` = 0;
     ``node``: the daemon that owns the call now (a take-over changes it; the trace stays one);
     ``status``: the final PUSH_STATUS, None while the call is in flight. ``events`` are ordered
-    by ``t_ms``. ``dropped``: events not kept because the call had ``traces.max_events``."""
+    by ``t_ms``. ``dropped``: events not kept because the call had ``traces.max_events``.
+    ``abandoned_at``: for a call not ended, the epoch time its node was deemed gone (its
+    heartbeat in the store lapsed, trace_store.py) with no other node taking the call over;
+    set by the store on read, None while the owner is alive."""
 
     call_id: str
     aor: str
@@ -84,10 +89,17 @@ class CallTrace:
     ended_at: float | None
     events: tuple[TraceEvent, ...]
     dropped: int = 0
+    abandoned_at: float | None = None
 
     @property
     def in_flight(self) -> bool:
-        return self.status is None
+        """Not ended, and its owning daemon alive."""
+        return self.status is None and self.abandoned_at is None
+
+    @property
+    def abandoned(self) -> bool:
+        """Not ended, and its owning daemon gone with no take-over."""
+        return self.status is None and self.abandoned_at is not None
 
     def providers(self) -> frozenset[str]:
         """The providers this call pushed through."""
@@ -98,14 +110,15 @@ class CallTrace:
         return {
             "call_id": self.call_id, "aor": self.aor, "caller": self.caller, "started_at": self.started_at,
             "node": self.node, "status": self.status, "ended_at": self.ended_at, "in_flight": self.in_flight,
+            "abandoned": self.abandoned, "abandoned_at": self.abandoned_at,
             "providers": sorted(self.providers()), "dropped": self.dropped,
             "events": [e.to_json() for e in self.events],
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> CallTrace:
-        """The inverse of ``to_json`` (derived keys, ``in_flight`` and ``providers``, are ignored);
-        raises TraceFormatError on anything else."""
+        """The inverse of ``to_json`` (derived keys, ``in_flight``, ``abandoned`` and ``providers``,
+        are ignored); raises TraceFormatError on anything else."""
         if not isinstance(data, Mapping):
             raise TraceFormatError(f"a trace must be an object, not {type(data).__name__}")
 
@@ -137,7 +150,7 @@ class CallTrace:
         return cls(call_id=text("call_id"), aor=text("aor"), caller=text("caller"), started_at=started,
                    node=text("node"), status=status, ended_at=number("ended_at", optional=True),
                    events=tuple(sorted((TraceEvent.from_json(e) for e in events), key=lambda e: e.t_ms)),
-                   dropped=dropped)
+                   dropped=dropped, abandoned_at=number("abandoned_at", optional=True))
 
 
 class TraceStore(Protocol):
@@ -147,10 +160,13 @@ class TraceStore(Protocol):
 
     async def find(self, *, aor: str | None = None, caller: str | None = None, status: str | None = None,
                    provider: str | None = None, limit: int = 50) -> list[CallTrace]:
-        """Newest first; ``status=IN_FLIGHT`` ("in_flight") selects the calls not ended."""
+        """Newest first; ``status=IN_FLIGHT`` ("in_flight") selects the calls not ended whose
+        daemon is alive, ``status=ABANDONED`` ("abandoned") those whose daemon is gone."""
         ...
 
-    async def in_flight(self) -> list[CallTrace]: ...
+    async def in_flight(self) -> list[CallTrace]:
+        """The calls not ended whose daemon is alive (abandoned ones are not in flight)."""
+        ...
 
     def updates(self) -> AsyncIterator[str]:
         """Call ids as their trace changes (cluster-wide with Redis: pub/sub), for live pages."""

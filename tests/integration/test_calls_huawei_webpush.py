@@ -107,8 +107,8 @@ async def service(request: pytest.FixtureRequest, pki: Pki, tmp_path: Path) -> A
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
-                 service: Service):
+async def daemon(tmp_path: Path, service: Service, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer,
+                 start_daemon):  # service first: the daemon stops before it (fixtures end in reverse order)
     return await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url, service.extra))
 
 

@@ -68,8 +68,10 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
-                 services: Services) -> RunningDaemon:
+async def daemon(tmp_path: Path, services: Services, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer,
+                 start_daemon) -> RunningDaemon:
+    # services first: fixtures end in reverse order, so the daemon stops before the push services
+    # do (a daemon still pushing to a service that is closing leaves a TLS socket behind)
     return await provider_daemon(tmp_path, ensure_asterisk, ensure_redis, start_daemon, services)
 
 

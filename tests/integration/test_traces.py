@@ -233,6 +233,12 @@ async def test_a_take_over_keeps_one_trace_per_call_named_for_the_new_node(
         await wait_for(lambda: _pushed(store, channel), 10, "daemon a's push in the trace")
         a.kill()
         await b.wait_log("adopting waiting call" if mode == "broadcast" else "resuming call", timeout=15)
+
+        async def taken_over() -> bool:
+            t = await store.get(channel)
+            return t is not None and t.node == "b" and t.in_flight
+
+        await wait_for(taken_over, 10, "the trace in flight on node b (not abandoned)")
         await phone.open()
         assert await phone.register() == 200
         await asyncio.wait_for(phone.invites.get(), 10)
@@ -259,7 +265,7 @@ async def _pushed(store: Any, channel: str) -> bool:
     return trace is not None and any(e.kind == "push" for e in trace.events)
 
 
-async def test_redis_down_during_a_call_the_call_succeeds_and_the_lost_trace_is_counted(
+async def test_redis_down_when_a_call_starts_the_call_succeeds_and_its_trace_is_written_when_redis_is_back(
         tmp_path: Path, ensure_asterisk: AsteriskInstance, start_daemon, push_endpoint: PushEndpoint,  # noqa: F811
         aor: str) -> None:
     redis = RedisServer()
@@ -272,24 +278,151 @@ async def test_redis_down_during_a_call_the_call_succeeds_and_the_lost_trace_is_
         assert await phone.register(f"X-PUSH-URI=http://127.0.0.1:{push_endpoint.port}/push/{aor}") == 200
         await wait_for(lambda: rd.daemon.store.bindings_for(aor), 5, "binding stored")
         phone.close()
-        redis.stop()
+        redis.stop()  # down before the call starts: its start, ringback and push are not written
         caller = SipUA("2000", ensure_asterisk.ports.sip)
         await caller.open()
         answer = caller.start_call(aor)
         assert (await asyncio.wait_for(push_endpoint.on_call.get(), 10))["type"] == "call"
-        dropped = rd.daemon.metrics.trace_writes_dropped.labels("redis")
-        await wait_for(lambda: dropped._value.get() > 0, 10, "trace writes dropped while Redis is down")
+        await wait_for(lambda: rd.daemon.traces.held > 0, 10, "trace writes held while Redis is down")
         redis.start()
         await phone.open()
         assert await phone.register() == 200
         await asyncio.wait_for(phone.invites.get(), 10)
         assert (await asyncio.wait_for(answer, 15)).status == 200
         await hang_up_and_check(phone, caller, ensure_asterisk)
-        assert rd.daemon.traces.dropped >= dropped._value.get() > 0
-        body = rd.daemon.metrics.registry.get_sample_value("ari_push_trace_writes_dropped_total", {"reason": "redis"})
-        assert body is not None and body > 0  # exported on /metrics
+        trace = await ended_trace(rd.daemon.traces, aor, "ANSWERED", timeout=30)  # written once Redis is back
+        steps = [first(trace, "call_start"), first(trace, "ringback"), first(trace, "push", kind="call"),
+                 first(trace, "register"), first(trace, "bridge"), first(trace, "status")]
+        assert [e.t_ms for e in steps] == sorted(e.t_ms for e in steps)
+        assert rd.daemon.traces.dropped == 0 and rd.daemon.traces.held == 0  # nothing lost: the buffer held it
+        for reason in ("redis", "overflow", "stopped"):
+            assert not rd.daemon.metrics.registry.get_sample_value("ari_push_trace_writes_dropped_total",
+                                                                   {"reason": reason})
     finally:
         redis.cleanup()
+
+
+async def test_calls_refused_before_their_flow_starts_have_a_trace(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
+        push_endpoint: PushEndpoint, aor: str) -> None:  # noqa: F811
+    """Bad Stasis arguments, and a call reaching a draining daemon: call_start, why, the status."""
+    import urllib.parse
+
+    from ari_push.service import make_redis
+    from ari_push.settings import RedisSettings
+    from ari_push.trace_store import RedisTraceStore
+    from tests.integration.test_calls import sleeping_phone as plain_sleeping_phone
+
+    config = daemon_config(tmp_path, ensure_asterisk, ensure_redis.url,
+                           "shutdown_timeout = 3\n" + VENDOR)
+    rd = await start_daemon(config)
+    client = make_redis(RedisSettings(url=ensure_redis.url))
+    store = RedisTraceStore(client, rd.daemon.keys.prefix)
+    base = 7_000_000 + int(time.time() * 1000) % 1_000_000
+
+    def originate(args: str, number: int) -> None:  # a channel entering Stasis(ari-push,<args>)
+        query = urllib.parse.urlencode({"endpoint": "Local/1234@rig-echo", "app": "ari-push", "appArgs": args,
+                                        "callerId": f"Trace <{number}>"})
+        ensure_asterisk.ari("POST", f"/ari/channels?{query}")
+
+    async def ended(number: int) -> CallTrace | None:
+        found = await store.find(caller=str(number), limit=1)
+        return found[0] if found and found[0].status is not None else None
+
+    phone = await plain_sleeping_phone(ensure_asterisk, aor, push_endpoint, rd.daemon.store)
+    caller = SipUA("2000", ensure_asterisk.ports.sip)
+    try:
+        await asyncio.to_thread(originate, "bad target!", base)
+        bad: CallTrace = await wait_for(lambda: ended(base), 15, "the trace of the call with bad arguments")
+        assert bad.status == "NO_DEVICES" and bad.aor == "" and bad.node == rd.daemon.node_id
+        assert [e.kind for e in bad.events][:3] == ["call_start", "note", "status"]
+        assert bad.events[1].detail["text"] == "refused: bad Stasis arguments: bad or missing target 'bad target!'"
+        rc, out, err = await cli(config_of(tmp_path), "trace", str(base))
+        assert rc == 0, err
+        assert f"to ? from {base}" in out and ": NO_DEVICES after" in out and "bad or missing target" in out
+
+        await caller.open()
+        answer = caller.start_call(aor)  # a call waiting when the daemon is told to stop
+        await asyncio.wait_for(push_endpoint.on_call.get(), 10)
+        stopping = asyncio.ensure_future(rd.stop())
+        await wait_for(lambda: rd.daemon.calls.draining, 5, "the daemon draining")
+        await asyncio.to_thread(originate, aor, base + 1)  # a new call during the drain: refused
+        late: CallTrace = await wait_for(lambda: ended(base + 1), 15, "the trace of the call refused by the drain")
+        assert late.status == "SHUTDOWN" and late.aor == aor
+        assert [e.kind for e in late.events][:3] == ["call_start", "note", "status"]
+        assert late.events[1].detail["text"] == "refused: the daemon is stopping"
+        await asyncio.wait_for(stopping, 20)
+        assert (await asyncio.wait_for(answer, 10)).status == 480  # the waiting call: continued, SHUTDOWN
+        rc, out, err = await cli(config_of(tmp_path), "trace", str(base + 1))
+        assert rc == 0, err
+        assert ": SHUTDOWN after" in out and "refused: the daemon is stopping" in out
+    finally:
+        await _clean_up(ensure_asterisk, client, phone, caller)
+
+
+async def _clean_up(asterisk: AsteriskInstance, client: Any, *uas: SipUA) -> None:
+    """Close the phones and the Redis client, hang up every channel left (a dead daemon's too)."""
+    import contextlib
+    import urllib.error
+
+    for ua in uas:
+        ua.close()
+    await client.aclose()
+
+    def hang_up_all() -> None:
+        channels = asterisk.ari("GET", "/ari/channels")
+        for c in channels if isinstance(channels, list) else []:
+            with contextlib.suppress(urllib.error.HTTPError):
+                asterisk.ari("DELETE", f"/ari/channels/{c['id']}")
+
+    await asyncio.to_thread(hang_up_all)
+    await wait_for(lambda: no_channels(asterisk), 10, "no channels left")
+
+
+async def test_a_call_whose_daemon_dies_with_no_take_over_reads_as_abandoned(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, daemons,  # noqa: F811
+        push_endpoint: PushEndpoint, aor: str) -> None:  # noqa: F811
+    from ari_push.service import make_redis
+    from ari_push.settings import RedisSettings
+    from ari_push.trace_store import RedisTraceStore
+
+    prefix = f"c-{time.monotonic_ns()}:"
+    config = cluster_config(tmp_path, ensure_asterisk, ensure_redis, "a", "broadcast", "ari-push-a", prefix)
+    a = daemons("a", config)
+    await a.wait_log("ari link up")
+    await a.wait_log("ami link up")
+    await shared_sleeping_phone(ensure_asterisk, ensure_redis, prefix, aor, push_endpoint)
+    caller = SipUA("2000", ensure_asterisk.ports.sip)
+    await caller.open()
+    answer = caller.start_call(f"c{aor}")
+    client = make_redis(RedisSettings(url=ensure_redis.url))
+    store = RedisTraceStore(client, prefix)
+    try:
+        await asyncio.wait_for(push_endpoint.on_call.get(), 10)
+        channel = caller_channel(ensure_asterisk)
+        await wait_for(lambda: _pushed(store, channel), 10, "daemon a's push in the trace")
+        live = await store.get(channel)
+        assert live is not None and live.in_flight and [t.call_id for t in await store.in_flight()] == [channel]
+        a.kill()  # SIGKILL: no drain, no take-over (the only daemon)
+        killed = time.time()
+
+        async def abandoned() -> CallTrace | None:
+            found = await store.find(status="abandoned")
+            return found[0] if found else None
+
+        trace: CallTrace = await wait_for(abandoned, 15, "the call read as abandoned")
+        assert trace.call_id == channel and trace.node == "a" and trace.status is None and not trace.in_flight
+        assert trace.abandoned_at is not None and killed - 1 <= trace.abandoned_at <= killed + 2 + 1  # node_ttl 2
+        assert await store.in_flight() == [] and await store.find(status="in_flight") == []
+        rc, out, err = await cli(config, "trace", channel)
+        assert rc == 0, err
+        assert re.search(r": abandoned \(node a gone since \d\d:\d\d:\d\d UTC, no other node took the call\)$",
+                         out.splitlines()[0]), out
+        rc, out, _ = await cli(config, "trace", channel, "--json")
+        assert rc == 0 and json.loads(out)["calls"][0]["abandoned"] is True
+    finally:
+        answer.cancel()
+        await _clean_up(ensure_asterisk, client, caller)
 
 
 async def test_the_cli_reads_the_embedded_store_from_the_running_daemon(

@@ -402,6 +402,7 @@ async def test_phone_hanging_up_a_bridged_call_hangs_up_the_caller(rig: Harness)
     rig.manager.on_event(ChannelDestroyed(leg.leg_id, 16))
     assert await rig.ended(flow) is Status.ANSWERED
     assert "caller-1" in rig.pbx.hung_up()
+    assert leg.leg_id not in rig.pbx.hung_up()  # gone already: no second hang-up request for it
 
 
 async def test_bridged_call_longer_than_max_duration_is_ended() -> None:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ari_push.call_events import StasisEnd
+from ari_push.call_events import ChannelInfo, StasisEnd, StasisStart
 from ari_push.call_flow import Phase, Status
 from ari_push.health import HttpRequest
 from ari_push.model import Binding, PushKind, PushOutcome, PushParams
+from ari_push.pbx import PbxError
 from ari_push.test_push import NO_NON_VOIP, REFUSED, TestPushError, send_test_push
 from ari_push.trace_recorder import RESERVE, Tracer, TraceRecorder
 from ari_push.trace_routes import TraceRoutes
@@ -362,3 +365,88 @@ async def test_build_traces_picks_the_store_the_settings_name() -> None:
     store, _ = build_traces(TraceSettings(), client, "p:", "n", Metrics())
     assert isinstance(store, RedisTraceStore) and store.prefix == "p:"
     await client.aclose()
+
+
+# ---------------------------------------------------------------- abandoned calls, refused calls
+
+
+def test_an_abandoned_trace_is_not_in_flight_round_trips_and_prints_so() -> None:
+    trace = replace(sample(status=None), abandoned_at=1_733_100_010.0)
+    assert trace.abandoned and not trace.in_flight
+    data = json.loads(json.dumps(trace.to_json()))
+    assert data["abandoned"] is True and data["in_flight"] is False and data["abandoned_at"] == 1_733_100_010.0
+    assert CallTrace.from_json(data) == trace
+    head = format_trace(trace).splitlines()[0]
+    assert head.endswith(": abandoned (node node-a gone since 00:40:10 UTC, no other node took the call)"), head
+    ended = replace(sample(), abandoned_at=1_733_100_010.0)  # an ended call is never abandoned
+    assert not ended.abandoned and not ended.in_flight and ": ANSWERED after" in format_trace(ended)
+    data["abandoned_at"] = "soon"
+    with pytest.raises(TraceFormatError, match="abandoned_at"):
+        CallTrace.from_json(data)
+
+
+def test_store_filters_tell_in_flight_from_abandoned() -> None:
+    from ari_push.trace_store import _matches
+
+    live, gone = sample(status=None), replace(sample(status=None), abandoned_at=1.0)
+    assert _matches(live, "in_flight", None) and not _matches(gone, "in_flight", None)
+    assert _matches(gone, "abandoned", None) and not _matches(live, "abandoned", None)
+    assert not _matches(sample(), "abandoned", None) and not _matches(gone, "ANSWERED", None)
+
+
+@pytest.mark.parametrize("args, aor, reason", [
+    (("bad target!",), "", "bad or missing target 'bad target!'"),
+    ((), "", "bad or missing target ''"),
+    ((AOR, "timeout=abc"), AOR, "timeout='abc' is not a number"),
+])
+async def test_a_call_refused_for_bad_stasis_arguments_has_its_trace(args: tuple[str, ...], aor: str,
+                                                                     reason: str) -> None:
+    h = h_with()
+    store = traced(h)
+    info = ChannelInfo("caller-9", "Ring", "2000", "Alice", 0.25, "Stasis", ",".join(args))
+    h.manager.on_event(StasisStart(info, args, "02:42:ac:11:00:02"))
+    assert "caller-9" not in h.manager.calls  # no flow: refused before it starts
+    trace = await store.get("caller-9")  # written at once, before the refusal's continue is awaited
+    assert trace is not None and trace.status == "NO_DEVICES" and trace.aor == aor and trace.caller == "2000"
+    assert [e.kind for e in trace.events] == ["call_start", "note", "status"]
+    assert trace.events[0].t_ms >= 250  # from the caller channel's creation, as for every call
+    assert trace.events[1].detail["text"] == f"refused: bad Stasis arguments: {reason}"
+    assert [t.call_id for t in await store.find(caller="2000")] == ["caller-9"]
+    await wait_op(h, "continue")
+    assert ("continue", "caller-9", "NO_DEVICES", "") in h.pbx.ops
+    await h.close()
+
+
+async def test_a_call_refused_by_a_draining_daemon_has_its_trace_and_a_failed_continue_is_noted() -> None:
+    h = h_with()
+    store = traced(h)
+    h.manager.draining = True
+    h.pbx.failing["continue"] = PbxError("continue", "channel gone", gone=True)
+    info = ChannelInfo("caller-8", "Ring", "2000", "Alice", 0.0, "Stasis", AOR)
+    h.manager.on_event(StasisStart(info, (AOR,), "02:42:ac:11:00:02"))
+    assert "caller-8" not in h.manager.calls
+
+    async def noted() -> CallTrace | None:
+        t = await store.get("caller-8")
+        return t if t is not None and len(t.events) == 4 else None
+
+    trace = await asyncio.wait_for(_until(noted), 5)
+    assert trace.status == "SHUTDOWN" and trace.aor == AOR
+    assert [e.kind for e in trace.events] == ["call_start", "note", "status", "note"]
+    assert trace.events[1].detail["text"] == "refused: the daemon is stopping"
+    assert str(trace.events[3].detail["text"]).startswith("continue in the dialplan failed: ")
+    assert [t.call_id for t in await store.find(aor=AOR, status="SHUTDOWN")] == ["caller-8"]
+    await h.close()
+
+
+async def _until(check: Any) -> Any:
+    while (found := await check()) is None:
+        await asyncio.sleep(0.01)
+    return found
+
+
+async def wait_op(h: Harness, name: str) -> None:
+    async def seen() -> bool | None:
+        return True if name in h.pbx.names() else None
+
+    await asyncio.wait_for(_until(seen), 5)
