@@ -54,8 +54,9 @@ run: venv sandbox
 	$(BIN)/python -m rig run
 
 # A sleeping phone woken by a push, rung and bridged; then the Wait(3) recipe (WAKE=4: it fails).
+# PBX=freeswitch: the same on FreeSWITCH, against its `sleep 2000` then bridge recipe.
 demo: venv sandbox
-	$(BIN)/python -m rig demo $(if $(WAKE),--wake $(WAKE))
+	$(BIN)/python -m rig demo $(if $(WAKE),--wake $(WAKE)) $(if $(PBX),--pbx $(PBX))
 
 bench-deps: venv
 	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'

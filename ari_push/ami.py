@@ -2,26 +2,25 @@
 
 Written instead of using panoramisk (see docs/architecture.md): every action is bounded by
 a timeout and fails at once while the link is down, a half-open socket is caught by the
-Ping heartbeat, and a wrong secret is reported as such instead of looping silently.
+Ping heartbeat, and a wrong secret is reported as such instead of looping silently. The
+connection loop is stream_link.StreamLink's, shared with the FreeSWITCH event socket link.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from ari_push.ami_frames import AmiMessage, AmiParser, AmiProtocolError, encode_action
 from ari_push.backoff import Backoff
-from ari_push.links import LinkState
 from ari_push.settings import AmiSettings
+from ari_push.stream_link import ConnectHandler, StreamLink
 
 log = logging.getLogger("ari_push.ami")
 
 EventHandler = Callable[[AmiMessage], None]
-ConnectHandler = Callable[[], Awaitable[None]]
 
 
 class AmiError(RuntimeError):
@@ -45,7 +44,11 @@ class _Pending:
         self.items: list[AmiMessage] = []
 
 
-class AmiClient:
+class AmiClient(StreamLink):
+    auth_error = AmiAuthError
+    link_errors = (OSError, AmiError, AmiProtocolError, TimeoutError, EOFError)
+    peer = "AMI"
+
     def __init__(
         self,
         settings: AmiSettings,
@@ -54,13 +57,11 @@ class AmiClient:
         backoff: Backoff | None = None,
         events: str = "system",
     ) -> None:
+        super().__init__("ami", settings.host, settings.port, settings.request_timeout, settings.heartbeat,
+                         on_connect, backoff)
         self.settings = settings
         self.events = events  # event classes asked for at login ("system,call" adds MessageWaiting)
         self.on_event = on_event
-        self.on_connect = on_connect
-        self.backoff = backoff or Backoff(base=0.5, cap=15.0)
-        self.link = LinkState("ami")
-        self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count(1)
         self.banner = ""
@@ -87,25 +88,24 @@ class AmiClient:
             raise AmiError(f"{name}: {message or 'error'}", head)
         return [m for m in replies[1:] if m.get("EventList").lower() != "complete"]
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Keep the link up until ``stop`` is set. Never raises for network trouble."""
-        while not stop.is_set():
-            try:
-                await self._session(stop)
-                self.backoff.reset()
-            except AmiAuthError as exc:
-                self.link.set_down(f"login refused: {exc} (check [ami] username/secret and manager.conf)")
-            except (OSError, AmiError, AmiProtocolError, TimeoutError, EOFError) as exc:
-                self.link.set_down(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            finally:
-                await self._teardown("link lost")
-            if stop.is_set():
-                break
-            delay = self.backoff.next()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await stop.wait()
-        self.link.set_down("stopped")
+    # ---------------------------------------------------------------- the link's hooks (stream_link.py)
+
+    def _new_parser(self) -> AmiParser:
+        return AmiParser()
+
+    async def _login(self, parser: AmiParser) -> str:
+        login = {"Username": self.settings.username, "Secret": str(self.settings.secret), "Events": self.events}
+        reply = await self._send("Login", login, is_list=False)
+        if reply[0].response.lower() != "success":
+            raise AmiAuthError(reply[0].get("Message") or "authentication failed")
+        self.banner = parser.banner or ""
+        return f"{self.settings.host}:{self.settings.port}, {self.banner}"
+
+    def _auth_reason(self, exc: Exception) -> str:
+        return f"login refused: {exc} (check [ami] username/secret and manager.conf)"
+
+    async def _ping(self) -> None:
+        await self.action("Ping")
 
     # ---------------------------------------------------------------- internals
 
@@ -126,51 +126,6 @@ class AmiClient:
         finally:
             self._pending.pop(action_id, None)
 
-    async def _session(self, stop: asyncio.Event) -> None:
-        async with asyncio.timeout(self.settings.request_timeout):
-            reader, writer = await asyncio.open_connection(self.settings.host, self.settings.port)
-        self._writer = writer
-        parser = AmiParser()
-        reader_task = asyncio.create_task(self._read(reader, parser), name="ami-reader")
-        try:
-            login = {"Username": self.settings.username, "Secret": str(self.settings.secret), "Events": self.events}
-            reply = await self._send("Login", login, is_list=False)
-            if reply[0].response.lower() != "success":
-                raise AmiAuthError(reply[0].get("Message") or "authentication failed")
-            self.banner = parser.banner or ""
-            self.link.set_up(f"{self.settings.host}:{self.settings.port}, {self.banner}")
-            if self.on_connect is not None:
-                await self.on_connect()
-            await self._heartbeat(stop, reader_task)
-        finally:
-            reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader_task
-
-    async def _heartbeat(self, stop: asyncio.Event, reader_task: asyncio.Task[None]) -> None:
-        """Ping every `heartbeat` s; a Ping without answer means a half-open socket."""
-        stop_wait = asyncio.create_task(stop.wait(), name="ami-stop-wait")
-        try:
-            while True:
-                done, _ = await asyncio.wait({stop_wait, reader_task}, timeout=self.settings.heartbeat,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if stop_wait in done:
-                    return
-                if reader_task in done:
-                    exc = reader_task.exception()
-                    raise exc if exc else EOFError("AMI closed the connection")
-                await self.action("Ping")
-        finally:
-            stop_wait.cancel()
-
-    async def _read(self, reader: asyncio.StreamReader, parser: AmiParser) -> None:
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                raise EOFError("AMI closed the connection")
-            for msg in parser.feed(data):
-                self._dispatch(msg)
-
     def _dispatch(self, msg: AmiMessage) -> None:
         pending = self._pending.get(msg.action_id) if msg.action_id else None
         if pending is not None and not pending.future.done():
@@ -184,18 +139,12 @@ class AmiClient:
             except Exception:  # a handler bug must not take the link down
                 log.exception("AMI event handler failed on %s", msg.event)
 
-    async def _teardown(self, reason: str) -> None:
+    def _fail_pending(self, reason: str) -> None:
         for pending in self._pending.values():
             if not pending.future.done():
                 pending.future.set_exception(AmiError(f"AMI {reason}"))
                 pending.future.exception()  # mark retrieved: the waiter may have given up
         self._pending.clear()
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1):
-                    await writer.wait_closed()
 
 
 def _completes(pending: _Pending, msg: AmiMessage) -> bool:

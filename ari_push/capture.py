@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from ari_push.ami_frames import AmiMessage
 from ari_push.bindings import BindingStore, StoreUnavailable
@@ -33,6 +33,62 @@ RECENT_LIMIT = 50_000
 AGENT_KEPT = 3600.0  # s: how long a device's User-Agent read from the PBX is reused
 QUEUE_LIMIT = 10_000
 WORKERS = 4  # events of one AOR always go to the same worker, so they stay in order
+
+
+E = TypeVar("E")
+
+
+class EventShards(Generic[E]):
+    """A PBX feed's events, queued to ``WORKERS`` workers by key (the AOR: one AOR's events stay in
+    order) and handled there, so no reader ever waits on the store. A full queue drops the event and
+    asks for a read-back (``resync``) once every queue has drained; waiting calls are then told to
+    re-read their contacts (``gap``). A bad event is logged, never fatal. Shared by the Asterisk
+    capture (here) and the FreeSWITCH one (fs_capture.py)."""
+
+    def __init__(self, handle: Callable[[E], Awaitable[object]], resync: Callable[[], Awaitable[object]],
+                 gap: Callable[[], None], what: str) -> None:
+        self.handle = handle
+        self.resync = resync
+        self.gap = gap
+        self.what = what
+        self.queues: list[asyncio.Queue[E]] = [asyncio.Queue(QUEUE_LIMIT) for _ in range(WORKERS)]
+        self.dropped = 0
+        self.resync_needed = False
+
+    def put(self, key: str, event: E) -> None:
+        try:
+            self.queues[hash(key) % WORKERS].put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            self.resync_needed = True  # what was dropped is read back once the queue drains
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("%s capture queue full; %d events dropped so far", self.what, self.dropped)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for queue in self.queues:
+                tg.create_task(self._worker(queue, stop))
+
+    async def _worker(self, queue: asyncio.Queue[E], stop: asyncio.Event) -> None:
+        """Handle one shard's events in order until ``stop``."""
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait({get, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    return
+                try:
+                    await self.handle(get.result())
+                    if self.resync_needed and all(q.empty() for q in self.queues):
+                        self.resync_needed = False
+                        await self.resync()
+                        self.gap()  # waiting calls re-read the contacts they may have missed
+                except Exception:
+                    log.exception("capture failed on a %s event", self.what)
+        finally:
+            stopper.cancel()
 
 
 class AmiActions(Protocol):
@@ -59,13 +115,11 @@ class Capture:
         self.metrics = metrics
         self.node_id = node_id
         self.clock = clock
-        self.queues: list[asyncio.Queue[AmiMessage]] = [asyncio.Queue(QUEUE_LIMIT) for _ in range(WORKERS)]
-        self.dropped = 0
+        self.shards: EventShards[AmiMessage] = EventShards(self.handle, self.resync, wakeups.gap, "AMI")
         #: contact URI -> when it was last captured from a ContactStatus (bounded, oldest first)
         self._captured_at: dict[str, float] = {}
         #: device -> (its User-Agent, when read): bounded, re-read after AGENT_KEPT
         self._agents: dict[str, tuple[str, float]] = {}
-        self.resync_needed = False
         #: Says which provider table serves a binding (push/routing.py); set once providers exist.
         self.explain: Callable[[Binding], str] | None = None
         #: reads a registered contact's User-Agent (the PBX's contact object; set by the daemon)
@@ -74,6 +128,14 @@ class Capture:
         self.on_binding: Callable[[Binding, bool], None] | None = None
         #: told the PBX's qualify state of every contact it reports: (URI, ContactStatus/Status)
         self.on_contact_status: Callable[[str, str], None] | None = None
+
+    @property
+    def dropped(self) -> int:
+        return self.shards.dropped
+
+    @property
+    def resync_needed(self) -> bool:
+        return self.shards.resync_needed
 
     # ---------------------------------------------------------------- feeds
 
@@ -88,13 +150,7 @@ class Capture:
                 self.on_contact_status(msg.get("URI"), msg.get("ContactStatus"))
             if msg.get("ContactStatus").lower() in LIVE_STATUSES:
                 self.deliver_now(aor, msg.get("URI"))
-        try:
-            self.queues[hash(aor) % WORKERS].put_nowait(msg)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            self.resync_needed = True  # what was dropped is read back once the queue drains
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning("capture queue full; %d events dropped so far", self.dropped)
+        self.shards.put(aor, msg)
 
     def deliver_now(self, aor: str, uri: str) -> None:
         """Wake the calls waiting for ``aor`` on this daemon (the PBX feeds call it from their reader)."""
@@ -108,30 +164,7 @@ class Capture:
                                           at=self.clock(), origin=self.node_id))
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for queue in self.queues:
-                tg.create_task(self._worker(queue, stop))
-
-    async def _worker(self, queue: asyncio.Queue[AmiMessage], stop: asyncio.Event) -> None:
-        """Handle one shard's events in order until ``stop``; a bad event is logged, never fatal."""
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            while True:
-                get = asyncio.ensure_future(queue.get())
-                await asyncio.wait({get, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if not get.done():
-                    get.cancel()
-                    return
-                try:
-                    await self.handle(get.result())
-                    if self.resync_needed and all(q.empty() for q in self.queues):
-                        self.resync_needed = False
-                        await self.resync()
-                        self.wakeups.gap()  # waiting calls re-read the contacts they may have missed
-                except Exception:
-                    log.exception("capture failed on an AMI event")
-        finally:
-            stopper.cancel()
+        await self.shards.run(stop)
 
     async def handle(self, msg: AmiMessage) -> Binding | None:
         if msg.event == "ContactStatus":

@@ -71,12 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        if settings.freeswitch is not None:  # FreeSWITCH over its event socket (docs/freeswitch.md)
-            from ari_push.freeswitch_daemon import FreeswitchDaemon
-
-            await FreeswitchDaemon(settings).run(stop)
-        else:
-            await Daemon(settings).run(stop)
+        await Daemon(settings).run(stop)  # Asterisk or FreeSWITCH, as the settings say
 
     try:
         asyncio.run(main())

@@ -26,6 +26,8 @@ import redis.asyncio as aioredis
 from ari_push.ari import AriClient, AriError
 from ari_push.call_events import ChannelInfo, channel_info
 from ari_push.channels import ChannelRole, channel_role, stasis_args
+from ari_push.links import LinkState
+from ari_push.pbx import PbxError
 from ari_push.redis_keys import Keys
 from ari_push.settings import ClusterSettings
 
@@ -61,23 +63,28 @@ class CallTaker(Protocol):
     async def adopt_bridge(self, bridge_id: str, channel_ids: list[str]) -> None: ...
 
 
-class Cluster:
+class ClusterNode:
+    """What every cluster member does whatever its PBX: the heartbeat in ``<prefix>nodes`` under
+    its member name, the list of live members, and a janitor that runs ``sweep`` every heartbeat
+    while the PBX link is up and this daemon may take calls. ``Cluster`` (Asterisk, below) and
+    ``fs_cluster.FreeswitchCluster`` say what claiming and sweeping mean on their PBX."""
+
     def __init__(
         self,
         settings: ClusterSettings,
         app: str,
         client: aioredis.Redis,
         keys: Keys,
-        ari: AriClient,
+        pbx_link: LinkState,
         node_id: str,
         calls: CallTaker,
         may_take_calls: Callable[[], bool],
     ) -> None:
         self.settings = settings
-        self.app = app
+        self.app = app  # the member name: the Stasis app on Asterisk
         self.redis = client
         self.keys = keys
-        self.ari = ari
+        self.pbx_link = pbx_link
         self.node_id = node_id
         self.calls = calls
         self.may_take_calls = may_take_calls
@@ -87,17 +94,9 @@ class Cluster:
         self.lease_held = asyncio.Event()
         self.lease_lost = asyncio.Event()
 
-    # ---------------------------------------------------------------- broadcast
-
-    async def claim(self, channel_id: str) -> None:
-        """A CallBroadcast: claim it unless this daemon is stopping or missing a link."""
-        if not channel_id or not self.may_take_calls():
-            return
-        try:
-            await self.ari.call("claim", query={"channelId": channel_id, "application": self.app})
-        except AriError as exc:
-            if exc.status != 409:  # 409: another daemon was first, as designed
-                log.warning("claim of %s failed: %s", channel_id, exc)
+    async def sweep(self) -> int:
+        """Adopt the channels of dead members; how many this daemon adopted."""
+        raise NotImplementedError
 
     # ---------------------------------------------------------------- loops
 
@@ -130,12 +129,69 @@ class Cluster:
     async def _janitor(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self._sleep(stop, self.settings.heartbeat)
-            if stop.is_set() or not self.ari.link.up or not self.may_take_calls():
+            if stop.is_set() or not self.pbx_link.up or not self.may_take_calls():
                 continue
             try:
                 await self.sweep()
-            except (aioredis.RedisError, OSError, AriError) as exc:
+            except (aioredis.RedisError, OSError, AriError, PbxError) as exc:
                 log.debug("janitor: %s", exc)
+
+    async def _lease(self, stop: asyncio.Event) -> None:
+        """Hold the lease of the shared app; the PBX link connects only while it is held."""
+        key, ttl_ms = self.keys.lease(self.app), int(self.settings.lease_ttl * 1000)
+        while not stop.is_set():
+            held = False
+            try:
+                if self.lease_held.is_set():
+                    held = bool(await self._renew(keys=[key], args=[self.node_id, ttl_ms]))
+                else:
+                    held = bool(await self.redis.set(key, self.node_id, nx=True, px=ttl_ms))
+            except (aioredis.RedisError, OSError) as exc:
+                log.debug("lease: %s", exc)
+            if held and not self.lease_held.is_set():
+                log.info("lease of app %s taken: this daemon is active", self.app)
+                self.lease_lost.clear()
+                self.lease_held.set()
+            elif not held and self.lease_held.is_set():
+                log.warning("lease of app %s lost: standing by", self.app)
+                self.lease_held.clear()
+                self.lease_lost.set()
+            await self._sleep(stop, self.settings.lease_ttl / 3)
+        if self.lease_held.is_set():
+            with contextlib.suppress(aioredis.RedisError, OSError):
+                await self._renew(keys=[key], args=[self.node_id, 1])  # hand over at once
+
+
+class Cluster(ClusterNode):
+    """Asterisk: StasisBroadcast claims over ARI, adoption by moving channels between apps."""
+
+    def __init__(
+        self,
+        settings: ClusterSettings,
+        app: str,
+        client: aioredis.Redis,
+        keys: Keys,
+        ari: AriClient,
+        node_id: str,
+        calls: CallTaker,
+        may_take_calls: Callable[[], bool],
+    ) -> None:
+        super().__init__(settings, app, client, keys, ari.link, node_id, calls, may_take_calls)
+        self.ari = ari
+
+    # ---------------------------------------------------------------- broadcast
+
+    async def claim(self, channel_id: str) -> None:
+        """A CallBroadcast: claim it unless this daemon is stopping or missing a link."""
+        if not channel_id or not self.may_take_calls():
+            return
+        try:
+            await self.ari.call("claim", query={"channelId": channel_id, "application": self.app})
+        except AriError as exc:
+            if exc.status != 409:  # 409: another daemon was first, as designed
+                log.warning("claim of %s failed: %s", channel_id, exc)
+
+    # ---------------------------------------------------------------- adoption
 
     def _family(self, app: str) -> bool:
         return app.startswith(self.settings.app_family + "-")
@@ -185,28 +241,3 @@ class Cluster:
                 # to come every time. The channel is ours now; its StasisStart, if any, is ignored.
                 self.calls.start_adopted(channel_info(ch))
         return n
-
-    async def _lease(self, stop: asyncio.Event) -> None:
-        """Hold the lease of the shared app; the ARI link connects only while it is held."""
-        key, ttl_ms = self.keys.lease(self.app), int(self.settings.lease_ttl * 1000)
-        while not stop.is_set():
-            held = False
-            try:
-                if self.lease_held.is_set():
-                    held = bool(await self._renew(keys=[key], args=[self.node_id, ttl_ms]))
-                else:
-                    held = bool(await self.redis.set(key, self.node_id, nx=True, px=ttl_ms))
-            except (aioredis.RedisError, OSError) as exc:
-                log.debug("lease: %s", exc)
-            if held and not self.lease_held.is_set():
-                log.info("lease of app %s taken: this daemon is active", self.app)
-                self.lease_lost.clear()
-                self.lease_held.set()
-            elif not held and self.lease_held.is_set():
-                log.warning("lease of app %s lost: standing by", self.app)
-                self.lease_held.clear()
-                self.lease_lost.set()
-            await self._sleep(stop, self.settings.lease_ttl / 3)
-        if self.lease_held.is_set():
-            with contextlib.suppress(aioredis.RedisError, OSError):
-                await self._renew(keys=[key], args=[self.node_id, 1])  # hand over at once

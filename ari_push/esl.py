@@ -4,7 +4,8 @@ timeouts, heartbeat, reconnect with capped jittered backoff.
 Written on the sans-IO framing in esl_frames.py rather than on an ESL library (see
 docs/freeswitch.md): like the AMI link, every command is bounded by a timeout and fails at once
 while the link is down, a half-open socket is caught by the heartbeat, a refused password is
-reported as such (without the password), and the link state feeds /readyz.
+reported as such (without the password), and the link state feeds /readyz. The connection loop
+is stream_link.StreamLink's, shared with the AMI link.
 
 Replies carry no id: FreeSWITCH answers the commands of one connection in order. A command whose
 waiter gave up keeps its place in the queue, so a late reply is matched to it and dropped, never
@@ -15,19 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from ari_push.backoff import Backoff
 from ari_push.esl_frames import EslEvent, EslMessage, EslParser, EslProtocolError, encode_command
-from ari_push.links import LinkState
 from ari_push.settings import FreeswitchSettings
+from ari_push.stream_link import ConnectHandler, StreamLink
 
 log = logging.getLogger("ari_push.esl")
 
 EventHandler = Callable[[EslEvent], None]
-ConnectHandler = Callable[[], Awaitable[None]]
 
 REGISTRATION_EVENTS = ("CUSTOM", "sofia::register", "sofia::unregister", "sofia::expire")
 
@@ -44,7 +43,11 @@ class EslAuthError(EslError):
     pass
 
 
-class EslClient:
+class EslClient(StreamLink):
+    auth_error = EslAuthError
+    link_errors = (OSError, EslError, EslProtocolError, TimeoutError, EOFError)
+    peer = "FreeSWITCH"
+
     def __init__(
         self,
         settings: FreeswitchSettings,
@@ -53,13 +56,11 @@ class EslClient:
         backoff: Backoff | None = None,
         events: tuple[str, ...] = REGISTRATION_EVENTS,
     ) -> None:
+        super().__init__("freeswitch", settings.host, settings.port, settings.request_timeout, settings.heartbeat,
+                         on_connect, backoff)
         self.settings = settings
         self.on_event = on_event
-        self.on_connect = on_connect
-        self.backoff = backoff or Backoff(base=0.5, cap=15.0)
         self.events = events
-        self.link = LinkState("freeswitch")
-        self._writer: asyncio.StreamWriter | None = None
         self._pending: collections.deque[asyncio.Future[EslMessage]] = collections.deque()
         self.version = ""
 
@@ -76,25 +77,43 @@ class EslClient:
         """Send one command and return its reply (``command/reply`` or ``api/response``)."""
         return await self._send(command, headers, during_login=False)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Keep the link up until ``stop`` is set. Never raises for network trouble."""
-        while not stop.is_set():
-            try:
-                await self._session(stop)
-                self.backoff.reset()
-            except EslAuthError as exc:
-                self.link.set_down(f"{exc} (check [freeswitch] password against event_socket.conf)")
-            except (OSError, EslError, EslProtocolError, TimeoutError, EOFError) as exc:
-                self.link.set_down(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            finally:
-                await self._teardown("link lost")
-            if stop.is_set():
-                break
-            delay = self.backoff.next()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await stop.wait()
-        self.link.set_down("stopped")
+    # ---------------------------------------------------------------- the link's hooks (stream_link.py)
+
+    def _new_parser(self) -> EslParser:
+        return EslParser()
+
+    async def _greet(self, reader: asyncio.StreamReader, parser: EslParser) -> None:
+        """The auth request, read before the reader task exists."""
+        async with asyncio.timeout(self.settings.request_timeout):
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    raise EOFError("FreeSWITCH closed the connection before asking for the password")
+                messages = parser.feed(data)
+                if messages:
+                    break
+        if len(messages) > 1:
+            raise EslProtocolError("FreeSWITCH sent more than the auth request before auth")
+        if messages[0].content_type != "auth/request":
+            raise EslProtocolError(f"not a FreeSWITCH event socket (first message {messages[0].content_type!r})")
+
+    async def _login(self, parser: EslParser) -> str:
+        reply = await self._send(f"auth {self.settings.password}", (), during_login=True)
+        if not reply.ok:
+            raise EslAuthError(f"the event socket refused the password ({reply.reply_text.strip()[:60]})")
+        if self.events:
+            reply = await self._send("event plain " + " ".join(self.events), (), during_login=True)
+            if not reply.ok:
+                raise EslError(f"event subscription refused: {reply.reply_text.strip()[:100]}")
+        version = await self._send("api version", (), during_login=True)
+        self.version = version.text.strip()
+        return f"{self.settings.host}:{self.settings.port}, {self.version}"
+
+    def _auth_reason(self, exc: Exception) -> str:
+        return f"{exc} (check [freeswitch] password against event_socket.conf)"
+
+    async def _ping(self) -> None:
+        await self.api("uptime")
 
     # ---------------------------------------------------------------- internals
 
@@ -112,71 +131,6 @@ class EslClient:
                 return await asyncio.shield(future)
         except TimeoutError:
             raise EslError(f"{_verb(command)}: no answer within {self.settings.request_timeout}s") from None
-
-    async def _session(self, stop: asyncio.Event) -> None:
-        async with asyncio.timeout(self.settings.request_timeout):
-            reader, writer = await asyncio.open_connection(self.settings.host, self.settings.port)
-        self._writer = writer
-        parser = EslParser()
-        async with asyncio.timeout(self.settings.request_timeout):
-            hello = await self._next(reader, parser)
-            if hello.content_type != "auth/request":
-                raise EslProtocolError(f"not a FreeSWITCH event socket (first message {hello.content_type!r})")
-        reader_task = asyncio.create_task(self._read(reader, parser), name="esl-reader")
-        try:
-            reply = await self._send(f"auth {self.settings.password}", (), during_login=True)
-            if not reply.ok:
-                raise EslAuthError(f"the event socket refused the password ({reply.reply_text.strip()[:60]})")
-            if self.events:
-                reply = await self._send("event plain " + " ".join(self.events), (), during_login=True)
-                if not reply.ok:
-                    raise EslError(f"event subscription refused: {reply.reply_text.strip()[:100]}")
-            version = await self._send("api version", (), during_login=True)
-            self.version = version.text.strip()
-            self.link.set_up(f"{self.settings.host}:{self.settings.port}, {self.version}")
-            if self.on_connect is not None:
-                await self.on_connect()
-            await self._heartbeat(stop, reader_task)
-        finally:
-            reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader_task
-
-    async def _next(self, reader: asyncio.StreamReader, parser: EslParser) -> EslMessage:
-        """The first message (the auth request), read before the reader task exists."""
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                raise EOFError("FreeSWITCH closed the connection before asking for the password")
-            messages = parser.feed(data)
-            if messages:
-                if len(messages) > 1:
-                    raise EslProtocolError("FreeSWITCH sent more than the auth request before auth")
-                return messages[0]
-
-    async def _heartbeat(self, stop: asyncio.Event, reader_task: asyncio.Task[None]) -> None:
-        """``api uptime`` every `heartbeat` s; no answer means a half-open socket."""
-        stop_wait = asyncio.create_task(stop.wait(), name="esl-stop-wait")
-        try:
-            while True:
-                done, _ = await asyncio.wait({stop_wait, reader_task}, timeout=self.settings.heartbeat,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if stop_wait in done:
-                    return
-                if reader_task in done:
-                    exc = reader_task.exception()
-                    raise exc if exc else EOFError("FreeSWITCH closed the connection")
-                await self.api("uptime")
-        finally:
-            stop_wait.cancel()
-
-    async def _read(self, reader: asyncio.StreamReader, parser: EslParser) -> None:
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                raise EOFError("FreeSWITCH closed the connection")
-            for msg in parser.feed(data):
-                self._dispatch(msg)
 
     def _dispatch(self, msg: EslMessage) -> None:
         if msg.is_reply:
@@ -201,18 +155,12 @@ class EslClient:
         if msg.content_type == "text/disconnect-notice":
             raise EOFError("FreeSWITCH sent a disconnect notice")
 
-    async def _teardown(self, reason: str) -> None:
+    def _fail_pending(self, reason: str) -> None:
         for future in self._pending:
             if not future.done():
                 future.set_exception(EslError(f"FreeSWITCH {reason}"))
                 future.exception()  # mark retrieved: the waiter may have given up
         self._pending.clear()
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1):
-                    await writer.wait_closed()
 
 
 def _verb(command: str) -> str:

@@ -67,7 +67,8 @@ class FreeswitchEvents:
     """ESL channel events -> the call flow's events. Keeps just enough state to report each
     caller once (a caller that comes back to park after a bridge is not a new call)."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "") -> None:
+        self.owner = owner  # clustered: this daemon's member name; legs of other members are theirs
         self.taken: set[str] = set()  # callers reported as StasisStart
         self.contexts: dict[str, str] = {}  # caller -> its dialplan context (for the hand-back)
 
@@ -79,6 +80,8 @@ class FreeswitchEvents:
             return None
         if name == "CHANNEL_PARK":
             if ev.get("variable_ari_push_leg") == "1":
+                if self.owner and ev.get("variable_ari_push_owner") != self.owner:
+                    return None  # another daemon's leg (every daemon sees every park)
                 caller = ev.get("variable_ari_push_caller")
                 return StasisStart(self._info(ev, "Up"), (DIALED, caller)) if caller else None
             target = ev.get("variable_push_target")
@@ -129,11 +132,14 @@ class FreeswitchPbx:
     """``pbx.Pbx`` over ESL. ``events`` is the translator fed by the same connection."""
 
     def __init__(self, esl: EslSender, profile: str, continue_extension: str = "push-done",
-                 events: FreeswitchEvents | None = None) -> None:
+                 events: FreeswitchEvents | None = None, owner: str = "") -> None:
         self.esl = esl
         self.profile = profile
         self.continue_extension = continue_extension
-        self.events = events or FreeswitchEvents()
+        #: clustered (fs_cluster.py): this daemon's member name, kept in ``ari_push_owner`` of its
+        #: callers and legs; "" for a single daemon, which owns every ari-push channel
+        self.owner = owner
+        self.events = events or FreeswitchEvents(owner)
         self.bridges: dict[str, list[str]] = {}
 
     async def _api(self, operation: str, command: str) -> str:
@@ -178,7 +184,7 @@ class FreeswitchPbx:
             f"origination_caller_id_number={_value(clean_caller_id(leg.caller_number)) or 'unknown'}",
             f"origination_caller_id_name='{_value(clean_caller_id(leg.caller_name))}'",
             f"originate_timeout={max(1, int(leg.ring_timeout))}", "ignore_early_media=true",
-        ])
+        ] + ([f"ari_push_owner={_value(self.owner)}"] if self.owner else []))
         command = f"bgapi originate {{{variables}}}sofia/{self.profile}/{leg.contact_uri} &park()"
         try:
             reply = await self.esl.send(command, (("Job-UUID", leg.leg_id),))
@@ -268,13 +274,16 @@ class FreeswitchPbx:
             cid = str(row.get("uuid", ""))
             state = "Up" if row.get("callstate") in ("ACTIVE", "HELD") else "Ring"
             args = ""
+            # The application column names the last one run (``ring_ready`` sent by ari-push, not
+            # ``park``), so the channel's variables say what it is: a leg, or a caller handed to
+            # ari-push and not handed back yet (no ``push_status``).
             app = str(row.get("application", ""))
-            if app == "park":
-                leg_caller = await self._var(cid, "ari_push_caller")
-                target = await self._var(cid, "push_target") if not leg_caller else ""
-                if leg_caller:
-                    args = f"{DIALED},{leg_caller}"
-                elif target and await self._var(cid, "ari_push") == "1":
+            leg_caller = await self._var(cid, "ari_push_caller")
+            if leg_caller:
+                args = f"{DIALED},{leg_caller}"
+            elif await self._var(cid, "ari_push") == "1" and not await self._var(cid, "push_status"):
+                target = await self._var(cid, "push_target")
+                if target:
                     args, app = target, "Stasis"
             try:
                 age = min(max(0.0, time.time() - float(row.get("created_epoch") or 0)), 3600.0)
@@ -289,7 +298,23 @@ class FreeswitchPbx:
         return "" if out in ("_undef_", "") or out.startswith("-ERR") else out
 
     async def app_channel_ids(self) -> set[str]:
-        return {c.id for c in await self.channels() if c.args or await self._var(c.id, "ari_push_leg") == "1"}
+        """ari-push's channels (callers, legs); clustered, only those this daemon owns."""
+        out = set()
+        for c in await self.channels():
+            if not (c.args or await self._var(c.id, "ari_push_leg") == "1"):
+                continue
+            if not self.owner or await self.owner_of(c.id) == self.owner:
+                out.add(c.id)
+        return out
+
+    async def owner_of(self, channel_id: str) -> str:
+        """The member that owns a channel (``ari_push_owner``), "" when none claimed it."""
+        return await self._var(channel_id, "ari_push_owner")
+
+    async def set_owner(self, channel_id: str, owner: str) -> None:
+        out = await self._api("set_variable", f"uuid_setvar {channel_id} ari_push_owner {_value(owner)}")
+        if out.startswith("-ERR"):
+            raise PbxError("set_variable", out, gone="no such channel" in out.lower())
 
     async def bridge_of(self, channel_id: str) -> tuple[str, list[str]] | None:
         other = await self._var(channel_id, "bridge_uuid") or await self._var(channel_id, "signal_bond")
@@ -297,8 +322,6 @@ class FreeswitchPbx:
 
     async def watch_channel(self, channel_id: str) -> None:
         """Nothing to do: the connection receives every channel's events."""
-
-
 
 
 def live_contacts(xmlstatus: str, aor: str) -> list[str]:

@@ -24,15 +24,10 @@ import logging
 import xml.etree.ElementTree as ET
 from typing import Protocol
 
-from ari_push.bindings import BindingStore
-from ari_push.capture import QUEUE_LIMIT, WORKERS, Capture
-from ari_push.contacts import ContactPolicy
-from ari_push.esl import EslClient, EslError
+from ari_push.capture import Capture, EventShards
+from ari_push.esl import EslError
 from ari_push.esl_frames import EslEvent
-from ari_push.metrics import Metrics
 from ari_push.model import Binding
-from ari_push.settings import Settings
-from ari_push.wakeups import WakeupHub
 
 log = logging.getLogger("ari_push.fs_capture")
 
@@ -67,9 +62,8 @@ class FreeswitchCapture:
         self.core = capture
         self.esl = esl
         self.profile = profile
-        self.queues: list[asyncio.Queue[EslEvent]] = [asyncio.Queue(QUEUE_LIMIT) for _ in range(WORKERS)]
-        self.dropped = 0
-        self.resync_needed = False
+        self.shards: EventShards[EslEvent] = EventShards(self.handle, self.resync, capture.wakeups.gap,
+                                                         "FreeSWITCH")
         self.resyncs = 0
         self.gone = 0  # unregister/expire events handled (a binding is never deleted for one)
 
@@ -87,13 +81,7 @@ class FreeswitchCapture:
             uri = sofia_contact_uri(event.get("contact"))
             if uri:
                 self.core.deliver_now(aor, uri)
-        try:
-            self.queues[hash(aor) % WORKERS].put_nowait(event)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            self.resync_needed = True
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning("FreeSWITCH capture queue full; %d events dropped so far", self.dropped)
+        self.shards.put(aor, event)
 
     @staticmethod
     def _aor(event: EslEvent) -> str:
@@ -101,8 +89,7 @@ class FreeswitchCapture:
 
     async def run(self, stop: asyncio.Event, resync_interval: float = 0.0) -> None:
         async with asyncio.TaskGroup() as tg:
-            for queue in self.queues:
-                tg.create_task(self._worker(queue, stop))
+            tg.create_task(self.shards.run(stop))
             if resync_interval > 0:
                 tg.create_task(self._periodic(stop, resync_interval))
 
@@ -113,26 +100,6 @@ class FreeswitchCapture:
                     await stop.wait()
                     return
             await self.resync_quietly()
-
-    async def _worker(self, queue: asyncio.Queue[EslEvent], stop: asyncio.Event) -> None:
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            while True:
-                get = asyncio.ensure_future(queue.get())
-                await asyncio.wait({get, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                if not get.done():
-                    get.cancel()
-                    return
-                try:
-                    await self.handle(get.result())
-                    if self.resync_needed and all(q.empty() for q in self.queues):
-                        self.resync_needed = False
-                        await self.resync()
-                        self.core.wakeups.gap()
-                except Exception:
-                    log.exception("capture failed on a FreeSWITCH event")
-        finally:
-            stopper.cancel()
 
     async def handle(self, event: EslEvent) -> Binding | None:
         aor = self._aor(event)
@@ -175,30 +142,3 @@ class FreeswitchCapture:
             await self.resync()
         except Exception as exc:  # best effort; events keep flowing
             log.warning("FreeSWITCH registration resync failed: %s", exc)
-
-
-class FreeswitchFeed:
-    """What the composition root runs for ``[freeswitch]``: the event socket link and the capture
-    on it, sharing the daemon's store, wake-up hub and metrics with the Asterisk side's design."""
-
-    def __init__(self, settings: Settings, store: BindingStore, wakeups: WakeupHub, metrics: Metrics,
-                 node_id: str = "") -> None:
-        if settings.freeswitch is None:
-            raise ValueError("FreeswitchFeed needs a [freeswitch] section")
-        self.settings = settings
-        self.capture = Capture(store, wakeups, ContactPolicy.from_settings(settings.capture), None, metrics,
-                               node_id)
-        self.esl = EslClient(settings.freeswitch, on_event=self._on_event, on_connect=self._on_connect)
-        self.feed = FreeswitchCapture(self.capture, self.esl, settings.freeswitch.profile)
-
-    def _on_event(self, event: EslEvent) -> None:
-        self.feed.on_esl_event(event)
-
-    async def _on_connect(self) -> None:
-        await self.feed.resync_quietly()
-        self.capture.wakeups.gap()  # waiting calls re-read what they may have missed while the link was down
-
-    async def run(self, stop: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.esl.run(stop), name="freeswitch-esl")
-            tg.create_task(self.feed.run(stop), name="freeswitch-capture")

@@ -35,6 +35,10 @@ class Keys:
         """STRING node id, NX with a TTL: one daemon adopts a dead daemon's channel."""
         return f"{self.prefix}adopt:{channel_id}"
 
+    def claim(self, channel_id: str) -> str:
+        """STRING member name, NX with a TTL: the daemon that handles a parked FreeSWITCH call."""
+        return f"{self.prefix}claim:{channel_id}"
+
     def lease(self, app: str) -> str:
         """STRING node id, NX + PX: who may connect the shared Stasis app (lease mode)."""
         return f"{self.prefix}lease:{app}"

@@ -32,16 +32,22 @@ from ari_push.call_events import CallBroadcast, StasisStart, from_ari
 from ari_push.calls import CallManager
 from ari_push.capture import Capture
 from ari_push.channels import DIALED
-from ari_push.cluster import Cluster
+from ari_push.cluster import Cluster, ClusterNode
 from ari_push.console.access import Access
 from ari_push.console.api import Console
 from ari_push.contacts import ContactPolicy
+from ari_push.esl import REGISTRATION_EVENTS, EslClient
+from ari_push.esl_frames import EslEvent
+from ari_push.freeswitch_pbx import CALL_EVENTS, FreeswitchPbx
+from ari_push.fs_capture import FreeswitchCapture
+from ari_push.fs_cluster import FreeswitchCluster, cluster_member
 from ari_push.health import HealthServer
 from ari_push.links import LinkState
 from ari_push.messages import MessageRelay, build_messages
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushResult, mask
 from ari_push.mwi import MwiNotifier, build_mwi
+from ari_push.pbx import Pbx
 from ari_push.push.base import PushProvider
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
@@ -52,7 +58,7 @@ from ari_push.redis_keys import Keys
 from ari_push.refresh import AsteriskContacts, RefreshScheduler, build_refresh
 from ari_push.refresh_store import MemorySchedule, RedisSchedule
 from ari_push.sd_notify import notify
-from ari_push.settings import RedisSettings, Settings
+from ari_push.settings import FreeswitchSettings, RedisSettings, Settings
 from ari_push.test_push import send_test_push
 from ari_push.trace_recorder import build_traces
 from ari_push.trace_routes import TraceRoutes
@@ -109,6 +115,11 @@ def make_redis(settings: RedisSettings) -> aioredis.Redis:
 
 
 class Daemon:
+    """The daemon. One PBX side is built behind the PBX port (docs/calls.md): Asterisk (``[ari]`` +
+    ``[ami]``) or FreeSWITCH (``[freeswitch]``, one event socket for capture and calls,
+    docs/freeswitch.md); the store, providers, dispatcher, call manager, cluster and health are the
+    same for both."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.node_id = settings.node_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -136,35 +147,34 @@ class Daemon:
             self.store = CachedStore(self.redis_store, self.cache, max_devices=settings.capture.max_devices_per_aor)
             self.wakeups = RedisWakeups(self.redis, self.keys, self.node_id)
             self.planner = CachedPushPlanner(RedisPushPlanner(self.redis, self.keys, settings.push), self.cache)
-        # MessageWaiting is in AMI's "call" class: asked for only when voicemail pushes are on
-        self.ami = AmiClient(settings.ami, on_event=self._on_ami_event, on_connect=self._on_ami_connect,
-                             events="system,call" if settings.mwi.enabled else "system")
-        ari_link = AriOutboundServer if settings.ari.connection == "outbound" else AriClient
-        self.ari = ari_link(settings.ari, on_event=self._on_ari_event, on_connect=self._on_ari_connect)
         self.policy = ContactPolicy.from_settings(settings.capture)
-        self.capture = Capture(self.store, self.wakeups, self.policy, self.ami, self.metrics, self.node_id)
         self.providers: list[PushProvider] = build_providers(settings)
-        self.capture.explain = Router(settings, self.providers).explain  # the capture log names the table
         # The rate limit of CALL pushes is taken by the planner, in the same round trip as the
         # bindings; the dispatcher only applies its verdicts.
         self.dispatcher = PushDispatcher(self.providers, on_token_dead=self._on_token_dead,
                                          fanout=Fanout.from_settings(settings))
-        self.pbx = AsteriskPbx(self.ari, settings.ari.app)
-        self.capture.user_agent_of = self.pbx.user_agent_of
+        # The PBX side: its links, the capture feeding the shared Capture, the adapter behind the port.
+        self.ami: AmiClient | None = None
+        self.ari: AriClient | AriOutboundServer | None = None
+        self.esl: EslClient | None = None
+        self.fs_capture: FreeswitchCapture | None = None
+        self.capture = Capture(self.store, self.wakeups, self.policy, None, self.metrics, self.node_id)
+        self.capture.explain = Router(settings, self.providers).explain  # the capture log names the table
+        self.pbx: Pbx
+        self.calls: CallManager
+        self.links: list[LinkState]  # what /readyz and READY=1 wait for: the PBX links (+ Redis)
+        self.cluster: ClusterNode | None = None  # Cluster (Asterisk) or FreeswitchCluster
         # Call traces (docs/operations.md): Redis or in process; fed by the calls and the dispatcher
         self.traces, self.tracer = build_traces(settings.traces, self.redis, self.keys.prefix, self.node_id,
                                                 self.metrics, settings.cluster)
         self.dispatcher.observer = self.tracer.on_push
-        self.calls = CallManager(settings, self.pbx, self.planner, self.dispatcher, self.wakeups, self.metrics,
-                                 self.policy, self.tracer)
-        self.cluster: Cluster | None = None
-        if settings.cluster.mode != "single" and self.redis is not None:
-            self.cluster = Cluster(settings.cluster, settings.ari.app, self.redis, self.keys, self.ari, self.node_id,
-                                   calls=self.calls, may_take_calls=self._may_take_calls)
-            if settings.cluster.mode == "lease":
-                self.ari.gate = (self.cluster.lease_held, self.cluster.lease_lost)
-        links = [self.ami.link, self.ari.link] + ([self.redis_link] if self.redis is not None else [])
-        self.health = HealthServer(settings.http.listen, links, self.metrics,
+        if settings.freeswitch is None:
+            self._build_asterisk(settings)
+        else:
+            self._build_freeswitch(settings, settings.freeswitch)
+        if self.redis is not None:
+            self.links.append(self.redis_link)
+        self.health = HealthServer(settings.http.listen, self.links, self.metrics,
                                    header_timeout=settings.http.header_timeout,
                                    max_connections=settings.http.max_connections,
                                    max_streams=settings.http.max_streams)
@@ -175,23 +185,31 @@ class Daemon:
         self.health.guard, self.health.authenticated = self.access.check, self.access.authenticated
         self.console: Console | None = None
         if settings.http.console:
-            self.console = Console(store=self.store, metrics=self.metrics, links=links, access=self.access,
+            self.console = Console(store=self.store, metrics=self.metrics, links=self.links, access=self.access,
                                    node_id=self.node_id, traces=self.traces,
                                    test_push=functools.partial(send_test_push, self.store, self.dispatcher))
             self.health.routes += self.console.routes()
         self.started = asyncio.Event()
         # Reachability (docs/reachability.md): registration-refresh pushes, voicemail pushes, SIP
-        # MESSAGE to sleeping phones; each None when its section is off.
-        r = settings.refresh
-        schedule = (MemorySchedule(r.at_fraction, r.grace) if self.redis is None
-                    else RedisSchedule(self.redis, self.keys, r.at_fraction, r.grace))
-        self.refresh: RefreshScheduler | None = build_refresh(r, schedule, self.store, self.ari, self.ami,
-                                                               self.dispatcher, self.policy, self.metrics)
-        self.mwi: MwiNotifier | None = build_mwi(settings.mwi, self.redis, self.keys, self.store, self.ari,
-                                                 self.dispatcher, self.metrics)
-        self.messages: MessageRelay | None = build_messages(settings.messages, self.redis, self.keys, self.store,
-                                                            AsteriskContacts(self.ari, self.ami), self.ari, self.ami,
-                                                            self.dispatcher, self.metrics)
+        # MESSAGE to sleeping phones; each None when its section is off. They read Asterisk's
+        # contacts, mailboxes and AstDB: not built on FreeSWITCH yet (docs/freeswitch.md).
+        self.refresh: RefreshScheduler | None = None
+        self.mwi: MwiNotifier | None = None
+        self.messages: MessageRelay | None = None
+        if self.ami is not None and self.ari is not None:
+            ari, ami = self.ari, self.ami
+            r = settings.refresh
+            schedule = (MemorySchedule(r.at_fraction, r.grace) if self.redis is None
+                        else RedisSchedule(self.redis, self.keys, r.at_fraction, r.grace))
+            self.refresh = build_refresh(r, schedule, self.store, ari, ami, self.dispatcher, self.policy, self.metrics)
+            self.mwi = build_mwi(settings.mwi, self.redis, self.keys, self.store, ari, self.dispatcher, self.metrics)
+            self.messages = build_messages(settings.messages, self.redis, self.keys, self.store,
+                                           AsteriskContacts(ari, ami), ari, ami, self.dispatcher, self.metrics)
+        else:
+            off = [name for name, on in (("refresh", settings.refresh.enabled), ("mwi", settings.mwi.enabled),
+                                         ("messages", settings.messages.enabled)) if on]
+            if off:
+                log.info("on FreeSWITCH [%s] are not available yet: off", "], [".join(off))
         if self.messages is not None:
             self.health.routes += self.messages.routes()
         if self.traces is not None:
@@ -200,6 +218,42 @@ class Daemon:
         self.capture.on_contact_status = self.calls.reach.on_status
         self.created_at = time.monotonic()
         self.ready_at: float | None = None
+
+    def _build_asterisk(self, settings: Settings) -> None:
+        """ARI for calls, AMI for capture (docs/architecture.md)."""
+        # MessageWaiting is in AMI's "call" class: asked for only when voicemail pushes are on
+        ami = self.ami = AmiClient(settings.ami, on_event=self._on_ami_event, on_connect=self._on_ami_connect,
+                                   events="system,call" if settings.mwi.enabled else "system")
+        ari_link = AriOutboundServer if settings.ari.connection == "outbound" else AriClient
+        ari = self.ari = ari_link(settings.ari, on_event=self._on_ari_event, on_connect=self._on_ari_connect)
+        self.capture.ami = ami
+        pbx = AsteriskPbx(ari, settings.ari.app)
+        self.pbx = pbx
+        self.capture.user_agent_of = pbx.user_agent_of
+        self.calls = CallManager(settings, pbx, self.planner, self.dispatcher, self.wakeups, self.metrics,
+                                 self.policy, self.tracer)
+        if settings.cluster.mode != "single" and self.redis is not None:
+            cluster = self.cluster = Cluster(settings.cluster, settings.ari.app, self.redis, self.keys, ari,
+                                             self.node_id, calls=self.calls, may_take_calls=self._may_take_calls)
+            if settings.cluster.mode == "lease":
+                ari.gate = (cluster.lease_held, cluster.lease_lost)
+        self.links = [ami.link, ari.link]
+
+    def _build_freeswitch(self, settings: Settings, fs: FreeswitchSettings) -> None:
+        """One event socket carries capture and call control (docs/freeswitch.md)."""
+        clustered = settings.cluster.mode != "single" and self.redis is not None
+        member = cluster_member(settings.cluster, self.node_id) if clustered else ""
+        esl = self.esl = EslClient(fs, on_event=self._on_esl_event, on_connect=self._on_esl_connect,
+                                   events=CALL_EVENTS + REGISTRATION_EVENTS)
+        self.fs_capture = FreeswitchCapture(self.capture, esl, fs.profile)
+        pbx = FreeswitchPbx(esl, fs.profile, owner=member)
+        self.pbx = pbx
+        self.calls = CallManager(settings, pbx, self.planner, self.dispatcher, self.wakeups, self.metrics,
+                                 self.policy, self.tracer)
+        if clustered and self.redis is not None:
+            self.cluster = FreeswitchCluster(settings.cluster, member, self.redis, self.keys, pbx, esl.link,
+                                             self.node_id, calls=self.calls, may_take_calls=self._may_take_calls)
+        self.links = [esl.link]
 
     # ---------------------------------------------------------------- wiring
 
@@ -231,15 +285,39 @@ class Daemon:
             # the call is ari-push's now: its own deadline bounds it, not the dialplan's
             self.calls.spawn(lift_bound(self.ari, event.channel_id), f"lift-{event.channel_id}")
         if isinstance(event, CallBroadcast):
-            if self.cluster is not None:
+            if isinstance(self.cluster, Cluster):
                 self.calls.spawn(self.cluster.claim(event.channel_id), "claim")
             return
         self.calls.on_event(event)
 
+    def _on_esl_event(self, event: EslEvent) -> None:
+        """FreeSWITCH: registration events go to the capture, channel events become the flow's events."""
+        if event.subclass:
+            assert self.fs_capture is not None
+            self.fs_capture.on_esl_event(event)
+            return
+        assert isinstance(self.pbx, FreeswitchPbx)
+        translated = self.pbx.events.translate(event)
+        if translated is None:
+            return
+        if (isinstance(self.cluster, FreeswitchCluster) and isinstance(translated, StasisStart)
+                and not (translated.args and translated.args[0] == DIALED)):
+            # every daemon on this FreeSWITCH sees the park: the Redis claim picks one
+            self.calls.spawn(self.cluster.claim_call(translated), f"claim-{translated.channel_id}")
+            return
+        self.calls.on_event(translated)
+
+    async def _on_esl_connect(self) -> None:
+        assert self.fs_capture is not None
+        await self.fs_capture.resync_quietly()
+        self.wakeups.gap()  # waiting calls re-read what they may have missed while the link was down
+        await self.calls.reconcile()
+
     def _may_take_calls(self) -> bool:
-        """Claim calls only when this daemon can serve them."""
+        """Claim calls only when this daemon can serve them (its capture link and store are up)."""
         store_ok = self.redis is None or self.redis_link.up
-        return not self.calls.draining and self.ami.link.up and store_ok
+        capture = self.ami.link if self.ami is not None else self.esl.link if self.esl is not None else None
+        return not self.calls.draining and capture is not None and capture.up and store_ok
 
     async def _on_ari_connect(self) -> None:
         await self.calls.reconcile()
@@ -258,23 +336,27 @@ class Daemon:
     # ---------------------------------------------------------------- lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
-        log.info("ari-push starting as node %s (store: %s)", self.node_id,
-                 "embedded" if self.redis is None else "redis")
+        log.info("ari-push starting as node %s (PBX: %s, store: %s)", self.node_id,
+                 "asterisk" if self.esl is None else "freeswitch", "embedded" if self.redis is None else "redis")
         providers = self.providers
         if self.settings.http.enabled:
             await self.health.start()
         inner_stop = asyncio.Event()  # links stop after the calls have drained
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.ami.run(inner_stop), name="ami")
-                tg.create_task(self.ari.run(inner_stop), name="ari")
-                tg.create_task(self.capture.run(inner_stop), name="capture")
+                if self.ami is not None and self.ari is not None:
+                    tg.create_task(self.ami.run(inner_stop), name="ami")
+                    tg.create_task(self.ari.run(inner_stop), name="ari")
+                    tg.create_task(self.capture.run(inner_stop), name="capture")
+                if self.esl is not None and self.fs_capture is not None:
+                    tg.create_task(self.esl.run(inner_stop), name="freeswitch-esl")
+                    tg.create_task(self.fs_capture.run(inner_stop), name="freeswitch-capture")
                 tg.create_task(self.calls.run(inner_stop), name="calls")
                 tg.create_task(self._sweeper(inner_stop), name="sweeper")
-                if self.traces is not None:
-                    tg.create_task(self.traces.run(inner_stop), name="trace-writer")
                 if self.refresh is not None:
                     tg.create_task(self.refresh.run(inner_stop), name="refresh")
+                if self.traces is not None:
+                    tg.create_task(self.traces.run(inner_stop), name="trace-writer")
                 if self.mwi is not None:
                     tg.create_task(self.mwi.run(inner_stop), name="mwi")
                 if self.messages is not None:
@@ -302,7 +384,7 @@ class Daemon:
 
     async def _notify_ready(self, stop: asyncio.Event) -> None:
         """READY=1 to systemd (Type=notify) once the daemon can take a call: the links /readyz checks."""
-        links = self.health.links
+        links = self.links
         while not stop.is_set():
             if all(link.up for link in links) and not self.health.draining:
                 self.ready_at = time.monotonic()
@@ -318,7 +400,8 @@ class Daemon:
 
     async def _close(self) -> None:
         await self.dispatcher.aclose()
-        await self.ari.aclose()
+        if self.ari is not None:
+            await self.ari.aclose()
         await self.health.stop()
         if self.redis is not None:
             with contextlib.suppress(Exception):

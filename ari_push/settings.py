@@ -986,7 +986,10 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
     clu_s.done()
     if cluster.mode != "single" and red.embedded:
         raise SettingsError("cluster.mode", f"{cluster.mode!r} needs [redis] (daemons share state through it)")
-    if cluster.mode == "broadcast" and not ari.app.startswith(cluster.app_family + "-"):
+    if cluster.mode == "lease" and freeswitch is not None:
+        raise SettingsError("cluster.mode", "\"lease\" is for Asterisk without StasisBroadcast; on FreeSWITCH every "
+                                            "daemon sees each parked call: use \"broadcast\" (Redis claims)")
+    if cluster.mode == "broadcast" and freeswitch is None and not ari.app.startswith(cluster.app_family + "-"):
         raise SettingsError("ari.app", f"in broadcast mode each daemon needs its own app named "
                                        f"'{cluster.app_family}-<name>', got {ari.app!r}")
     if cluster.node_ttl <= cluster.heartbeat:

@@ -10,8 +10,8 @@ the calls of the outage have their traces afterwards; only what the bounded buff
 is dropped and counted (``ari_push_trace_writes_dropped{reason}``).
 
 Owner liveness: the writer of each daemon (``node``) keeps ``<prefix>traces:nodes`` up to date,
-its node scored with the Redis time until which it counts as alive (now + ``node_ttl``), at every
-batch and every ``heartbeat`` s (the same timing as the cluster's heartbeat, docs/clustering.md;
+its node scored with the Redis time until which it counts as alive (now + ``node_ttl``), every
+``heartbeat`` s, the first time before its first write (the same timing as the cluster's heartbeat, docs/clustering.md;
 the cluster's own ZSET names Stasis apps, which daemons of a lease share, so it cannot say which
 daemon owns a call, and exist only in cluster modes). A reader marks a trace not ended whose
 node's time is past as abandoned (``CallTrace.abandoned_at``); a node never seen beating is not
@@ -357,7 +357,7 @@ class RedisTraceStore:
         """Send every buffered write (and the heartbeat when due): one pipelined round trip.
         Never raises; False when Redis did not answer, the writes then stay buffered."""
         self._wake.clear()
-        beat = bool(self.node) and (bool(self._pending) or time.monotonic() >= self._next_beat)
+        beat = bool(self.node) and time.monotonic() >= self._next_beat  # the first goes with the first writes
         if not self._pending and not beat:
             return True
         batch = list(self._pending)
@@ -366,7 +366,7 @@ class RedisTraceStore:
         now = time.time()
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                if beat:  # before the writes: a trace never names a node not yet seen alive
+                if beat:  # before the writes: a trace never names a node never seen alive
                     await self._beat(keys=[self.nodes_key], client=pipe,
                                      args=[self.node, int(self.node_ttl * 1000), int(self.keep * 1000)])
                 for w in merged:

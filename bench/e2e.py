@@ -1,13 +1,15 @@
 """End-to-end benchmark: real Asterisk 22 + Redis + the ari-push daemon + a local FCM, with
 simulated phones that wake after a delay drawn from a distribution. Not part of the tests.
 
-    .venv/bin/python bench/e2e.py [--only latency,answer,capacity,ingest] [--quick] [--traces on|off|both]
+    .venv/bin/python bench/e2e.py [--only latency,answer,capacity,ingest,freeswitch] [--quick] [--traces on|off|both]
 
 Sections (docs/performance.md has the results and how to read them):
   latency   re-REGISTER sent by the woken phone -> INVITE received by it, new-URI and same-URI wakes
   answer    time to answer for wake delays 0.3/1/2.5/4/8 s: ari-push vs the Wait(3) recipe, same run
   capacity  N calls waiting for a push at once (100, 500, 1000): completion, latencies, daemon CPU/RSS
   ingest    new-contact REGISTERs per second the capture path (AMI -> parse -> Redis -> signal) sustains
+  freeswitch the same latency and time-to-answer rows on FreeSWITCH 1.10.12 against its `sleep 2000`
+            recipe (bench/freeswitch_e2e.py, run from here after the Asterisk sections)
 
 ``--traces both`` runs the latency section in alternating blocks with call traces off and on
 (the daemon restarted between blocks, ``--trace-rounds`` of each), to show what recording adds to
@@ -45,6 +47,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # freeswitch_e2e: the FreeSWITCH rows
 
 from rig.asterisk import (  # noqa: E402
     AMI_SECRET,
@@ -1062,7 +1065,36 @@ def markdown(results: dict[str, Any]) -> str:
                        f"{_f(m['daemon'], 0)}% | {_f(m['asterisk'], 0)}% | {_f(m['harness'], 0)}% | "
                        f"{_f(m['others'], 0)}% |")
         out.append("")
+    if "freeswitch" in results:
+        out += freeswitch_rows(results["freeswitch"], results.get("latency"))
     return "\n".join(out)
+
+
+def freeswitch_rows(fs: dict[str, Any], asterisk: dict[str, Any] | None) -> list[str]:
+    """FreeSWITCH beside Asterisk: re-REGISTER -> INVITE, then time to answer against the recipe."""
+    out = ["| re-REGISTER -> INVITE at the phone (ms) | FreeSWITCH p50 / p99 / max (n) | Asterisk p50 / p99 / max "
+           "(n) |", "|---|---|---|"]
+    for key, label in (("new", "new URI (new port)"), ("same", "same URI (same port)")):
+        f = fs.get(f"register_to_invite_{key}_uri", {})
+        a = (asterisk or {}).get(f"{key}_uri", {}).get("reregister_to_invite_ms", {})
+        acell = (f"{_f(a['p50'])} / {_f(a['p99'])} / {_f(a['max'])} ({a.get('n', '?')})" if a else "not run")
+        out.append(f"| {label} | {_f(f.get('median_ms', math.nan))} / {_f(f.get('p99_ms', math.nan))} / "
+                   f"{_f(f.get('max_ms', math.nan))} ({f.get('n', 0)}) | {acell} |")
+    out.append("")
+    out += ["| wake delay | FreeSWITCH ari-push, new URI | sleep-2000 recipe, new URI | ari-push, same URI | "
+            "recipe, same URI |", "|---|---|---|---|---|"]
+    new, same = fs.get("time_to_answer_new_uri", {}), fs.get("time_to_answer_same_uri", {})
+    for d in new:
+        cells = []
+        for table in (new, same):
+            for approach in ("ari-push", "recipe"):
+                c = table.get(d, {}).get(approach, {})
+                ms = c.get("median_ms")
+                cells.append(f"{c.get('answered', '-')}, {ms:.0f} ms" if ms is not None else
+                             f"**{c.get('answered', '-')}**")
+        out.append(f"| {float(d):g} s | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
 
 
 def plot(answer: dict[str, Any], path: Path) -> None:
@@ -1116,8 +1148,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     only = set(args.only.split(","))
     try:
-        await rig.start()
-        results["machine"]["asterisk"] = rig.asterisk_version
+        if only & {"latency", "answer", "capacity", "ingest"}:
+            await rig.start()
+            results["machine"]["asterisk"] = rig.asterisk_version
         rng = random.Random(args.seed)
         if "latency" in only and args.traces == "both":
             results["traces"] = await section_traces(rig, args)
@@ -1160,8 +1193,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if rig.daemon is not None:  # first: its shutdown still pushes (cancel) to the local FCM
             await asyncio.to_thread(rig.daemon.stop)
+            rig.daemon = None
         await rig.stop()
         await asyncio.to_thread(rig.stop_processes)
+    if "freeswitch" in only:  # its own FreeSWITCH, Redis and daemon, once Asterisk's are gone
+        import freeswitch_e2e
+
+        print(f"freeswitch: {args.freeswitch_rounds} new-URI + {args.freeswitch_rounds} same-URI wakes, "
+              f"{args.freeswitch_answer_calls} calls per approach and wake delay", flush=True)
+        results["freeswitch"] = await freeswitch_e2e.main(args.freeswitch_rounds, args.freeswitch_answer_calls)
+        for k in ("new", "same"):
+            s = results["freeswitch"][f"register_to_invite_{k}_uri"]
+            print(f"  {k} URI: re-REGISTER -> INVITE p50 {s.get('median_ms')} p99 {s.get('p99_ms')} ms (n={s['n']})",
+                  flush=True)
     return results
 
 
@@ -1171,7 +1215,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="latency,answer,capacity,ingest")
+    parser.add_argument("--only", default="latency,answer,capacity,ingest,freeswitch")
     parser.add_argument("--quick", action="store_true", help="small numbers: a smoke run in about a minute")
     parser.add_argument("--index", type=int, default=5, choices=(5, 6))
     parser.add_argument("--name", default="bench")
@@ -1193,6 +1237,9 @@ def main() -> int:
     parser.add_argument("--hold", type=float, default=1.0, help="seconds each answered call stays bridged")
     parser.add_argument("--ingest-rates", default="100,200,400,800,1200")
     parser.add_argument("--ingest-seconds", type=float, default=8.0)
+    parser.add_argument("--freeswitch-rounds", type=int, default=50, help="FreeSWITCH wakes of each kind")
+    parser.add_argument("--freeswitch-answer-calls", type=int, default=5,
+                        help="FreeSWITCH calls per approach, wake delay and kind of wake")
     parser.add_argument("--out", default="", help="results JSON (default bench/results/e2e-<time>.json)")
     parser.add_argument("--plot", default=str(REPO / "docs" / "time-to-answer.png"))
     parser.add_argument("--report", default="", help="print the tables of a results JSON (and replot), run nothing")
@@ -1206,6 +1253,7 @@ def main() -> int:
     if args.quick:
         args.latency_calls, args.answer_calls, args.capacity = 10, 3, "50"
         args.ingest_rates, args.ingest_seconds, args.capacity_wake = "100,300", 4.0, "uniform:1,3"
+        args.freeswitch_rounds, args.freeswitch_answer_calls = 5, 1
     if os.geteuid() != 0:
         print("the benchmark needs root (the sandbox Asterisk runs in a chroot)", file=sys.stderr)
         return 2

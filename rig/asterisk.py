@@ -16,12 +16,12 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from rig.process import PidInstance
 from rig.provision import mount_proc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,7 +153,7 @@ class AsteriskError(RuntimeError):
     pass
 
 
-class AsteriskInstance:
+class AsteriskInstance(PidInstance):
     """One Asterisk process in the shared root, controlled through its CLI socket."""
 
     def __init__(self, root: Path, name: str, ports: Ports, app_names: tuple[str, ...] = ("ari-push",),
@@ -292,32 +292,24 @@ entityid = 02:fc:00:00:{self.ports.sip // 256 % 256:02x}:{self.ports.sip % 256:0
 
     # ---------------------------------------------------------------- lifecycle
 
-    def start(self, timeout: float = 60.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            return
-        self._check_ports_free()
-        mount_proc(self.root)
-        self.console_log.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.console_log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            ["chroot", str(self.root), "/usr/sbin/asterisk", "-f", "-C", self.conf, "-vvv"],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        self.wait_ready(timeout)
+    kind = "asterisk"
+    error = AsteriskError
+    ready_poll = 0.2
 
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AsteriskError(f"asterisk {self.name} exited with {self.proc.returncode}; see {self.console_log}")
-            if self.cli("core waitfullybooted", timeout=5, check=False).returncode == 0 and self._ari_up():
-                return
-            time.sleep(0.2)
-        raise AsteriskError(f"asterisk {self.name} not ready within {timeout:.0f}s; see {self.console_log}")
+    def _ports(self) -> list[tuple[int, int]]:
+        import socket
+
+        return [(self.ports.http, socket.SOCK_STREAM), (self.ports.ami, socket.SOCK_STREAM),
+                (self.ports.sip, socket.SOCK_DGRAM)]
+
+    def _prepare(self) -> None:
+        mount_proc(self.root)
+
+    def _command(self) -> list[str]:
+        return ["chroot", str(self.root), "/usr/sbin/asterisk", "-f", "-C", self.conf, "-vvv"]
+
+    def _ready(self) -> bool:
+        return self.cli("core waitfullybooted", timeout=5, check=False).returncode == 0 and self._ari_up()
 
     def _ari_up(self) -> bool:
         try:
@@ -325,20 +317,6 @@ entityid = 02:fc:00:00:{self.ports.sip // 256 % 256:02x}:{self.ports.sip % 256:0
         except (OSError, urllib.error.URLError):
             return False
         return True
-
-    def _check_ports_free(self) -> None:
-        import socket
-
-        for port, kind in ((self.ports.http, socket.SOCK_STREAM), (self.ports.ami, socket.SOCK_STREAM),
-                           (self.ports.sip, socket.SOCK_DGRAM)):
-            s = socket.socket(socket.AF_INET, kind)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Asterisk does: TIME_WAIT is fine
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError as exc:
-                raise AsteriskError(f"port {port} for asterisk {self.name} is in use: {exc}") from None
-            finally:
-                s.close()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop through the control socket; SIGKILL by PID (never by name) as the last resort."""
@@ -352,21 +330,6 @@ entityid = 02:fc:00:00:{self.ports.sip // 256 % 256:02x}:{self.ports.sip % 256:0
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         self.proc = None
-
-    def kill(self) -> None:
-        """Crash the instance (SIGKILL), as a fault test wants."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     # ---------------------------------------------------------------- control
 

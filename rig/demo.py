@@ -12,6 +12,10 @@ flow included) to the strict local FCM of ``tests/fakes``, which hands it to the
 3. Call 2: 2000 dials ``*1001`` -> the seed recipe: push (``CURL()`` to a local relay), ``Wait(3)``,
    ``Dial(${PJSIP_DIAL_CONTACTS(1001)})``; same phone, same wake delay. Both are compared.
 
+``--pbx freeswitch`` (``make demo PBX=freeswitch``) runs the same timeline on a sandbox FreeSWITCH
+1.10.12 (the daemon on its event socket, the call parked for it) against the FreeSWITCH recipe:
+push (``system`` curl to the local relay), ``sleep 2000``, ``bridge ${sofia_contact(1001@...)}``.
+
 Every process it starts is stopped on exit, on Ctrl-C and on SIGTERM (see docs/demo.md).
 """
 
@@ -39,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from rig.asterisk import AsteriskInstance, Ports
+from rig.freeswitch import SIP_PASSWORD, FreeswitchInstance, FsPorts
+from rig.freeswitch import recipe_dialplan as freeswitch_recipe
 from rig.provision import ProvisionError, provision
 from rig.redis import RedisServer, free_port
 from rig.sipua import SipMessage, SipUA, parse
@@ -228,8 +234,8 @@ def wait_ready(url: str, timeout: float, alive: Callable[[], bool]) -> None:
     raise RuntimeError(f"the ari-push daemon is not ready after {timeout:.0f}s: {last}")
 
 
-def daemon_config(ast: AsteriskInstance, redis_url: str, http_port: int, service_account: Path, fcm_url: str,
-                  prefix: str, default_timeout: float = 20.0, extra: str = "", ca_file: str = "") -> str:
+def daemon_config(ast: AsteriskInstance | FreeswitchInstance, redis_url: str, http_port: int, service_account: Path,
+                  fcm_url: str, prefix: str, default_timeout: float = 20.0, extra: str = "", ca_file: str = "") -> str:
     return (ast.daemon_config(redis_url) + f'key_prefix = "{prefix}"\n'
             f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
             f"[calls]\ndefault_timeout = {default_timeout:g}\n"
@@ -244,8 +250,9 @@ def daemon_config(ast: AsteriskInstance, redis_url: str, http_port: int, service
 class TracingUA(SipUA):
     """A SipUA that reports every SIP message it sends or receives to ``observer``."""
 
-    def __init__(self, user: str, server_port: int, observer: Callable[[TracingUA, str, SipMessage], None]) -> None:
-        super().__init__(user, server_port)
+    def __init__(self, user: str, server_port: int, observer: Callable[[TracingUA, str, SipMessage], None],
+                 password: str = "") -> None:
+        super().__init__(user, server_port, password=password)
         self.observer = observer
 
     def _on_message(self, msg: SipMessage) -> None:
@@ -282,6 +289,10 @@ class Demo:
         self.say = out
         self.workdir = Path(tempfile.mkdtemp(prefix="ari-push-demo-"))
         self.asterisk: AsteriskInstance | None = None
+        self.freeswitch: FreeswitchInstance | None = None
+        self.on_freeswitch = getattr(args, "pbx", "asterisk") == "freeswitch"
+        self.pbx_name = "FreeSWITCH" if self.on_freeswitch else "Asterisk"
+        self.recipe_name = "sleep 2000 recipe" if self.on_freeswitch else "Wait(3) recipe"
         self.redis: RedisServer | None = None
         self.daemon: DaemonProcess | None = None
         self.fcm: RecordingFcm | None = None
@@ -312,6 +323,9 @@ class Demo:
                 self.event("invite", when, f"caller {CALLER} sends INVITE to {msg.uri.split(':')[1].split('@')[0]}")
             elif direction == "in" and msg.method == "INVITE" and msg.status == 180:
                 self.event("ringback", when, "caller hears ringback (180 Ringing)")
+            elif direction == "in" and msg.method == "INVITE" and msg.status in (401, 407):
+                self.event("challenge", when, f"caller is challenged ({msg.status}) and sends the INVITE again "
+                                              "with its credentials")
             elif direction == "in" and msg.method == "INVITE" and msg.status == 200:
                 self.event("answered", when, "caller is answered (200 OK): the call is bridged")
             elif direction == "in" and msg.method == "INVITE" and msg.status > 200:
@@ -346,7 +360,8 @@ class Demo:
 
     def on_relay(self, aor: str, when: float) -> None:
         self.pushes.put_nowait((aor, when))
-        self.event("push", when, f"the recipe pushes the phone (CURL() to its push script, aor {aor})")
+        how = "system curl" if self.on_freeswitch else "CURL()"
+        self.event("push", when, f"the recipe pushes the phone ({how} to its push script, aor {aor})")
 
     def on_daemon_line(self, line: str, when: float) -> None:
         if self.args.verbose:
@@ -365,11 +380,12 @@ class Demo:
     async def setup(self) -> None:
         args = self.args
         started = time.monotonic()
-        self.step(1, "sandbox: Debian packages and the cached Asterisk 22 root file system ...")
+        self.step(1, "sandbox: Debian packages, the cached Asterisk 22 root and FreeSWITCH tree ...")
         root = await asyncio.to_thread(provision)
         from rig.provision import asterisk_version
 
-        self.step(1, f"sandbox ready: Asterisk {asterisk_version(root)} ({time.monotonic() - started:.1f} s)")
+        self.step(1, f"sandbox ready: Asterisk {asterisk_version(root)}, FreeSWITCH 1.10.12 "
+                     f"({time.monotonic() - started:.1f} s)")
 
         self.fcm = RecordingFcm(self.on_fcm)
         service_account = await self.fcm.start()
@@ -380,13 +396,24 @@ class Demo:
         await self.relay.start()
 
         t = time.monotonic()
-        ports = Ports.for_index(args.index)
-        self.asterisk = AsteriskInstance(root, args.name, ports, extra_dialplan=recipe_dialplan(self.relay.port))
-        await asyncio.to_thread(self.asterisk.write_config)
-        await asyncio.to_thread(self.asterisk.start)
-        pid = self.asterisk.proc.pid if self.asterisk.proc else 0
-        self.step(2, f'Asterisk instance "{args.name}" (pid {pid}): SIP 127.0.0.1:{ports.sip}, '
-                     f"ARI {self.asterisk.ari_url}, AMI port {ports.ami} ({time.monotonic() - t:.1f} s)")
+        if self.on_freeswitch:
+            fs_ports = FsPorts.for_index(args.index)
+            self.freeswitch = FreeswitchInstance.provisioned(
+                args.name, fs_ports, users=(int(PHONE), int(CALLER)),
+                extra_dialplan=freeswitch_recipe(self.relay.port, RECIPE_PREFIX, leg_timeout=10))
+            await asyncio.to_thread(self.freeswitch.write_config)
+            await asyncio.to_thread(self.freeswitch.start)
+            pid = self.freeswitch.proc.pid if self.freeswitch.proc else 0
+            self.step(2, f'FreeSWITCH instance "{self.freeswitch.name}" (pid {pid}): SIP 127.0.0.1:{fs_ports.sip}, '
+                         f"event socket port {fs_ports.esl} ({time.monotonic() - t:.1f} s)")
+        else:
+            ports = Ports.for_index(args.index)
+            self.asterisk = AsteriskInstance(root, args.name, ports, extra_dialplan=recipe_dialplan(self.relay.port))
+            await asyncio.to_thread(self.asterisk.write_config)
+            await asyncio.to_thread(self.asterisk.start)
+            pid = self.asterisk.proc.pid if self.asterisk.proc else 0
+            self.step(2, f'Asterisk instance "{args.name}" (pid {pid}): SIP 127.0.0.1:{ports.sip}, '
+                         f"ARI {self.asterisk.ari_url}, AMI port {ports.ami} ({time.monotonic() - t:.1f} s)")
 
         self.redis = RedisServer(workdir=self.workdir / "redis")
         await asyncio.to_thread(self.redis.start)
@@ -397,12 +424,15 @@ class Demo:
         t = time.monotonic()
         http_port = free_port()
         config = self.workdir / "ari-push.toml"
-        config.write_text(daemon_config(self.asterisk, self.redis.url, http_port, sa_file, self.fcm.url, "demo:",
+        pbx = self.freeswitch or self.asterisk
+        assert pbx is not None
+        config.write_text(daemon_config(pbx, self.redis.url, http_port, sa_file, self.fcm.url, "demo:",
                                          ca_file=self.fcm.ca_file))
         self.daemon = DaemonProcess(config, self.workdir / "daemon.log", self.on_daemon_line)
         dpid = self.daemon.start()
         await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{http_port}/readyz", 30, self.daemon.running)
-        self.step(4, f"ari-push daemon (pid {dpid}) ready: AMI, ARI and Redis links up "
+        links = "event socket" if self.on_freeswitch else "AMI, ARI"
+        self.step(4, f"ari-push daemon (pid {dpid}) ready: {links} and Redis links up "
                      f"({time.monotonic() - t:.1f} s); log {self.workdir / 'daemon.log'}")
 
         phone = self.ua(PHONE)
@@ -417,11 +447,14 @@ class Demo:
         phone.close()
         self.phone = phone
         self.say(f"      the phone falls asleep: its socket is closed, its contact (port {phone.port}) stays "
-                 "registered in Asterisk")
+                 f"registered in {self.pbx_name}")
 
     def ua(self, user: str) -> TracingUA:
-        assert self.asterisk is not None
-        ua = TracingUA(user, self.asterisk.ports.sip, self.on_sip)
+        if self.freeswitch is not None:  # directory users answer a digest challenge
+            ua = TracingUA(user, self.freeswitch.ports.sip, self.on_sip, password=SIP_PASSWORD)
+        else:
+            assert self.asterisk is not None
+            ua = TracingUA(user, self.asterisk.ports.sip, self.on_sip)
         self.uas.append(ua)
         return ua
 
@@ -452,7 +485,7 @@ class Demo:
         if resp.status == 200:
             assert phone.rtp is not None and caller.rtp is not None
             await asyncio.gather(phone.rtp.send_for(1.0), caller.rtp.send_for(1.0))
-            self.event("rtp", time.monotonic(), f"audio both ways through Asterisk: the phone received "
+            self.event("rtp", time.monotonic(), f"audio both ways through {self.pbx_name}: the phone received "
                                                 f"{phone.rtp.received} RTP packets, the caller {caller.rtp.received}")
             await phone.hangup()
             async with asyncio.timeout(5):
@@ -485,20 +518,26 @@ class Demo:
         await self.setup()
         wake = self.args.wake
         self.say("")
-        self.say(f"Call 1: {CALLER} dials {PHONE} -> Stasis(ari-push,{PHONE}). The phone wakes {wake:.2f} s after "
-                 "its push.")
+        take_over = f"park for ari-push (push_target={PHONE})" if self.on_freeswitch else f"Stasis(ari-push,{PHONE})"
+        self.say(f"Call 1: {CALLER} dials {PHONE} -> {take_over}. The phone wakes {wake:.2f} s after its push.")
         first = await self.run_call("ari-push", PHONE, expect_status=True)
         self.say(f"   result: {first.result}, caller answered after {_secs(first.rel('answered'))}")
 
         self.phone.close()
         await asyncio.sleep(0.3)
         self.say("")
+        if self.on_freeswitch:
+            recipe = (f"push (system curl), sleep 2000, bridge ${{sofia_contact({PHONE}@...)}}")
+            waited = "sleep 2000"
+        else:
+            recipe = f"push, Wait(3), Dial(${{PJSIP_DIAL_CONTACTS({PHONE})}},10)"
+            waited = "Wait(3)"
         self.say(f"Call 2: the phone sleeps again; {CALLER} dials {RECIPE_PREFIX}{PHONE} -> the seed recipe "
-                 f"(push, Wait(3), Dial(${{PJSIP_DIAL_CONTACTS({PHONE})}},10)). Same wake delay.")
-        second = await self.run_call("Wait(3) recipe", RECIPE_PREFIX + PHONE, expect_status=False)
+                 f"({recipe}). Same wake delay.")
+        second = await self.run_call(self.recipe_name, RECIPE_PREFIX + PHONE, expect_status=False)
         self.say(f"   result: {second.result}, caller answered after {_secs(second.rel('answered'))}"
                  if second.result == "ANSWERED" else f"   result: {second.result} after "
-                 f"{_secs(second.rel('failed'))}: the phone woke after the recipe's Wait(3) and "
+                 f"{_secs(second.rel('failed'))}: the phone woke after the recipe's {waited} and "
                  "was never rung")
         self.say("")
         self.compare(first, second)
@@ -511,23 +550,27 @@ class Demo:
             ("INVITE reached the phone", "phone_invite"),
             ("caller answered (200 OK)", "answered"),
         ]
-        self.say(f"   {'seconds after the call started':<34}{'ari-push':>12}{'Wait(3) recipe':>18}")
+        self.say(f"   {'seconds after the call started':<34}{'ari-push':>12}{self.recipe_name:>20}")
         for title, key in rows:
-            self.say(f"   {title:<34}{_cell(a.rel(key)):>12}{_cell(b.rel(key)):>18}")
+            self.say(f"   {title:<34}{_cell(a.rel(key)):>12}{_cell(b.rel(key)):>20}")
         gaps = []
         for rec in (a, b):
             reg, inv = rec.rel("register"), rec.rel("phone_invite")
             gaps.append(f"{1000 * (inv - reg):.0f} ms" if reg is not None and inv is not None else "-")
-        self.say(f"   {'re-REGISTER -> INVITE at the phone':<34}{gaps[0]:>12}{gaps[1]:>18}")
-        self.say(f"   {'result':<34}{a.result.split(',')[0]:>12}{b.result.split(',')[0]:>18}")
+        self.say(f"   {'re-REGISTER -> INVITE at the phone':<34}{gaps[0]:>12}{gaps[1]:>20}")
+        self.say(f"   {'result':<34}{a.result.split(',')[0]:>12}{b.result.split(',')[0]:>20}")
         ta, tb = a.rel("answered"), b.rel("answered")
         if ta is not None and tb is not None and a.result.startswith("ANSWERED") and b.result == "ANSWERED":
-            self.say(f"   ari-push answered {tb - ta:.2f} s sooner. With a phone slower than 3 s the recipe "
-                     "fails outright: try `make demo WAKE=4`.")
+            limit = "2 s" if self.on_freeswitch else "3 s"
+            self.say(f"   ari-push answered {tb - ta:.2f} s sooner. With a phone slower than {limit} the recipe "
+                     f"fails outright: try `make demo{' PBX=freeswitch' if self.on_freeswitch else ''} WAKE=4`.")
         elif ta is not None and a.result.startswith("ANSWERED") and b.result != "ANSWERED":
-            self.say(f"   ari-push answered at {ta:.2f} s; the recipe dialled at 3 s, found only the sleeping "
+            dialled = "2" if self.on_freeswitch else "3"
+            self.say(f"   ari-push answered at {ta:.2f} s; the recipe dialled at {dialled} s, found only the sleeping "
                      f"contact and the caller got {b.result.split()[-1].strip('()')} after "
-                     f"{_secs(b.rel('failed'))}: the phone was awake and never rung.")
+                     f"{_secs(b.rel('failed'))}: " + ("the phone was awake and never rung."
+                                                      if (b.rel("failed") or 0) > self.args.wake else
+                                                      "it gave up before the phone was even awake."))
 
     # ------------------------------------------------------------ teardown
 
@@ -549,6 +592,8 @@ class Demo:
             steps.append(("Redis", self.redis.stop))
         if self.asterisk is not None:
             steps.append(("Asterisk", self.asterisk.stop))
+        if self.freeswitch is not None:
+            steps.append(("FreeSWITCH", self.freeswitch.stop))
         for name, stop in steps:
             try:
                 stop()
@@ -575,8 +620,10 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m rig demo", description=__doc__.split("\n")[0])
     parser.add_argument("--wake", type=float, default=1.2, help="seconds from the push to the phone's REGISTER")
-    parser.add_argument("--index", type=int, default=5, choices=(5, 6), help="port block of the Asterisk instance")
-    parser.add_argument("--name", default="demo", help="Asterisk instance name (config dir /etc/asterisk-NAME)")
+    parser.add_argument("--pbx", choices=("asterisk", "freeswitch"), default="asterisk",
+                        help="the PBX of the demo (make demo PBX=freeswitch)")
+    parser.add_argument("--index", type=int, default=5, choices=(5, 6), help="port block of the PBX instance")
+    parser.add_argument("--name", default="demo", help="PBX instance name (Asterisk: config dir /etc/asterisk-NAME)")
     parser.add_argument("--verbose", action="store_true", help="also print the daemon's log lines")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -617,7 +664,7 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if demo is not None:
             demo.stop_processes(keep_workdir=failed)
-            say("[demo] stopped: Asterisk, Redis and the daemon are gone")
+            say(f"[demo] stopped: {demo.pbx_name}, Redis and the daemon are gone")
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

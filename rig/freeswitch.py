@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 from rig.asterisk import TEST_AOR_COUNT, TEST_AOR_FIRST, rig_slot
-from rig.process import terminate
+from rig.process import PidInstance
 from rig.provision import cache_dir, ensure_freeswitch
 
 ESL_PASSWORD = "rig-esl-secret"
@@ -55,15 +54,35 @@ class FsPorts:
         return cls(sip=base, esl=base + 1, rtp_start=base + 4, rtp_end=base + 27)
 
 
+def recipe_dialplan(relay_port: int = 0, prefix: str = "recipe-", sleep_ms: int = 2000, leg_timeout: int = 8) -> str:
+    """The FreeSWITCH recipe ari-push replaces, as an extension for ``extra_dialplan``: ``<prefix><user>``
+    rings the caller, pushes (``system`` running curl against a local relay's
+    ``/recipe-push/<user>``; ``relay_port=0``: no push, the harness wakes the phone itself), sleeps
+    ``sleep_ms``, then bridges to ``${sofia_contact(...)}``: whatever is registered by then."""
+    push = (f'          <action application="system" data="curl -s -o /dev/null --max-time 2 '
+            f'http://127.0.0.1:{relay_port}/recipe-push/${{recipe_target}}"/>\n') if relay_port else ""
+    pattern = "".join("\\" + c if c in "*+.?" else c for c in prefix)
+    return (f'      <extension name="recipe">\n'
+            f'        <condition field="destination_number" expression="^{pattern}(\\d{{4}})$">\n'
+            f'          <action application="set" data="recipe_target=$1"/>\n'
+            f'          <action application="ring_ready"/>\n'
+            f'{push}'
+            f'          <action application="sleep" data="{sleep_ms}"/>\n'
+            f'          <action application="bridge" data="{{leg_timeout={leg_timeout}}}'
+            f'${{sofia_contact(${{recipe_target}}@$${{domain}})}}"/>\n'
+            f'        </condition>\n'
+            f'      </extension>\n')
+
+
 class FreeswitchError(RuntimeError):
     pass
 
 
-class FreeswitchInstance:
+class FreeswitchInstance(PidInstance):
     """One FreeSWITCH process. ``users`` are the directory users (the test AOR block by default)."""
 
     def __init__(self, tree: Path, name: str, ports: FsPorts,
-                 users: range = range(TEST_AOR_FIRST, TEST_AOR_FIRST + TEST_AOR_COUNT),
+                 users: Sequence[int] = range(TEST_AOR_FIRST, TEST_AOR_FIRST + TEST_AOR_COUNT),
                  extra_dialplan: str = "", multiple_registrations: str = "contact") -> None:
         """``multiple_registrations``: the sofia profile parameter (``contact``: one registration per
         contact URI; ``true``: per Call-ID; ``false``: one per user)."""
@@ -94,7 +113,7 @@ class FreeswitchInstance:
     def log_file(self) -> Path:
         return self.home / "log" / "freeswitch.log"
 
-    def _env(self) -> dict[str, str]:
+    def _env(self) -> dict[str, str] | None:
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = str(self.tree / "lib")
         return env
@@ -199,6 +218,7 @@ class FreeswitchInstance:
             <param name="nonce-ttl" value="60"/>
             <param name="minimum-session-expires" value="90"/>
             <param name="user-agent-string" value="FreeSWITCH-rig"/>
+            <param name="rtp-timer-name" value="soft"/>
           </settings>
         </profile>
       </profiles>
@@ -247,69 +267,32 @@ class FreeswitchInstance:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def start(self, timeout: float = 60.0) -> None:
-        if self.running:
-            return
-        self._check_ports_free()
+    kind = "freeswitch"
+    error = FreeswitchError
+
+    def _ports(self) -> list[tuple[int, int]]:
+        return [(self.ports.esl, socket.SOCK_STREAM), (self.ports.sip, socket.SOCK_DGRAM),
+                (self.ports.sip, socket.SOCK_STREAM)]
+
+    def _command(self) -> list[str]:
         h = self.home
-        self.console_log.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.console_log, "ab")  # noqa: SIM115
         # -np: normal priority. Run as root on more than one core FreeSWITCH makes itself a
         # realtime (SCHED_FIFO) process by default, which starves everything else on a 2-core test box.
-        cmd = [str(self.tree / "bin" / "freeswitch"), "-nf", "-nc", "-np", "-nonat", "-nonatmap", "-nocal",
-               "-base", str(self.tree), "-conf", str(h / "conf"), "-log", str(h / "log"), "-run", str(h / "run"),
-               "-db", str(h / "db"), "-mod", str(self.tree / "mod"), "-temp", str(h / "temp"),
-               "-sounds", str(h / "sounds"), "-recordings", str(h / "recordings"), "-storage", str(h / "storage"),
-               "-cache", str(h / "cache"), "-certs", str(h / "certs"), "-scripts", str(h / "scripts")]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     env=self._env(), start_new_session=True)
-        log.close()
-        self.wait_ready(timeout)
+        return [str(self.tree / "bin" / "freeswitch"), "-nf", "-nc", "-np", "-nonat", "-nonatmap", "-nocal",
+                "-base", str(self.tree), "-conf", str(h / "conf"), "-log", str(h / "log"), "-run", str(h / "run"),
+                "-db", str(h / "db"), "-mod", str(self.tree / "mod"), "-temp", str(h / "temp"),
+                "-sounds", str(h / "sounds"), "-recordings", str(h / "recordings"), "-storage", str(h / "storage"),
+                "-cache", str(h / "cache"), "-certs", str(h / "certs"), "-scripts", str(h / "scripts")]
 
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise FreeswitchError(f"freeswitch {self.name} exited with {self.proc.returncode}; "
-                                      f"see {self.console_log}")
-            try:
-                if "is ready" in self.api("status", timeout=2) and PROFILE in self.api("sofia status", timeout=2):
-                    return
-            except (OSError, FreeswitchError):
-                pass
-            time.sleep(0.1)
-        raise FreeswitchError(f"freeswitch {self.name} not ready within {timeout:.0f}s; see {self.console_log}")
-
-    def _check_ports_free(self) -> None:
-        for port, kind in ((self.ports.esl, socket.SOCK_STREAM), (self.ports.sip, socket.SOCK_DGRAM),
-                           (self.ports.sip, socket.SOCK_STREAM)):
-            s = socket.socket(socket.AF_INET, kind)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError as exc:
-                raise FreeswitchError(f"port {port} for freeswitch {self.name} is in use: {exc}") from None
-            finally:
-                s.close()
+    def _ready(self) -> bool:
+        try:
+            return "is ready" in self.api("status", timeout=2) and PROFILE in self.api("sofia status", timeout=2)
+        except (OSError, FreeswitchError):
+            return False
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM by PID (FreeSWITCH shuts down in about 5 s), SIGKILL of its group as the last resort."""
-        terminate(self.proc, timeout)
-        self.proc = None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        super().stop(timeout)
 
     # ---------------------------------------------------------------- control
 

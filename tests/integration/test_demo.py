@@ -1,4 +1,5 @@
-"""`make demo` stops everything it started when interrupted (Ctrl-C) in the middle of a call.
+"""`make demo` stops everything it started when interrupted (Ctrl-C) in the middle of a call, and
+shows the outcome docs/demo.md promises, on Asterisk and on FreeSWITCH (`make demo PBX=freeswitch`).
 
 The demo runs as a subprocess on its own Asterisk instance (index 6, name "demotest"), as a user
 would run it; SIGINT is sent to it as a terminal's Ctrl-C would be. Afterwards no Asterisk,
@@ -114,3 +115,27 @@ def test_demo_outcome_ari_push_answers_where_the_recipe_fails(asterisk_root: Pat
     assert results[0].startswith("result: ANSWERED"), out  # call 1: ari-push
     assert results[1].startswith("result: FAILED"), out  # call 2: the recipe gave up before the wake
     assert "stopped: Asterisk, Redis and the daemon are gone" in out
+
+
+@pytest.mark.timeout(180)
+def test_freeswitch_demo_outcome_ari_push_answers_where_the_sleep_recipe_fails(asterisk_root: Path) -> None:
+    """`make demo PBX=freeswitch WAKE=4`: the same timeline on FreeSWITCH; the phone wakes 4 s after
+    its push: through ari-push the call is answered, through the `sleep 2000` then bridge recipe it
+    is not (it bridges to the sleeping contact). Every process it started is gone afterwards."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "rig", "demo", "--pbx", "freeswitch", "--index", str(INDEX), "--name", NAME,
+         "--wake", "4"],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "park for ari-push (push_target=1001)" in out and "sleep 2000" in out
+    results = [line.strip() for line in out.splitlines() if line.strip().startswith("result:")]
+    assert len(results) == 2, out
+    assert results[0].startswith("result: ANSWERED, PUSH_STATUS ANSWERED"), out  # call 1: ari-push
+    assert results[1].startswith("result: FAILED"), out  # call 2: the recipe bridged before the wake
+    assert "INVITE reaches the phone" in out and "audio both ways through FreeSWITCH" in out
+    assert "stopped: FreeSWITCH, Redis and the daemon are gone" in out
+    pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", out)]
+    assert len(pids) == 3, out  # FreeSWITCH, Redis, daemon
+    assert [p for p in pids if _alive(p)] == [], out

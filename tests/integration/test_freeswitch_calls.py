@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ari_push.freeswitch_daemon import FreeswitchDaemon
+from ari_push.service import Daemon
 from ari_push.settings import load
 from rig.freeswitch import ESL_PASSWORD, PROFILE, SIP_PASSWORD, FreeswitchInstance
 from rig.redis import RedisServer
@@ -21,33 +21,46 @@ from rig.sipua import SipUA
 from tests.conftest import wait_for
 from tests.integration.test_calls import PushEndpoint, push_endpoint  # noqa: F401 - the fixture
 
-StartDaemon = Callable[..., Awaitable[FreeswitchDaemon]]
+StartDaemon = Callable[..., Awaitable[Daemon]]
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(tmp_path: Path, fs: FreeswitchInstance, redis: RedisServer,
+                         calls: str = "", timeout: float = 6) -> AsyncIterator[Daemon]:
+    """The daemon (service.Daemon on its FreeSWITCH side) in this loop; ``calls``: more [calls] keys."""
+    text = (f'[freeswitch]\nport = {fs.ports.esl}\npassword = "{ESL_PASSWORD}"\n'
+            f'profile = "{PROFILE}"\nheartbeat = 2\nrequest_timeout = 3\n'
+            '[http]\nlisten = "127.0.0.1:0"\n'
+            f'[redis]\nurl = "{redis.url}"\nkey_prefix = "t-{uuid.uuid4().hex[:8]}:"\n'
+            '[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n'
+            f'[calls]\ndefault_timeout = {timeout:g}\n' + calls +
+            '[push]\nburst = 50\n'
+            '[vendor]\nbody_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')
+    path = tmp_path / f"fs-daemon-{uuid.uuid4().hex[:6]}.toml"
+    path.write_text(text)
+    daemon = Daemon(load(path, environ={}))
+    assert daemon.esl is not None
+    esl = daemon.esl
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    await wait_for(lambda: esl.link.up, 15, "FreeSWITCH link up")
+    try:
+        yield daemon
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(20):
+                await task
 
 
 @pytest.fixture
 async def fs_daemon(tmp_path: Path, ensure_freeswitch: FreeswitchInstance, ensure_redis: RedisServer,
-                    push_endpoint: PushEndpoint) -> AsyncIterator[FreeswitchDaemon]:  # noqa: F811
-    text = (f'[freeswitch]\nport = {ensure_freeswitch.ports.esl}\npassword = "{ESL_PASSWORD}"\n'
-            f'profile = "{PROFILE}"\nheartbeat = 2\nrequest_timeout = 3\n'
-            f'[redis]\nurl = "{ensure_redis.url}"\nkey_prefix = "t-{uuid.uuid4().hex[:8]}:"\n'
-            '[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n'
-            '[calls]\ndefault_timeout = 6\n'
-            '[push]\nburst = 50\n'
-            '[vendor]\nbody_template = \'{"type":"{kind}","call_id":"{call_id}","caller":"{caller_number}"}\'\n')
-    path = tmp_path / "fs-daemon.toml"
-    path.write_text(text)
-    daemon = FreeswitchDaemon(load(path, environ={}))
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop))
-    await wait_for(lambda: daemon.esl.link.up, 15, "FreeSWITCH link up")
-    yield daemon
-    stop.set()
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(20):
-            await task
+                    push_endpoint: PushEndpoint) -> AsyncIterator[Daemon]:  # noqa: F811
+    async with running_daemon(tmp_path, ensure_freeswitch, ensure_redis) as daemon:
+        yield daemon
 
 
-async def sleeping_phone(fs: FreeswitchInstance, user: str, ep: PushEndpoint, daemon: FreeswitchDaemon) -> SipUA:
+async def sleeping_phone(fs: FreeswitchInstance, user: str, ep: PushEndpoint, daemon: Daemon) -> SipUA:
     phone = SipUA(user, fs.ports.sip, password=SIP_PASSWORD)
     await phone.open()
     assert await phone.register(f"X-PUSH-URI=http://127.0.0.1:{ep.port}/push/{user}") == 200
@@ -71,7 +84,7 @@ def parked(fs: FreeswitchInstance) -> list[str]:
 
 @pytest.mark.parametrize("same_port", [False, True], ids=["new-uri", "same-uri"])
 async def test_sleeping_phone_is_woken_rung_bridged_and_hung_up(
-        fs_daemon: FreeswitchDaemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
+        fs_daemon: Daemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
         aor: str, aor2: str, same_port: bool) -> None:
     fs, ep = ensure_freeswitch, push_endpoint
     phone = await sleeping_phone(fs, aor, ep, fs_daemon)
@@ -100,7 +113,7 @@ async def test_sleeping_phone_is_woken_rung_bridged_and_hung_up(
 
 
 async def test_nobody_wakes_timeout_hands_back_with_push_status(
-        fs_daemon: FreeswitchDaemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
+        fs_daemon: Daemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
         aor: str, aor2: str) -> None:
     fs, ep = ensure_freeswitch, push_endpoint
     await sleeping_phone(fs, aor, ep, fs_daemon)
@@ -115,7 +128,7 @@ async def test_nobody_wakes_timeout_hands_back_with_push_status(
 
 
 async def test_caller_hangs_up_while_waiting_gets_cancel_push(
-        fs_daemon: FreeswitchDaemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
+        fs_daemon: Daemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
         aor: str, aor2: str) -> None:
     fs, ep = ensure_freeswitch, push_endpoint
     await sleeping_phone(fs, aor, ep, fs_daemon)
@@ -132,7 +145,7 @@ async def test_caller_hangs_up_while_waiting_gets_cancel_push(
 
 
 async def test_phone_declines_caller_is_handed_back_declined(
-        fs_daemon: FreeswitchDaemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
+        fs_daemon: Daemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
         aor: str, aor2: str) -> None:
     fs, ep = ensure_freeswitch, push_endpoint
     phone = await sleeping_phone(fs, aor, ep, fs_daemon)
@@ -148,9 +161,60 @@ async def test_phone_declines_caller_is_handed_back_declined(
     caller.close()
 
 
+@pytest.mark.parametrize("moh", [False, True], ids=["ring_ready", "pre_answer-tone"])
+async def test_what_the_caller_hears_while_the_phone_wakes(
+        tmp_path: Path, ensure_freeswitch: FreeswitchInstance, ensure_redis: RedisServer,
+        push_endpoint: PushEndpoint, aor: str, aor2: str, moh: bool) -> None:  # noqa: F811
+    """Without ``moh_class`` the caller gets ringback signalling only (180, no media before the
+    answer); with it, 183 Session Progress and the stream as early media (RTP) while the phone
+    sleeps, then the phone's own audio once bridged."""
+    fs, ep = ensure_freeswitch, push_endpoint
+    calls = 'moh_class = "tone_stream://%(1000,4000,440,480);loops=-1"\n' if moh else ""
+    async with running_daemon(tmp_path, fs, ensure_redis, calls, timeout=20) as daemon:
+        phone = await sleeping_phone(fs, aor, ep, daemon)
+        caller = SipUA(aor2, fs.ports.sip, password=SIP_PASSWORD)
+        await caller.open()
+        call = caller.start_call(aor, timeout=30)
+        await asyncio.wait_for(ep.on_call.get(), 10)
+        assert caller.rtp is not None
+        rtp = caller.rtp
+        if moh:
+            await wait_for(lambda: 183 in caller.provisional, 10, "183 Session Progress")
+            await wait_for(lambda: rtp.received >= 25, 10, "early media (RTP) while the phone sleeps")
+        else:
+            await wait_for(lambda: 180 in caller.provisional, 10, "180 Ringing")
+            await asyncio.sleep(1.0)  # a window for media that must not come
+            assert rtp.received == 0 and 183 not in caller.provisional
+        before = rtp.received
+        await phone.open()
+        assert await phone.register() == 200
+        assert (await call).status == 200
+        assert 180 in caller.provisional
+        assert caller.rtp is not None and phone.rtp is not None
+        if not moh:
+            assert before == 0  # nothing reached the caller until the answer
+        crtp, prtp = caller.rtp, phone.rtp
+        if moh:  # the stream stops once the phone answers
+            await asyncio.sleep(0.5)
+            quiet = crtp.received
+            await asyncio.sleep(0.5)
+            assert crtp.received - quiet <= 2
+        heard = crtp.received
+        await prtp.send_for(0.6)
+        await wait_for(lambda: crtp.received >= heard + 10, 5, "the phone's audio at the caller")
+        await crtp.send_for(0.6)
+        await wait_for(lambda: prtp.received > 10, 5, "the caller's audio at the phone")
+        assert await phone.hangup() == 200
+        async with asyncio.timeout(5):
+            await caller.byes.get()
+        await wait_for(lambda: not parked(fs), 5, "no channels left")
+        phone.close()
+        caller.close()
+
+
 @pytest.mark.parametrize("target", ["3999", "known-user-without-devices"])
 async def test_unknown_user_or_no_devices_is_handed_back_at_once(
-        fs_daemon: FreeswitchDaemon, ensure_freeswitch: FreeswitchInstance, aor: str, aor2: str,
+        fs_daemon: Daemon, ensure_freeswitch: FreeswitchInstance, aor: str, aor2: str,
         target: str) -> None:
     fs = ensure_freeswitch
     callee = "3999" if target == "3999" else aor  # 3999 is not in the directory; aor has no binding
@@ -174,10 +238,11 @@ async def test_link_loss_while_a_call_waits_the_call_continues(
     await proxy.start()
     text = (f'[freeswitch]\nport = {proxy.port}\npassword = "{ESL_PASSWORD}"\nheartbeat = 1\nrequest_timeout = 2\n'
             f'[redis]\nurl = "{ensure_redis.url}"\nkey_prefix = "t-{uuid.uuid4().hex[:8]}:"\n'
+            '[http]\nlisten = "127.0.0.1:0"\n'
             '[capture]\nvendor_allowed_hosts = ["127.0.0.1:*"]\n[calls]\ndefault_timeout = 20\n')
     path = tmp_path / "fs-proxy.toml"
     path.write_text(text)
-    daemon = FreeswitchDaemon(load(path, environ={}))
+    daemon = Daemon(load(path, environ={}))
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     try:
@@ -211,7 +276,7 @@ async def test_link_loss_while_a_call_waits_the_call_continues(
 
 
 async def test_freeswitch_restart_while_a_call_waits_ends_it_and_the_next_call_works(
-        fs_daemon: FreeswitchDaemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
+        fs_daemon: Daemon, ensure_freeswitch: FreeswitchInstance, push_endpoint: PushEndpoint,  # noqa: F811
         aor: str, aor2: str) -> None:
     fs, ep = ensure_freeswitch, push_endpoint
     phone = await sleeping_phone(fs, aor, ep, fs_daemon)

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from ari_push.bindings import RedisStore
-from ari_push.fs_capture import FreeswitchFeed
+from ari_push.esl import EslClient
+from ari_push.fs_capture import FreeswitchCapture
 from ari_push.metrics import Metrics
 from ari_push.redis_keys import Keys
-from ari_push.service import make_redis
+from ari_push.service import Daemon, make_redis
 from ari_push.settings import load
 from ari_push.wakeups import WakeupHub
 from rig.freeswitch import ESL_PASSWORD, PROFILE, SIP_PASSWORD, FreeswitchInstance
@@ -28,9 +29,15 @@ from tests.integration.test_capture import DIALECTS, EXTRA
 
 
 class RunningFeed:
-    def __init__(self, feed: FreeswitchFeed, task: asyncio.Task[None], stop: asyncio.Event,
-                 store: RedisStore, wakeups: WakeupHub) -> None:
-        self.feed, self.task, self.stop_event, self.store, self.wakeups = feed, task, stop, store, wakeups
+    """The daemon (service.Daemon, built for [freeswitch]) and a reader of its Redis store."""
+
+    def __init__(self, daemon: Daemon, task: asyncio.Task[None], stop: asyncio.Event, store: RedisStore) -> None:
+        self.daemon, self.task, self.stop_event, self.store = daemon, task, stop, store
+        assert daemon.esl is not None and daemon.fs_capture is not None
+        self.esl: EslClient = daemon.esl
+        self.capture: FreeswitchCapture = daemon.fs_capture
+        self.wakeups: WakeupHub = daemon.wakeups
+        self.metrics: Metrics = daemon.metrics
 
     async def bindings(self, user: str) -> list:
         return await self.store.bindings_for(user)
@@ -41,27 +48,27 @@ StartFeed = Callable[..., Awaitable[RunningFeed]]
 
 @pytest.fixture
 async def start_feed(tmp_path: Path, ensure_redis: RedisServer) -> AsyncIterator[StartFeed]:
-    """Start the daemon's FreeSWITCH side (ESL link + capture) on a real Redis store."""
+    """Start the daemon on the FreeSWITCH side (its ESL link + capture) with a real Redis store."""
     running: list[tuple[RunningFeed, object]] = []
 
     async def start(fs: FreeswitchInstance, *, port: int | None = None, password: str = ESL_PASSWORD,
                     wait_up: bool = True, extra: str = "") -> RunningFeed:
         text = (f'[freeswitch]\nport = {port or fs.ports.esl}\npassword = "{password}"\nprofile = "{PROFILE}"\n'
                 "heartbeat = 1\nrequest_timeout = 2\n"
-                f'[redis]\nurl = "{ensure_redis.url}"\nkey_prefix = "t-{uuid.uuid4().hex[:8]}:"\n' + EXTRA + extra)
+                f'[redis]\nurl = "{ensure_redis.url}"\nkey_prefix = "t-{uuid.uuid4().hex[:8]}:"\n'
+                '[http]\nlisten = "127.0.0.1:0"\n' + EXTRA + extra)
         path = tmp_path / f"fs-{len(running)}.toml"
         path.write_text(text)
         settings = load(path, environ={})
         redis = make_redis(settings.redis)
         store = RedisStore(redis, Keys(settings.redis.key_prefix), 86400.0)
-        wakeups = WakeupHub("fs-test")
-        feed = FreeswitchFeed(settings, store, wakeups, Metrics(), "fs-test")
+        daemon = Daemon(settings)
         stop = asyncio.Event()
-        task = asyncio.create_task(feed.run(stop))
-        rf = RunningFeed(feed, task, stop, store, wakeups)
+        task = asyncio.create_task(daemon.run(stop))
+        rf = RunningFeed(daemon, task, stop, store)
         running.append((rf, redis))
         if wait_up:
-            await wait_for(lambda: feed.esl.link.up, 15, "FreeSWITCH link up")
+            await wait_for(lambda: rf.esl.link.up, 15, "FreeSWITCH link up")
         return rf
 
     yield start
@@ -123,7 +130,7 @@ async def test_same_uri_reregistration_signals_and_unregister_keeps_the_binding(
                     reg = await w.queue.get()
                 assert reg.aor == user and reg.contact_uri == ua.contact_uri and reg.device_id == first.device_id
         assert await ua.unregister() == 200
-        await wait_for(lambda: rf.feed.feed.gone >= 1, 5, "sofia::unregister handled")
+        await wait_for(lambda: rf.capture.gone >= 1, 5, "sofia::unregister handled")
         assert [b.device_id for b in await rf.bindings(aor)] == [first.device_id]
         assert not rf.task.done()
 
@@ -136,7 +143,7 @@ async def test_registration_made_before_start_is_found_by_resync(
         bindings = await wait_for(lambda: rf.bindings(aor), 5, "resync stored it")
         assert bindings[0].push.provider == "fcm" and bindings[0].contact_uri == ua.contact_uri
         assert bindings[0].user_agent == "ari-push-test-ua/1.0"  # resync reads the user agent too
-        assert rf.feed.feed.resyncs >= 1
+        assert rf.capture.resyncs >= 1
 
 
 async def test_link_loss_reconnects_and_resync_finds_what_was_missed(
@@ -145,7 +152,7 @@ async def test_link_loss_reconnects_and_resync_finds_what_was_missed(
     await proxy.start()
     try:
         rf = await start_feed(ensure_freeswitch, port=proxy.port)
-        link = rf.feed.esl.link
+        link = rf.esl.link
         changes = link.changes
         proxy.refusing = True
         proxy.drop_all()
@@ -169,7 +176,7 @@ async def test_half_open_socket_is_caught_by_the_heartbeat(
     await proxy.start()
     try:
         rf = await start_feed(ensure_freeswitch, port=proxy.port)
-        link = rf.feed.esl.link
+        link = rf.esl.link
         proxy.frozen = True  # bytes stop, sockets stay open
         await wait_for(lambda: not link.up, 10, "heartbeat noticed the dead link")
         assert "uptime" in link.reason and "no answer" in link.reason
@@ -185,7 +192,7 @@ async def test_wrong_password_is_a_clear_error_without_the_secret(
     caplog.set_level(logging.DEBUG)
     wrong = "not-the-esl-password-" + uuid.uuid4().hex[:8]
     rf = await start_feed(ensure_freeswitch, password=wrong, wait_up=False)
-    link = rf.feed.esl.link
+    link = rf.esl.link
     await wait_for(lambda: "refused the password" in link.reason, 10, "auth refusal reported")
     assert "[freeswitch] password" in link.reason
     assert not link.up and not rf.task.done()  # keeps retrying with backoff, never crashes
@@ -197,15 +204,15 @@ async def test_freeswitch_restart_under_the_feed(
         start_feed: StartFeed, ensure_freeswitch: FreeswitchInstance, aor: str, aor2: str) -> None:
     fs = ensure_freeswitch
     rf = await start_feed(fs)
-    link = rf.feed.esl.link
+    link = rf.esl.link
     async with phone(aor, fs) as ua:
         assert await ua.register(DIALECTS["rfc8599-apns"][0]) == 200
         await wait_for(lambda: rf.bindings(aor), 5, "binding before the restart")
-        resyncs = rf.feed.feed.resyncs
+        resyncs = rf.capture.resyncs
         changes = link.changes
         await asyncio.to_thread(fs.restart)
         await wait_for(lambda: link.up and link.changes >= changes + 2, 30, "link back after the restart")
-        await wait_for(lambda: rf.feed.feed.resyncs > resyncs, 10, "resync on reconnect")
+        await wait_for(lambda: rf.capture.resyncs > resyncs, 10, "resync on reconnect")
     async with phone(aor2, fs, "tcp") as ua2:
         assert await ua2.register(DIALECTS["rfc8599-fcm"][0]) == 200
         bindings = await wait_for(lambda: rf.bindings(aor2), 5, "capture after the restart")
@@ -226,11 +233,11 @@ async def test_hostile_contacts_are_rejected_and_not_stored(
     for params in hostile:
         async with phone(aor, ensure_freeswitch) as ua:
             assert await ua.register(params) == 200  # FreeSWITCH accepts it; we refuse to store it
-    metrics = rf.feed.capture.metrics
+    metrics = rf.metrics
     await wait_for(lambda: _rejected(metrics) >= len(hostile), 5, "rejections counted")
     assert await rf.bindings(aor) == []
     assert secret_token not in caplog.text
-    assert rf.feed.esl.link.up and not rf.task.done()
+    assert rf.esl.link.up and not rf.task.done()
 
 
 def _rejected(metrics: Metrics) -> float:

@@ -3,12 +3,14 @@ contacts read from `sofia xmlstatus` (shapes as FreeSWITCH 1.10.12 sends them on
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ari_push.call_events import ChannelDestroyed, ChannelLeftBridge, ChannelStateChange, StasisStart
 from ari_push.channels import DIALED, ChannelRole
-from ari_push.esl_frames import EslEvent
-from ari_push.freeswitch_pbx import FreeswitchEvents, live_contacts
+from ari_push.esl_frames import EslEvent, EslMessage
+from ari_push.freeswitch_pbx import FreeswitchEvents, FreeswitchPbx, live_contacts
 
 
 def event(name: str, uuid: str = "a-1", body: str = "", **headers: str) -> EslEvent:
@@ -102,3 +104,51 @@ def test_live_contacts_registered_within_one_second_are_all_kept() -> None:
 def test_live_contacts_refuse_broken_xml() -> None:
     with pytest.raises(ValueError, match="broken XML"):
         live_contacts("Invalid Profile!", "3000")
+
+
+def test_clustered_a_leg_of_another_daemon_is_not_ours() -> None:
+    """Every daemon on one FreeSWITCH sees every park: a leg another member originated is left alone
+    (not taken as an orphan to hang up)."""
+    t = FreeswitchEvents(owner="ari-push-a")
+    mine = t.translate(event("CHANNEL_PARK", "ap-1", variable_ari_push_leg="1", variable_ari_push_caller="a-1",
+                             variable_ari_push_owner="ari-push-a"))
+    assert isinstance(mine, StasisStart) and mine.args == (DIALED, "a-1")
+    theirs = t.translate(event("CHANNEL_PARK", "ap-2", variable_ari_push_leg="1", variable_ari_push_caller="a-2",
+                               variable_ari_push_owner="ari-push-b"))
+    assert theirs is None
+
+
+class FakeEsl:
+    """Answers `api` commands from a table, as FreeSWITCH would (the adapter's reads only)."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+
+    async def api(self, command: str) -> str:
+        return self.answers.get(command, "_undef_")
+
+    async def send(self, command: str, headers: tuple[tuple[str, str], ...] = ()) -> EslMessage:
+        raise AssertionError(f"unexpected {command}")
+
+
+async def test_channels_are_told_by_their_variables_not_the_last_application() -> None:
+    """After ari-push's ``ring_ready`` the caller's application column reads ``ring_ready``, not
+    ``park``; a caller already handed back (``push_status`` set) is no longer waiting."""
+    rows = [{"uuid": u, "application": app, "callstate": state, "created_epoch": "0", "cid_num": "3001",
+             "cid_name": ""} for u, app, state in
+            [("c-1", "ring_ready", "RINGING"), ("c-2", "park", "RINGING"), ("l-1", "", "DIALING"),
+             ("x-1", "echo", "ACTIVE")]]
+    esl = FakeEsl({
+        "show channels as json": json.dumps({"row_count": len(rows), "rows": rows}),
+        "uuid_getvar c-1 ari_push": "1", "uuid_getvar c-1 push_target": "3000",
+        "uuid_getvar c-2 ari_push": "1", "uuid_getvar c-2 push_target": "3000",
+        "uuid_getvar c-2 push_status": "TIMEOUT",
+        "uuid_getvar l-1 ari_push_caller": "c-1", "uuid_getvar l-1 ari_push_leg": "1",
+        "uuid_getvar c-1 ari_push_owner": "ari-push-a", "uuid_getvar l-1 ari_push_owner": "ari-push-b",
+    })
+    found = {c.id: c for c in await FreeswitchPbx(esl, "internal").channels()}
+    assert found["c-1"].role is ChannelRole.CALLER and found["c-1"].args == "3000"
+    assert found["c-2"].args == "" and found["x-1"].args == ""
+    assert found["l-1"].role is ChannelRole.LEG and found["l-1"].args == f"{DIALED},c-1"
+    assert await FreeswitchPbx(esl, "internal").app_channel_ids() == {"c-1", "l-1"}
+    assert await FreeswitchPbx(esl, "internal", owner="ari-push-a").app_channel_ids() == {"c-1"}

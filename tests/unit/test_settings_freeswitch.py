@@ -80,3 +80,17 @@ def test_rig_variables_in_the_environment_are_not_settings(tmp_path: Path) -> No
            "ARI_PUSH_FREESWITCH__PORT": "8022"}
     s = load(write(tmp_path, '[freeswitch]\npassword = "p"\n'), environ=env)
     assert s.freeswitch is not None and s.freeswitch.port == 8022
+
+
+def test_cluster_on_freeswitch_is_broadcast_with_redis(tmp_path: Path) -> None:
+    """Every daemon on one FreeSWITCH sees each parked call: broadcast (Redis claims) needs no
+    per-daemon [ari] app; lease mode (one app connected at a time) does not apply and is refused."""
+    base = '[freeswitch]\npassword = "p"\n[redis]\nurl = "redis://127.0.0.1:6379/0"\n'
+    s = load(write(tmp_path, base + '[cluster]\nmode = "broadcast"\n'), environ={})
+    assert s.cluster.mode == "broadcast" and s.freeswitch is not None
+    with pytest.raises(SettingsError) as exc:
+        load(write(tmp_path, base + '[cluster]\nmode = "lease"\n'), environ={})
+    assert exc.value.key == "cluster.mode" and "broadcast" in exc.value.why
+    with pytest.raises(SettingsError) as exc:
+        load(write(tmp_path, '[freeswitch]\npassword = "p"\n[cluster]\nmode = "broadcast"\n'), environ={})
+    assert exc.value.key == "cluster.mode" and "needs [redis]" in exc.value.why
