@@ -7,10 +7,17 @@ must not be a resource anyone on the network can hold (docs/security.md, "Health
 * the request head must arrive whole within ``header_timeout`` (default 5 s) and within 8 KiB,
   else the connection is closed unanswered (a slowloris peer holds a socket for 5 s, no more);
 * at most ``max_connections`` (default 64) connections at once; more are closed at once;
-* GET and HEAD, plus the POST routes a part adds (``routes``: SIP MESSAGE hand-over from the
-  dialplan, docs/reachability.md); a POST body is read only for such a route, with a
-  Content-Length of at most ``MAX_BODY_BYTES``, within ``header_timeout``;
-* a warning at start when bound to anything but loopback.
+* GET and HEAD, plus the routes a part adds (``routes``: SIP MESSAGE hand-over from the
+  dialplan, docs/reachability.md; the operator's console, ari_push/console/); a POST body is
+  read only for such a route, with a Content-Length of at most ``MAX_BODY_BYTES``, within
+  ``header_timeout``;
+* ``guard`` (the console's access check, console/access.py), when set, answers first for
+  /metrics, /console and /api/: /healthz, /readyz and the dialplan's routes stay open;
+* one bounded streaming mode, for server-sent events: a route's answer may carry ``stream``;
+  at most ``max_streams`` at once (more get 503), each written with the head timeout per
+  chunk (a reader that stops reading is dropped), each ended after ``stream_max_seconds``
+  (EventSource reconnects by itself), and all of them closed when draining starts or on stop;
+* a warning at start when bound to anything but loopback without authentication.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import ipaddress
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
@@ -34,8 +41,10 @@ log = logging.getLogger("ari_push.health")
 
 MAX_HEAD_BYTES = 8192
 MAX_BODY_BYTES = 65536
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 411: "Length Required",
-            413: "Content Too Large", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 302: "Found", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large",
+            415: "Unsupported Media Type", 502: "Bad Gateway", 503: "Service Unavailable"}
+GUARDED_PREFIXES = ("/metrics", "/console", "/api/")
 
 
 @dataclass(frozen=True)
@@ -52,12 +61,18 @@ class HttpRequest:
 
 @dataclass(frozen=True)
 class HttpResponse:
+    """``body`` (bytes) wins over ``text``; ``stream`` makes it a server-sent event stream."""
+
     status: int = 200
     text: str = ""
     content_type: str = "text/plain; charset=utf-8"
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    stream: Callable[[], AsyncIterator[bytes]] | None = None
 
 
 RouteHandler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+Guard = Callable[[HttpRequest], HttpResponse | None]
 
 
 def _pattern(template: str) -> re.Pattern[str]:
@@ -79,25 +94,52 @@ def is_loopback(host: str) -> bool:
 
 class HealthServer:
     def __init__(self, listen: str, links: Sequence[LinkState], metrics: Metrics, *,
-                 header_timeout: float = 5.0, max_connections: int = 64) -> None:
+                 header_timeout: float = 5.0, max_connections: int = 64, max_streams: int = 8,
+                 stream_max_seconds: float = 600.0) -> None:
         host, _, port = listen.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
         self.links = links
         self.metrics = metrics
-        self.draining = False
+        self._draining = False
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        self.max_streams = max_streams
+        self.stream_max_seconds = stream_max_seconds
         self.open_connections = 0
         self.refused_connections = 0
+        self.refused_streams = 0
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._streams: set[asyncio.Task[None]] = set()
         #: more (method, path template, handler) routes, added before start()
         self.routes: list[tuple[str, str, RouteHandler]] = []
+        #: the access check for /metrics, /console and /api/ (None: open, as loopback-only is)
+        self.guard: Guard | None = None
+        self.authenticated = False  # set with guard when a secret is configured: only changes the warning
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+        if value:
+            self._close_streams()
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def _close_streams(self) -> None:
+        for task in list(self._streams):
+            task.cancel()
 
     async def start(self) -> None:
-        if not is_loopback(self.host):
-            log.warning("health and metrics server bound to %s: /readyz and /metrics are not authenticated; "
-                        "expose them only to the scraper or through a proxy", self.host or "every address")
+        if not is_loopback(self.host) and not self.authenticated:
+            log.warning("health and metrics server bound to %s: /readyz, /metrics and the console are not "
+                        "authenticated; set [http] auth_token_file or basic_auth_file, or expose them only to the "
+                        "scraper or through a proxy", self.host or "every address")
         self._server = await asyncio.start_server(self._accept, self.host or None, self.port,
                                                   limit=MAX_HEAD_BYTES + 2)
         if self.port == 0 and self._server.sockets:
@@ -123,6 +165,15 @@ class HealthServer:
     # ---------------------------------------------------------------- connections
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._connection(reader, writer)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._server is not None or task is None:
+                raise
+            task.uncancel()  # stop() ends its own handlers: done, not an error for asyncio to report
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.open_connections >= self.max_connections:
             self.refused_connections += 1
             writer.close()
@@ -156,10 +207,16 @@ class HealthServer:
             return
         method, target, _ = parts
         path, _, query_text = target.partition("?")
+        headers = _headers(head)
+        request = HttpRequest(method, path, {}, headers, b"", dict(parse_qsl(query_text)))
+        if self.guard is not None and path.startswith(GUARDED_PREFIXES):
+            refused = self.guard(request)
+            if refused is not None:
+                await self._answer(writer, refused, head=False)
+                return
         added = self._added_route(method, path)
         if added is not None:
             handler, params = added
-            headers = _headers(head)
             body = b""
             if method not in ("GET", "HEAD"):
                 length = headers.get("content-length", "")
@@ -171,14 +228,53 @@ class HealthServer:
                     return
                 async with asyncio.timeout(self.header_timeout):
                     body = await reader.readexactly(int(length))
-            answer = await handler(HttpRequest(method, path, params, headers, body, dict(parse_qsl(query_text))))
-            await self._respond(writer, answer.status, answer.text.encode(), answer.content_type, head=False)
+            answer = await handler(HttpRequest(method, path, params, headers, body, request.query))
+            if answer.stream is not None:
+                await self._stream(writer, answer)
+                return
+            await self._answer(writer, answer, head=method == "HEAD")
             return
         if method not in ("GET", "HEAD"):
             await self._respond(writer, 405, b"GET or HEAD only\n", "text/plain", head=False)
             return
         status, body, ctype = await self._route(path)
         await self._respond(writer, status, body, ctype, head=method == "HEAD")
+
+    async def _answer(self, writer: asyncio.StreamWriter, answer: HttpResponse, *, head: bool) -> None:
+        body = answer.body or answer.text.encode()
+        await self._respond(writer, answer.status, body, answer.content_type, head=head, extra=answer.headers)
+
+    async def _stream(self, writer: asyncio.StreamWriter, answer: HttpResponse) -> None:
+        """Server-sent events: the head, then each chunk as the route's iterator yields it."""
+        assert answer.stream is not None
+        task = asyncio.current_task()
+        if len(self._streams) >= self.max_streams or self._draining or task is None:
+            self.refused_streams += 1
+            await self._respond(writer, 503, b"too many event streams\n", "text/plain", head=False)
+            return
+        self._streams.add(task)
+        try:
+            lines = ["HTTP/1.1 200 OK", f"Content-Type: {answer.content_type}", "Connection: close",
+                     "Cache-Control: no-store", "X-Accel-Buffering: no", *(f"{k}: {v}" for k, v in answer.headers),
+                     "", ""]
+            writer.write("\r\n".join(lines).encode("latin-1"))
+            chunks = answer.stream()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.stream_max_seconds):
+                        async for chunk in chunks:
+                            writer.write(chunk)
+                            async with asyncio.timeout(self.header_timeout):
+                                await writer.drain()
+            finally:
+                close = getattr(chunks, "aclose", None)  # the route's generator cleans up now, not at GC
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        await close()
+        except asyncio.CancelledError:
+            task.uncancel()  # draining or stop: this stream ends, the connection closes in _accept
+        finally:
+            self._streams.discard(task)
 
     def _added_route(self, method: str, path: str) -> tuple[RouteHandler, dict[str, str]] | None:
         for route_method, template, handler in self.routes:
@@ -201,9 +297,10 @@ class HealthServer:
         return 404, b"not found\n", "text/plain"
 
     async def _respond(self, writer: asyncio.StreamWriter, status: int, body: bytes, ctype: str, *,
-                       head: bool) -> None:
+                       head: bool, extra: Sequence[tuple[str, str]] = ()) -> None:
         lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}", f"Content-Type: {ctype}",
-                 f"Content-Length: {len(body)}", "Connection: close", "Cache-Control: no-store", "", ""]
+                 f"Content-Length: {len(body)}", "Connection: close", "Cache-Control: no-store",
+                 *(f"{k}: {v}" for k, v in extra), "", ""]
         writer.write("\r\n".join(lines).encode("latin-1") + (b"" if head else body))
         async with asyncio.timeout(self.header_timeout):
             await writer.drain()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -32,6 +33,8 @@ from ari_push.calls import CallManager
 from ari_push.capture import Capture
 from ari_push.channels import DIALED
 from ari_push.cluster import Cluster, ClusterNode
+from ari_push.console.access import Access
+from ari_push.console.api import Console
 from ari_push.contacts import ContactPolicy
 from ari_push.esl import REGISTRATION_EVENTS, EslClient
 from ari_push.esl_frames import EslEvent
@@ -56,6 +59,7 @@ from ari_push.refresh import AsteriskContacts, RefreshScheduler, build_refresh
 from ari_push.refresh_store import MemorySchedule, RedisSchedule
 from ari_push.sd_notify import notify
 from ari_push.settings import FreeswitchSettings, RedisSettings, Settings
+from ari_push.test_push import send_test_push
 from ari_push.trace_recorder import build_traces
 from ari_push.trace_routes import TraceRoutes
 from ari_push.wakeups import RedisWakeups, WakeupHub
@@ -172,7 +176,19 @@ class Daemon:
             self.links.append(self.redis_link)
         self.health = HealthServer(settings.http.listen, self.links, self.metrics,
                                    header_timeout=settings.http.header_timeout,
-                                   max_connections=settings.http.max_connections)
+                                   max_connections=settings.http.max_connections,
+                                   max_streams=settings.http.max_streams)
+        # The operator's console (console/): pages and API on the health server, all behind one
+        # access check (bearer/basic auth when configured, Host check, CSRF token for actions).
+        self.access = Access(bearer_token=str(settings.http.auth_token), basic_auth=str(settings.http.basic_auth),
+                             bound_host=self.health.host)
+        self.health.guard, self.health.authenticated = self.access.check, self.access.authenticated
+        self.console: Console | None = None
+        if settings.http.console:
+            self.console = Console(store=self.store, metrics=self.metrics, links=self.links, access=self.access,
+                                   node_id=self.node_id, traces=self.traces,
+                                   test_push=functools.partial(send_test_push, self.store, self.dispatcher))
+            self.health.routes += self.console.routes()
         self.started = asyncio.Event()
         # Reachability (docs/reachability.md): registration-refresh pushes, voicemail pushes, SIP
         # MESSAGE to sleeping phones; each None when its section is off. They read Asterisk's
@@ -345,6 +361,8 @@ class Daemon:
                     tg.create_task(self.mwi.run(inner_stop), name="mwi")
                 if self.messages is not None:
                     tg.create_task(self.messages.run(inner_stop), name="messages")
+                if self.console is not None:
+                    tg.create_task(self.console.run(inner_stop), name="console")
                 if self.cluster is not None:
                     tg.create_task(self.cluster.run(inner_stop), name="cluster")
                 if isinstance(self.wakeups, RedisWakeups):

@@ -175,6 +175,11 @@ class HttpSettings:
     enabled: bool = True
     header_timeout: float = 5.0  # a request must arrive whole within this
     max_connections: int = 64  # more at once are closed unanswered
+    # the operator's console and its access (docs/operations.md, "Console")
+    console: bool = True  # /console and /api/ on this server
+    auth_token: Secret = Secret("")  # auth_token_file: a bearer token for /metrics, /console, /api/
+    basic_auth: Secret = Secret("")  # basic_auth_file: "user:password" (browsers)
+    max_streams: int = 8  # live-update (server-sent events) streams at once
 
 
 @dataclass(frozen=True)
@@ -881,7 +886,17 @@ def _build(raw: Mapping[str, Any], base: Path | None) -> Settings:
     http = HttpSettings(listen=_host_port(http_s, "listen", HttpSettings.listen),
                         enabled=http_s.flag("enabled", True),
                         header_timeout=http_s.positive("header_timeout", HttpSettings.header_timeout),
-                        max_connections=http_s.count("max_connections", HttpSettings.max_connections, 1, 10000))
+                        max_connections=http_s.count("max_connections", HttpSettings.max_connections, 1, 10000),
+                        console=http_s.flag("console", True),
+                        auth_token=http_s.secret("auth_token"), basic_auth=http_s.secret("basic_auth"),
+                        max_streams=http_s.count("max_streams", HttpSettings.max_streams, 1, 256))
+    if http.auth_token and (len(http.auth_token) < 16 or any(c.isspace() for c in http.auth_token)):
+        raise SettingsError("http.auth_token_file", "the bearer token must be at least 16 characters, no spaces "
+                                                    "(e.g. `openssl rand -hex 24`)")
+    if http.basic_auth and (not http.basic_auth.partition(":")[0] or not http.basic_auth.partition(":")[2]):
+        raise SettingsError("http.basic_auth_file", "must hold user:password (neither empty)")
+    if http.max_streams >= http.max_connections:
+        raise SettingsError("http.max_streams", "must be below http.max_connections (streams hold a connection)")
     http_s.done()
 
     log_s = _Section(top.table("log"), "log", base)

@@ -21,6 +21,11 @@ APT_PACKAGES = {
     "debootstrap": "debootstrap",
     "linphonec": "linphone-cli",  # liblinphone as a real test phone (tests/integration/test_real_clients.py)
     "stress-ng": "stress-ng",  # make test-under-load: one core kept busy while the suite runs
+    # the console's browser tests (tests/browser.py: the system browser and driver, nothing downloaded)
+    # and the alert rules' check (tests/integration/test_dashboards.py)
+    "chromium": "chromium",
+    "chromedriver": "chromium-driver",
+    "promtool": "prometheus",
 }
 SUITE = os.environ.get("ARI_PUSH_DEBIAN_SUITE", "sid")
 
