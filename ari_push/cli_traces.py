@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import sys
@@ -59,13 +60,19 @@ def _ask_daemon(settings: Settings, q: str, last: int) -> list[CallTrace] | None
         return None
     base = _daemon_url(settings)
     url = f"{base}/api/traces?" + urllib.parse.urlencode({"q": q, "last": last})
+    request = urllib.request.Request(url)  # noqa: S310 (http://, the daemon's own address)
+    if settings.http.auth_token:  # the CLI reads the same secret file as the daemon
+        request.add_header("Authorization", f"Bearer {settings.http.auth_token}")
+    elif settings.http.basic_auth:
+        basic = base64.b64encode(str(settings.http.basic_auth).encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
     try:
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:  # noqa: S310 (the daemon's own URL)
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:  # noqa: S310 (the daemon's own URL)
             body = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
-            _err(f"the daemon at {base} asks for authentication for /api/traces ([http] auth); read the traces "
-                 "in the web console")
+            _err(f"the daemon at {base} refused this CLI's credentials for /api/traces (check [http] "
+                 "auth_token_file / basic_auth_file: the CLI sends what they hold)")
         else:
             _err(f"the daemon at {base} answered {exc.code} to /api/traces")
         return None

@@ -451,6 +451,34 @@ async def test_the_cli_reads_the_embedded_store_from_the_running_daemon(
     assert rc == 1 and out == "" and "the traces live inside the running daemon, which does not answer at" in err
 
 
+async def test_the_cli_sends_the_daemons_credentials_when_its_http_server_asks_for_them(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, start_daemon: Any) -> None:
+    from rig.redis import free_port
+
+    token = tmp_path / "http-token"
+    token.write_text("a-bearer-token-of-32-characters!\n")
+    config = daemon_config(tmp_path, ensure_asterisk)
+    listen = f'listen = "127.0.0.1:{free_port()}"'
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:0"', f'{listen}\nauth_token_file = "{token}"'))
+    rd = await start_daemon(config)
+    caller = SipUA("2000", ensure_asterisk.ports.sip)
+    await caller.open()
+    try:
+        assert (await asyncio.wait_for(caller.call("98766"), 10)).status == 480
+    finally:
+        caller.close()
+    await ended_trace(rd.daemon.traces, "98766", "NO_DEVICES")
+    rc, out, err = await cli(config, "trace", "98766")
+    assert rc == 0 and ": NO_DEVICES after" in out, err
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("another-token-of-32-characters!!\n")
+    other = tmp_path / "other.toml"
+    other.write_text(config.read_text().replace(str(token), str(wrong)))
+    rc, out, err = await cli(other, "trace", "98766")
+    assert rc == 1 and out == "" and "refused this CLI's credentials" in err
+    assert "another-token" not in err and "a-bearer-token" not in err  # no secret in the error
+
+
 async def test_a_freeswitch_call_is_traced_through_the_shared_call_manager(
         fs_daemon: Any, ensure_freeswitch: Any, push_endpoint: PushEndpoint, aor: str, aor2: str) -> None:  # noqa: F811
     from rig.freeswitch import SIP_PASSWORD
