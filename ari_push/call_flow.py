@@ -53,6 +53,7 @@ from ari_push.pbx import ContactSnapshot, LegRequest, PbxError, PbxPort
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.plan import PlannedPush, PushPlanner
 from ari_push.qualify import ContactReach, Reach
+from ari_push.recent import RecentMap
 from ari_push.settings import CallSettings
 from ari_push.trace_recorder import NO_TRACE, TraceRecorder
 from ari_push.wakeups import Gap, Registration
@@ -144,14 +145,10 @@ class AwakeDevices:
     an app in the foreground): their old contact is rung at once on the next calls. Bounded."""
 
     def __init__(self, limit: int = 10_000) -> None:
-        self._seen: dict[str, None] = {}
-        self._limit = limit
+        self._seen: RecentMap[str, None] = RecentMap(limit)
 
     def add(self, device_id: str) -> None:
-        self._seen.pop(device_id, None)
-        self._seen[device_id] = None
-        while len(self._seen) > self._limit:
-            del self._seen[next(iter(self._seen))]
+        self._seen.put(device_id, None)
 
     def __contains__(self, device_id: object) -> bool:
         return device_id in self._seen

@@ -23,6 +23,7 @@ from ari_push.bindings import BindingStore, StoreUnavailable
 from ari_push.contacts import ContactPolicy, ContactRejected, parse_chan_sip_registry, parse_contact
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, mask_token
+from ari_push.recent import RecentMap
 from ari_push.wakeups import Registration, WakeupHub
 
 log = logging.getLogger("ari_push.capture")
@@ -117,9 +118,9 @@ class Capture:
         self.clock = clock
         self.shards: EventShards[AmiMessage] = EventShards(self.handle, self.resync, wakeups.gap, "AMI")
         #: contact URI -> when it was last captured from a ContactStatus (bounded, oldest first)
-        self._captured_at: dict[str, float] = {}
+        self._captured_at: RecentMap[str, float] = RecentMap(RECENT_LIMIT)
         #: device -> (its User-Agent, when read): bounded, re-read after AGENT_KEPT
-        self._agents: dict[str, tuple[str, float]] = {}
+        self._agents: RecentMap[str, tuple[str, float]] = RecentMap(RECENT_LIMIT)
         #: Says which provider table serves a binding (push/routing.py); set once providers exist.
         self.explain: Callable[[Binding], str] | None = None
         #: reads a registered contact's User-Agent (the PBX's contact object; set by the daemon)
@@ -185,10 +186,8 @@ class Capture:
         A ``Reachable`` long after (the phone answers OPTIONS again) is captured as a
         registration."""
         now = self.clock()
-        last = self._captured_at.pop(uri, None)
-        self._captured_at[uri] = now
-        while len(self._captured_at) > RECENT_LIMIT:
-            del self._captured_at[next(iter(self._captured_at))]
+        last = self._captured_at.get(uri)
+        self._captured_at.put(uri, now)
         return qualified and last is not None and now - last < RECAPTURE_AFTER
 
     async def resync(self) -> int:
@@ -211,15 +210,12 @@ class Capture:
     # ---------------------------------------------------------------- core
 
     def _known_agent(self, device_id: str) -> str:
-        agent, at = self._agents.get(device_id, ("", 0.0))
+        agent, at = self._agents.get(device_id) or ("", 0.0)
         return agent if self.clock() - at < AGENT_KEPT else ""
 
     def _remember_agent(self, device_id: str, agent: str) -> None:
         if agent:
-            self._agents.pop(device_id, None)
-            self._agents[device_id] = (agent, self.clock())
-            while len(self._agents) > RECENT_LIMIT:
-                del self._agents[next(iter(self._agents))]
+            self._agents.put(device_id, (agent, self.clock()))
 
     async def _user_agent(self, aor: str, uri: str) -> str:
         assert self.user_agent_of is not None

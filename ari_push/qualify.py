@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from ari_push.recent import RecentMap
+
 
 class Reach(StrEnum):
     REACHABLE = "reachable"
@@ -32,23 +34,20 @@ class ContactReach:
     """The last qualify state of each contact URI. ``limit`` bounds memory (oldest forgotten)."""
 
     def __init__(self, limit: int = 100_000) -> None:
-        self._state: dict[str, Reach] = {}
-        self._limit = limit
+        self._state: RecentMap[str, Reach] = RecentMap(limit)
 
     def on_status(self, uri: str, status: str) -> None:
         """A ContactStatus / ContactList status for ``uri`` (any case; unknown values forget it)."""
         if not uri:
             return
         state = _STATES.get(status.strip().lower())
-        self._state.pop(uri, None)
         if state is None:  # NonQualified, Unknown, Removed, Created, Updated...
-            return
-        self._state[uri] = state
-        while len(self._state) > self._limit:
-            del self._state[next(iter(self._state))]
+            self._state.pop(uri)
+        else:
+            self._state.put(uri, state)
 
     def of(self, uri: str) -> Reach:
-        return self._state.get(uri, Reach.UNKNOWN)
+        return self._state.get(uri) or Reach.UNKNOWN
 
     def __len__(self) -> int:
         return len(self._state)
