@@ -223,12 +223,7 @@ class FcmProvider:
         client = self._http.get()
         response = await send_capped(client, client.build_request(
             "POST", self.account.token_uri, data={"grant_type": GRANT_TYPE, "assertion": self.assertion()}))
-        try:
-            return token_answer(response, started, _oauth_error)
-        except AuthFailure as exc:
-            if exc.result.outcome is PushOutcome.FAILED:
-                log.error("fcm %s: cannot get an access token: %s", self.project.project_id, exc.result.reason)
-            raise
+        return token_answer(response, started, _oauth_error, log, f"fcm {self.project.project_id}")
 
 
 def _oauth_error(body: dict[str, Any]) -> str:

@@ -192,12 +192,7 @@ class HmsProvider:
                 "client_secret": str(self.app.client_secret)}))
         except ResponseTooLarge as exc:
             raise AuthFailure(PushResult(PushOutcome.FAILED, f"oauth token endpoint: {exc}")) from None
-        try:
-            return token_answer(response, started, _oauth_error)
-        except AuthFailure as exc:
-            if exc.result.outcome is PushOutcome.FAILED:
-                log.error("hms %s: cannot get an access token: %s", self.app.app_id, exc.result.reason)
-            raise
+        return token_answer(response, started, _oauth_error, log, f"hms {self.app.app_id}")
 
 
 def _oauth_error(body: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -82,10 +83,11 @@ class TokenCache:
         return bool(self.token) and self.token != stale and self._clock() < self.refresh_at
 
 
-def token_answer(response: httpx.Response, started: float,
-                 detail: Callable[[dict[str, Any]], str]) -> tuple[str, float]:
+def token_answer(response: httpx.Response, started: float, detail: Callable[[dict[str, Any]], str],
+                 log: logging.Logger, who: str) -> tuple[str, float]:
     """(access token, when to refresh it) from a token endpoint's response, else AuthFailure.
-    ``detail`` renders the endpoint's error body for the reason (never a secret)."""
+    ``detail`` renders the endpoint's error body for the reason (never a secret); a refusal
+    that retrying will not cure is logged as ``who``'s error."""
     where = f"oauth token endpoint HTTP {response.status_code}"
     try:
         body = response.json()
@@ -96,6 +98,7 @@ def token_answer(response: httpx.Response, started: float,
         if response.status_code == 429 or response.status_code >= 500:
             wait = retry_after(response.headers.get("retry-after"), started)
             raise AuthFailure(PushResult(PushOutcome.RETRY, reason, response.status_code, wait))
+        log.error("%s: cannot get an access token: %s", who, reason)
         raise AuthFailure(PushResult(PushOutcome.FAILED, reason, response.status_code))
     token = body.get("access_token") if isinstance(body, dict) else None
     if not isinstance(token, str) or not token:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import httpx
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from ari_push.model import PushOutcome
 from ari_push.push.oauth import AuthFailure, TokenCache, load_key_file, token_answer
 from ari_push.settings import SettingsError
+
+LOG = logging.getLogger("test.oauth")
 
 
 def answer(status: int, body: object = None, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -22,9 +25,10 @@ def detail(body: dict[str, object]) -> str:
 
 
 def test_token_and_its_refresh_time() -> None:
-    assert token_answer(answer(200, {"access_token": "t1", "expires_in": 3600}), 1000.0, detail) == ("t1", 4300.0)
-    assert token_answer(answer(200, {"access_token": "t1", "expires_in": 60}), 0.0, detail) == ("t1", 30.0)
-    assert token_answer(answer(200, {"access_token": "t1", "expires_in": "x"}), 0.0, detail)[1] == 3300.0
+    fresh = token_answer(answer(200, {"access_token": "t1", "expires_in": 3600}), 1000.0, detail, LOG, "t")
+    assert fresh == ("t1", 4300.0)
+    assert token_answer(answer(200, {"access_token": "t1", "expires_in": 60}), 0.0, detail, LOG, "t") == ("t1", 30.0)
+    assert token_answer(answer(200, {"access_token": "t1", "expires_in": "x"}), 0.0, detail, LOG, "t")[1] == 3300.0
 
 
 @pytest.mark.parametrize(("status", "body", "outcome"), [
@@ -37,7 +41,7 @@ def test_token_and_its_refresh_time() -> None:
 ])
 def test_refusals(status: int, body: object, outcome: PushOutcome) -> None:
     with pytest.raises(AuthFailure) as info:
-        token_answer(answer(status, body, {"retry-after": "7"}), 0.0, detail)
+        token_answer(answer(status, body, {"retry-after": "7"}), 0.0, detail, LOG, "t")
     assert info.value.result.outcome is outcome
     if status != 200:
         assert info.value.result.status == status
