@@ -15,6 +15,7 @@ up and is called twice in a row; both calls must be answered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from rig.asterisk import AsteriskInstance
+from ari_push.qualify import Reach
+from rig.asterisk import QUALIFY_AOR_COUNT, QUALIFY_AOR_FIRST, AsteriskInstance
 from rig.demo import PROJECT, RecordingFcm, fcm_token
 from rig.linphone_phone import LinphonePhone
 from rig.phone_proc import PhoneProcess
@@ -72,24 +74,31 @@ class Rig:
     fcm: RecordingFcm
 
 
-@pytest.fixture
-async def rig(tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer,
-              start_daemon) -> AsyncIterator[Rig]:
+@contextlib.asynccontextmanager
+async def make_rig(tmp_path: Path, asterisk: AsteriskInstance, redis: RedisServer, start_daemon: Any,
+                   calls: str = "") -> AsyncIterator[Rig]:
     inbox = PushInbox()
     fcm = RecordingFcm(inbox.on_push)
     sa_file = tmp_path / "service-account.json"
     sa_file.write_text(await fcm.start())
     sa_file.chmod(0o600)
-    extra = ("[calls]\ndefault_timeout = 15\n"
+    extra = ("[calls]\ndefault_timeout = 15\n" + calls +
              "[push]\nburst = 50\n"
              f'[[fcm]]\nproject_id = "{PROJECT}"\nservice_account_file = "{sa_file}"\n'
              f'api_url = "{fcm.url}"\nca_file = "{fcm.ca_file}"\n')
-    daemon = await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url, extra))
+    daemon = await start_daemon(daemon_config(tmp_path, asterisk, redis.url, extra))
     try:
-        yield Rig(ensure_asterisk, daemon, inbox, fcm)
+        yield Rig(asterisk, daemon, inbox, fcm)
     finally:
         await daemon.stop()
         await fcm.stop()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer,
+              start_daemon) -> AsyncIterator[Rig]:
+    async with make_rig(tmp_path, ensure_asterisk, ensure_redis, start_daemon) as made:
+        yield made
 
 
 class Phones:
@@ -223,6 +232,31 @@ async def test_awake_client_answers_two_calls_in_a_row(
     assert phone.starts == 1
     assert len(await registered_contacts(rig.asterisk, aor)) == 1  # still registered, once
     await phone.quit()
+
+
+@pytest.mark.parametrize("client", AWAKE)
+async def test_awake_client_on_a_qualified_aor_rings_at_once_without_re_registering(
+        tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon: Any,
+        phones: Phones, client: str) -> None:
+    """The client answers Asterisk's OPTIONS, so the daemon knows it is awake: its old UDP contact
+    rings at once, not after stale_ring_delay (60 s here), on every call. The top of the qualified
+    AOR range (test_qualify.py takes from the bottom)."""
+    aor = str(QUALIFY_AOR_FIRST + QUALIFY_AOR_COUNT - 1 - AWAKE.index(client))
+    async with make_rig(tmp_path, ensure_asterisk, ensure_redis, start_daemon, "stale_ring_delay = 60\n") as rig:
+        token = fcm_token()
+        phone = await start_client(rig, phones, client, aor, "udp", rfc8599(token))
+        (contact,) = await registered_contacts(rig.asterisk, aor)
+        reach = rig.daemon.daemon.calls.reach
+        await wait_for(lambda: reach.of(contact) is Reach.REACHABLE, 20, f"{client} answers the qualify")
+        for n in (1, 2):
+            started = time.monotonic()
+            incoming, _ = await call_and_finish(rig, phone, aor)
+            assert f"={token}" in incoming["uri"], f"call {n}"
+            assert time.monotonic() - started < 30  # well inside the 60 s a stale ring would wait
+            assert rig.inbox.kinds(token)[:1] == ["call"]  # it was pushed all the same
+        assert phone.running and phone.starts == 1
+        assert await registered_contacts(rig.asterisk, aor) == [contact]  # still registered, once
+        await phone.quit()
 
 
 @pytest.mark.parametrize("client", AWAKE)
