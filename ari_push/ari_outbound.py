@@ -58,8 +58,8 @@ class AriOutboundServer(AriClient):
     """Serves the websocket Asterisk connects to; REST calls go over HTTP as with AriClient."""
 
     def __init__(self, settings: AriSettings, on_event: EventHandler, on_connect: ConnectHandler | None = None,
-                 backoff: Backoff | None = None) -> None:
-        super().__init__(settings, on_event, on_connect, backoff)
+                 backoff: Backoff | None = None, event_types: tuple[str, ...] = ()) -> None:
+        super().__init__(settings, on_event, on_connect, backoff, event_types)
         host, _, port = settings.outbound_listen.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
         self.listening = asyncio.Event()
@@ -120,6 +120,7 @@ class AriOutboundServer(AriClient):
         self.link.set_up(f"Asterisk connected from {request.remote}, app {self.settings.app}")
         self.backoff.reset()
         try:
+            await self.filter_events()
             if self.on_connect is not None:
                 try:
                     await self.on_connect()

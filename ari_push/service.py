@@ -28,7 +28,7 @@ from ari_push.ari_outbound import AriOutboundServer, lift_bound
 from ari_push.asterisk_pbx import AsteriskPbx
 from ari_push.binding_cache import BindingCache, CachedPushPlanner, CachedStore
 from ari_push.bindings import BindingStore, MemoryStore, RedisStore, StoreUnavailable
-from ari_push.call_events import CallBroadcast, StasisStart, from_ari
+from ari_push.call_events import ARI_EVENT_TYPES, CallBroadcast, StasisStart, from_ari
 from ari_push.calls import CallManager
 from ari_push.capture import Capture
 from ari_push.channels import DIALED
@@ -225,7 +225,8 @@ class Daemon:
         ami = self.ami = AmiClient(settings.ami, on_event=self._on_ami_event, on_connect=self._on_ami_connect,
                                    events="system,call" if settings.mwi.enabled else "system")
         ari_link = AriOutboundServer if settings.ari.connection == "outbound" else AriClient
-        ari = self.ari = ari_link(settings.ari, on_event=self._on_ari_event, on_connect=self._on_ari_connect)
+        ari = self.ari = ari_link(settings.ari, on_event=self._on_ari_event, on_connect=self._on_ari_connect,
+                                  event_types=ARI_EVENT_TYPES)
         self.capture.ami = ami
         pbx = AsteriskPbx(ari, settings.ari.app)
         self.pbx = pbx

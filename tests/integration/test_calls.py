@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from ari_push.call_events import ARI_EVENT_TYPES
 from rig.asterisk import AsteriskInstance
 from rig.redis import RedisServer
 from rig.sipua import SipUA
@@ -127,6 +128,10 @@ async def test_sleeping_phone_is_woken_rung_bridged_and_hung_up(
     assert bye.method == "BYE"
     await wait_for(lambda: no_channels(ensure_asterisk), 5, "no channels left")
     assert push_endpoint.kinds() == ["call"]  # answered: no cancel to the answering device
+    # the call went through with Asterisk sending the app only the event types the flow reads
+    app = ensure_asterisk.ari("GET", "/ari/applications/ari-push")
+    assert isinstance(app, dict)
+    assert {e["type"] for e in app["events_allowed"]} == set(ARI_EVENT_TYPES)
     with capsys.disabled():
         kind = "same" if same_port else "new"
         print(f"\n[{kind} URI] INVITE sent->push received {1000 * (push_endpoint.received_at[0] - t_call):.1f} ms;"
