@@ -32,6 +32,7 @@ ConnectHandler = Callable[[], Awaitable[None]]
 OPERATIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "asterisk_info": ("GET", "/asterisk/info", (), ()),
     "list_channels": ("GET", "/channels", (), ()),
+    "get_channel": ("GET", "/channels/{channelId}", (), ()),
     "originate": (
         "POST", "/channels/{channelId}", (),
         ("endpoint", "app", "appArgs", "callerId", "timeout", "variables", "originator"),

@@ -133,6 +133,15 @@ class AsteriskPbx:
     async def channels(self) -> list[ChannelInfo]:
         return [channel_info(c) for c in await self._call("list_channels") or []]
 
+    async def exists(self, channel_id: str) -> bool:
+        try:
+            await self._call("get_channel", {"channelId": channel_id})
+        except PbxError as exc:
+            if exc.gone:
+                return False
+            raise
+        return True
+
     async def app_channel_ids(self) -> set[str]:
         app = await self._call("get_application", {"applicationName": self.app})
         return {str(c) for c in (app or {}).get("channel_ids", [])}

@@ -209,6 +209,11 @@ class CallManager:
 
     # ---------------------------------------------------------------- after a reconnect
 
+    async def learn_pbx_id(self) -> None:
+        """The PBX's own id, part of every call id: first thing on every connect, so that a call
+        adopted or resumed gets the same call id in every daemon (the push ledger keys on it)."""
+        self.pbx_id = await self.pbx.system_id() or self.pbx_id
+
     async def reconcile(self) -> None:
         """After a PBX (re)connect, events during the outage are lost. Check every channel in
         the app: known calls re-check their caller and legs; unknown ones are resumed or hung up."""
@@ -216,7 +221,7 @@ class CallManager:
         # flight is missing from it without being gone.
         known = {cid: (flow, set(flow.book.legs)) for cid, flow in self.calls.items()}
         try:
-            self.pbx_id = await self.pbx.system_id() or self.pbx_id
+            await self.learn_pbx_id()
             live = {c.id: c for c in await self.pbx.channels()}
         except PbxError as exc:
             log.warning("reconcile: cannot list channels: %s", exc)
@@ -227,10 +232,10 @@ class CallManager:
             log.warning("reconcile: cannot read the application's channels: %s", exc)
             ours = set()
         for cid, (flow, legs) in known.items():
-            if cid not in live:
+            if cid not in live and await self._gone(cid):
                 flow.put(StasisEnd(cid))
             for leg_id in legs & set(flow.book.legs):
-                if leg_id not in live:
+                if leg_id not in live and await self._gone(leg_id):
                     flow.put(ChannelDestroyed(leg_id, 16))
         for cid in ours:
             channel = live.get(cid)
@@ -245,6 +250,15 @@ class CallManager:
             else:
                 log.info("reconcile: hanging up leg %s of a call this daemon does not know", cid)
                 self.spawn(self._hangup_quietly(cid), f"orphan-{cid}")
+
+    async def _gone(self, channel_id: str) -> bool:
+        """A channel missing from the listing is gone only if the PBX says so when asked for it
+        (a listing may lag: a call that arrived just after the reconnect is not ended by it)."""
+        try:
+            return not await self.pbx.exists(channel_id)
+        except PbxError as exc:
+            log.warning("reconcile: cannot check channel %s: %s", channel_id, exc)
+            return False
 
     async def _adopt_bridge_of(self, channel_id: str) -> None:
         """A channel that is up in the app but not known: a bridged call from before a restart."""

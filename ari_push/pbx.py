@@ -115,6 +115,11 @@ class PbxSession(Protocol):
 
     async def channels(self) -> list[ChannelInfo]: ...
 
+    async def exists(self, channel_id: str) -> bool:
+        """Whether the channel is there now, asked of the PBX itself: a listing can lag behind
+        (FreeSWITCH's ``show channels`` is a database table written after the events)."""
+        ...
+
     async def app_channel_ids(self) -> set[str]:
         """Channels currently in ari-push's app."""
         ...

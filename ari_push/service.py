@@ -47,7 +47,7 @@ from ari_push.messages import MessageRelay, build_messages
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushResult, mask
 from ari_push.mwi import MwiNotifier, build_mwi
-from ari_push.pbx import Pbx
+from ari_push.pbx import Pbx, PbxError
 from ari_push.push.base import PushProvider
 from ari_push.push.dispatch import PushDispatcher
 from ari_push.push.factory import build_providers
@@ -310,6 +310,8 @@ class Daemon:
 
     async def _on_esl_connect(self) -> None:
         assert self.fs_capture is not None
+        with contextlib.suppress(PbxError):  # reconcile tries again, and says why it cannot
+            await self.calls.learn_pbx_id()
         await self.fs_capture.resync_quietly()
         self.wakeups.gap()  # waiting calls re-read what they may have missed while the link was down
         await self.calls.reconcile()

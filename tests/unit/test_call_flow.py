@@ -65,6 +65,7 @@ class MemoryPbx:
     contacts_gate: asyncio.Event | None = None  # the contact read waits for it when set
     live_channels: list[ChannelInfo] = field(default_factory=list)
     in_app: set[str] = field(default_factory=set)
+    present: set[str] = field(default_factory=set)  # there when asked, listed or not (a lagging listing)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def _op(self, *op: str) -> None:
@@ -130,6 +131,10 @@ class MemoryPbx:
 
     async def channels(self) -> list[ChannelInfo]:
         return list(self.live_channels)
+
+    async def exists(self, channel_id: str) -> bool:
+        self._op("exists", channel_id)
+        return channel_id in self.present or any(c.id == channel_id for c in self.live_channels)
 
     async def app_channel_ids(self) -> set[str]:
         return set(self.in_app)
@@ -866,6 +871,25 @@ async def test_reconcile_resumes_a_caller_and_ends_a_call_whose_caller_vanished(
     assert resumed.caller_number == "2001" and resumed.started < time.monotonic() - 0.9  # keeps its age
     rig.manager.on_event(StasisEnd("caller-2"))
     await rig.ended(resumed)
+
+
+async def test_reconcile_ends_no_call_a_lagging_listing_misses(rig: Harness) -> None:
+    """FreeSWITCH lists channels from a table written after the events: a call (and its leg) that
+    arrived after the reconnect can be missing from the listing. The PBX is asked before the
+    call is ended; it answers that the channel is there, so the call goes on."""
+    await rig.add(binding(port=5001))
+    flow = rig.call("caller-1")
+    await rig.phase(flow, Phase.WAITING)
+    rig.register(push_uri(6001), "")
+    leg = await rig.leg()
+    rig.pbx.live_channels = []  # the listing has neither
+    rig.pbx.present = {"caller-1", leg.leg_id}
+    await rig.manager.reconcile()
+    assert ("exists", "caller-1") in rig.pbx.ops and ("exists", leg.leg_id) in rig.pbx.ops
+    rig.answer(leg)  # the call goes on: the phone answers, the call is bridged
+    await rig.phase(flow, Phase.BRIDGED)
+    rig.manager.on_event(StasisEnd("caller-1"))
+    assert await rig.ended(flow) is Status.ANSWERED
 
 
 async def test_a_device_no_push_reached_is_rung_on_its_old_contact_at_once() -> None:

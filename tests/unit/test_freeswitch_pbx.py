@@ -33,6 +33,13 @@ def test_the_callers_park_is_its_stasis_start_once() -> None:
     assert t.translate(event("CHANNEL_PARK", **CALLER_PARK)) is None
 
 
+def test_the_call_id_base_comes_with_the_park() -> None:
+    """FreeSWITCH's Core-UUID is in every event: a call's id never depends on whether the
+    daemon had read the PBX's id yet, so two daemons agree on it (the push ledger keys on it)."""
+    ev = FreeswitchEvents().translate(event("CHANNEL_PARK", Core__UUID="fs-core-1", **CALLER_PARK))
+    assert isinstance(ev, StasisStart) and ev.pbx_id == "fs-core-1"
+
+
 def test_push_timeout_becomes_the_timeout_argument() -> None:
     ev = FreeswitchEvents().translate(event("CHANNEL_PARK", variable_push_timeout="45", **CALLER_PARK))
     assert isinstance(ev, StasisStart) and ev.args == ("3000", "timeout=45")
