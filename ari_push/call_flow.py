@@ -531,17 +531,21 @@ class CallFlow:
             log.info("call %s: %s registered again; replacing the INVITE it slept through", self.call_id,
                      leg.device_id or leg.uri.split(";")[0])
             self.trace.add("leg", leg.device_id, fate="replaced", leg=leg.channel_id)
-            await self._drop_and_hang_up(leg)
+            self._drop(leg)
             self.book.forget_uri(leg.uri)
             if leg.device_id:
                 self.book.replaced_at[leg.device_id] = time.time()
             await self._originate(leg.uri, leg.device_id)
+            self._hang_up_later(leg)  # after the new INVITE: the phone waits for nothing else
             return
-        for old in self.book.of_device(reg.device_id):
+        replaced = self.book.of_device(reg.device_id)
+        for old in replaced:
             # The device came back on a new address: the INVITE to the old one is lost.
             self.trace.add("leg", old.device_id, fate="replaced", leg=old.channel_id, new_address=True)
-            await self._drop_and_hang_up(old)
+            self._drop(old)
         await self._originate(reg.contact_uri, reg.device_id)
+        for old in replaced:
+            self._hang_up_later(old)
 
     def _observe_wake(self, device_id: str) -> None:
         if (self.push_sent_at and device_id and device_id not in self.woken
@@ -720,6 +724,10 @@ class CallFlow:
     async def _drop_and_hang_up(self, leg: Leg, reason: str = "normal") -> None:
         self._drop(leg)
         await self._quietly(self.pbx.hangup(leg.channel_id, reason), "hangup")
+
+    def _hang_up_later(self, leg: Leg) -> None:
+        """Hang up a leg already dropped from the book, beside the flow (off its critical path)."""
+        self.spawn(self._quietly(self.pbx.hangup(leg.channel_id, "normal"), "hangup"), f"replaced-{leg.channel_id}")
 
     def _endpoint_of(self, device_id: str) -> str:
         return next((b.endpoint for b in self.pushed if b.device_id == device_id and b.endpoint), self.target)

@@ -743,6 +743,34 @@ async def test_a_phone_refusing_its_replacement_invite_is_rung_again() -> None:
     await h.close()
 
 
+@pytest.mark.parametrize("same_uri", [False, True], ids=["new-address", "same-uri"])
+async def test_the_new_invite_leaves_before_the_slept_through_leg_is_hung_up(same_uri: bool) -> None:
+    """Re-REGISTER -> INVITE is the path the woken phone waits on: the hang-up of the INVITE it
+    slept through (one more PBX request) comes after the new one, not before."""
+    h = h_with(stale_ring_delay=0.05)
+    b = await h.add(binding(port=5001))
+    stale = push_uri(5001)
+    h.pbx.contacts_of[AOR] = [stale]
+    flow = h.call()
+    slept = await h.leg()  # its old contact, rung after the delay
+    fresh = stale if same_uri else push_uri(5002)
+    h.register(fresh, b.device_id)
+    new = await h.leg()
+    assert new.contact_uri == fresh
+    async def hung() -> None:
+        while slept.leg_id not in h.pbx.hung_up():
+            await asyncio.sleep(0.002)
+    await asyncio.wait_for(hung(), 5)
+    ops = [op[:2] for op in h.pbx.ops]
+    assert ops.index(("originate", new.leg_id)) < ops.index(("hangup", slept.leg_id))
+    h.manager.on_event(ChannelDestroyed(slept.leg_id, 16))  # its end is no news for the call
+    h.answer(new)
+    await h.phase(flow, Phase.BRIDGED)
+    h.manager.on_event(StasisEnd("caller-1"))
+    assert await h.ended(flow) is Status.ANSWERED
+    await h.close()
+
+
 def test_leg_book_rules() -> None:
     book = LegBook()
     reg = Registration(AOR, "sip:a", "d1", at=time.time())
