@@ -126,10 +126,19 @@ class SipUA:
     # ---------------------------------------------------------------- transport
 
     async def open(self, port: int = 0) -> None:
+        """Open the socket: on ``port``, or on a new one (0). A new one is never the port this
+        phone had before: the kernel may hand the same ephemeral port back after a close, and a
+        wake meant to be on a new URI would silently be a same-URI one."""
         loop = asyncio.get_running_loop()
         OPEN.add(self)
         if self.transport == "udp":
+            previous = self.port
             transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=("127.0.0.1", port))
+            if not port and previous and transport.get_extra_info("sockname")[1] == previous:
+                # the old port came back: take another while this one holds it, then let it go
+                other, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=("127.0.0.1", 0))
+                transport.close()
+                transport = other
             self._udp = transport
             self.port = transport.get_extra_info("sockname")[1]
         else:
