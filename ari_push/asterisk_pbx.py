@@ -13,7 +13,7 @@ from typing import Any
 from ari_push.ari import AriClient, AriError
 from ari_push.call_events import ChannelInfo, channel_info
 from ari_push.channels import DIALED, clean_caller_id, contact_object_id
-from ari_push.pbx import ContactSnapshot, LegRequest, PbxError
+from ari_push.pbx import ContactDetails, ContactSnapshot, LegRequest, PbxError
 
 #: the contact fields read before a delete and written back by a restore (Asterisk 22's own)
 RESTORED_FIELDS = frozenset({
@@ -111,11 +111,14 @@ class AsteriskPbx:
         expires = next((v for k, v in fields if k == "expiration_time"), "0")
         return ContactSnapshot(aor, contact_uri, float(expires) if expires.isdigit() else 0.0, fields)
 
-    async def user_agent_of(self, aor: str, contact_uri: str) -> str:
-        """The User-Agent Asterisk stored with a registered contact ('' when there is none)."""
+    async def contact_details(self, aor: str, contact_uri: str) -> ContactDetails:
+        """The User-Agent and expiration Asterisk stored with a registered contact, in one read
+        (AMI's ContactStatus carries neither)."""
         attrs = await self._call("get_config", {"configClass": "res_pjsip", "objectType": "contact",
                                                 "id": contact_object_id(aor, contact_uri)})
-        return next((str(a.get("value", "")) for a in attrs or [] if a.get("attribute") == "user_agent"), "")
+        values = {str(a.get("attribute", "")): str(a.get("value", "")) for a in attrs or []}
+        expires = values.get("expiration_time", "")
+        return ContactDetails(values.get("user_agent", ""), float(expires) if expires.isdigit() else None)
 
     async def restore_contact(self, snapshot: ContactSnapshot) -> None:
         # PUT of the same object id with the fields read before the delete: Asterisk stores it

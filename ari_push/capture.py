@@ -23,6 +23,7 @@ from ari_push.bindings import BindingStore, StoreUnavailable
 from ari_push.contacts import ContactPolicy, ContactRejected, parse_chan_sip_registry, parse_contact
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, mask_token
+from ari_push.pbx import ContactDetails
 from ari_push.recent import RecentMap
 from ari_push.wakeups import Registration, WakeupHub
 
@@ -124,9 +125,10 @@ class Capture:
         #: Says which provider table serves a binding (push/routing.py); set once providers exist.
         self.explain: Callable[[Binding], str] | None = None
         #: reads a registered contact's User-Agent (the PBX's contact object; set by the daemon)
-        self.user_agent_of: Callable[[str, str], Awaitable[str]] | None = None
-        #: told about every stored push binding; ``fresh``: registered just now (refresh, messages)
-        self.on_binding: Callable[[Binding, bool], None] | None = None
+        self.contact_of: Callable[[str, str], Awaitable[ContactDetails]] | None = None
+        #: told about every stored push binding; ``fresh``: registered just now (refresh, messages);
+        #: the contact's expiration when capture read it anyway (for its User-Agent), else None
+        self.on_binding: Callable[[Binding, bool, float | None], None] | None = None
         #: told the PBX's qualify state of every contact it reports: (URI, ContactStatus/Status)
         self.on_contact_status: Callable[[str, str], None] | None = None
 
@@ -217,14 +219,15 @@ class Capture:
         if agent:
             self._agents.put(device_id, (agent, self.clock()))
 
-    async def _user_agent(self, aor: str, uri: str) -> str:
-        assert self.user_agent_of is not None
+    async def _details(self, aor: str, uri: str) -> ContactDetails:
+        assert self.contact_of is not None
         try:
             async with asyncio.timeout(2.0):
-                return (await self.user_agent_of(aor, uri))[:256]
+                details = await self.contact_of(aor, uri)
+            return ContactDetails(details.user_agent[:256], details.expires_at)
         except Exception as exc:  # the User-Agent is nice to have: never lose a binding for it
             log.debug("no user agent for a contact of %s: %s", aor, exc)
-            return ""
+            return ContactDetails()
 
     async def capture(
         self, aor: str, endpoint: str, uri: str, user_agent: str, signal: bool = True, delivered: bool = False
@@ -252,13 +255,16 @@ class Capture:
             await (self.wakeups.publish_remote(reg) if delivered else self.wakeups.publish(reg))
         if push is None:
             return None
-        if not user_agent and self.user_agent_of is not None:
+        expires: float | None = None
+        if not user_agent and self.contact_of is not None:
             # AMI's ContactStatus carries no User-Agent (Asterisk 22); the contact object has it.
             # Read after the wake-up above, so no call waits for it; once an hour per device, as
-            # every read is an ARI request that the next event of this shard waits behind.
+            # every read is an ARI request that the next event of this shard waits behind. The
+            # same read gives the expiration, handed on so the refresh need not read it again.
             user_agent = self._known_agent(push.device_id)
             if not user_agent:
-                user_agent = await self._user_agent(aor, uri)
+                details = await self._details(aor, uri)
+                user_agent, expires = details.user_agent, details.expires_at
                 self._remember_agent(push.device_id, user_agent)
         else:
             self._remember_agent(push.device_id, user_agent)  # PJSIPShowContacts gives it
@@ -279,7 +285,7 @@ class Capture:
         log.info("captured %s device %s of %s (token %s)%s", push.provider, binding.device_id, aor,
                  mask_token(push.provider, push.token), route)
         if self.on_binding is not None:
-            self.on_binding(binding, signal)
+            self.on_binding(binding, signal, expires)
         return binding
 
     async def _chan_sip(self, msg: AmiMessage) -> Binding | None:

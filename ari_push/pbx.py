@@ -23,6 +23,15 @@ class PbxError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
+class ContactDetails:
+    """What one read of a registered contact tells beside its URI: the User-Agent it registered
+    with ('' when none) and when it expires (Unix time; None when the PBX did not say)."""
+
+    user_agent: str = ""
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ContactSnapshot:
     """A registered contact as the PBX stored it, enough to put it back unchanged (its
     expiration, path, user agent...). ``fields`` are the PBX's own and opaque to the flow."""

@@ -121,20 +121,21 @@ class RefreshScheduler:
         self.policy = policy
         self.metrics = metrics
         self.clock = clock
-        self.queue: asyncio.Queue[tuple[Binding, float, bool]] = asyncio.Queue(QUEUE_LIMIT)
+        self.queue: asyncio.Queue[tuple[Binding, float, bool, float | None]] = asyncio.Queue(QUEUE_LIMIT)
         self.dropped = 0
         self._sync_now = asyncio.Event()
 
     # ---------------------------------------------------------------- feeds
 
-    def on_binding(self, binding: Binding, fresh: bool) -> None:
+    def on_binding(self, binding: Binding, fresh: bool, expires: float | None = None) -> None:
         """Capture's callback: a push contact was (re)registered. Never blocks; when the queue
         is full the next full read finds the contact instead. Contacts read back by capture's
-        resync (not fresh) are left to the full read, which has their expiration already."""
+        resync (not fresh) are left to the full read, which has their expiration already.
+        ``expires``: the contact's expiration when capture has just read it (no read here then)."""
         if not fresh or not self._wanted(binding):
             return
         try:
-            self.queue.put_nowait((binding, self.clock(), fresh))
+            self.queue.put_nowait((binding, self.clock(), fresh, expires))
         except asyncio.QueueFull:
             self.dropped += 1
             self._sync_now.set()
@@ -159,20 +160,25 @@ class RefreshScheduler:
         while not stop.is_set():
             try:
                 async with asyncio.timeout(1.0):
-                    binding, seen_at, fresh = await self.queue.get()
+                    binding, seen_at, fresh, expires = await self.queue.get()
             except TimeoutError:
                 continue
             try:
-                expires = await self.contacts.expiration(binding.aor, binding.contact_uri)
-                if expires is not None:
-                    watch = Watch(binding.aor, binding.device_id, binding.contact_uri, expires,
-                                  max(1.0, expires - seen_at))
-                    await self._observe(watch, exact=fresh)
+                await self.observe_registration(binding, seen_at, fresh, expires)
             except (AriError, StoreUnavailable) as exc:
                 log.debug("refresh: cannot schedule %s yet (%s); the next full read will", binding.aor, exc)
                 self._sync_now.set()
             except Exception:
                 log.exception("refresh: observing a registration of %s failed", binding.aor)
+
+    async def observe_registration(self, binding: Binding, seen_at: float, fresh: bool,
+                                   expires: float | None) -> None:
+        """Schedule one registration; its expiration is read from the PBX unless given."""
+        if expires is None:
+            expires = await self.contacts.expiration(binding.aor, binding.contact_uri)
+        if expires is not None:
+            watch = Watch(binding.aor, binding.device_id, binding.contact_uri, expires, max(1.0, expires - seen_at))
+            await self._observe(watch, exact=fresh)
 
     async def _observe(self, watch: Watch, exact: bool) -> Seen:
         seen, pushed_at = await self.schedule.observe(watch, exact)

@@ -230,7 +230,7 @@ class Daemon:
         self.capture.ami = ami
         pbx = AsteriskPbx(ari, settings.ari.app)
         self.pbx = pbx
-        self.capture.user_agent_of = pbx.user_agent_of
+        self.capture.contact_of = pbx.contact_details
         self.calls = CallManager(settings, pbx, self.planner, self.dispatcher, self.wakeups, self.metrics,
                                  self.policy, self.tracer)
         if settings.cluster.mode != "single" and self.redis is not None:
@@ -263,9 +263,9 @@ class Daemon:
         if self.mwi is not None:
             self.mwi.on_ami_event(msg)
 
-    def _on_binding(self, binding: Binding, fresh: bool) -> None:  # capture -> refresh, messages
+    def _on_binding(self, binding: Binding, fresh: bool, expires: float | None) -> None:  # -> refresh, messages
         if self.refresh is not None:
-            self.refresh.on_binding(binding, fresh)
+            self.refresh.on_binding(binding, fresh, expires)
         if self.messages is not None:
             self.messages.on_binding(binding, fresh)
 

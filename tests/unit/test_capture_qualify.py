@@ -8,6 +8,7 @@ from ari_push.bindings import MemoryStore
 from ari_push.capture import AGENT_KEPT, RECAPTURE_AFTER, Capture
 from ari_push.contacts import ContactPolicy
 from ari_push.metrics import Metrics
+from ari_push.pbx import ContactDetails
 from ari_push.qualify import ContactReach, Reach
 from ari_push.wakeups import WakeupHub
 
@@ -49,15 +50,20 @@ async def test_a_device_user_agent_is_read_once_an_hour_not_on_every_registratio
     store = MemoryStore()
     capture = Capture(store, WakeupHub(), ContactPolicy(), None, Metrics(), clock=lambda: now[0])
 
-    async def agent_of(aor: str, uri: str) -> str:
-        reads.append(uri)
-        return "Linphone/5.2"
+    handed: list[float | None] = []
 
-    capture.user_agent_of = agent_of
+    async def details_of(aor: str, uri: str) -> ContactDetails:
+        reads.append(uri)
+        return ContactDetails("Linphone/5.2", now[0] + 600)
+
+    capture.contact_of = details_of
+    capture.on_binding = lambda binding, fresh, expires: handed.append(expires)
     for port in (5060, 5061, 5062):  # the app wakes on a new port each time: a new contact
         b = await capture.capture("1001", "1001", URI.replace(":5060", f":{port}"), "")
         assert b is not None and b.user_agent == "Linphone/5.2"
     assert len(reads) == 1
+    # the one read's expiration goes on (the refresh needs no read of its own); later ones: unknown
+    assert handed == [1600.0, None, None]
     now[0] += AGENT_KEPT + 1
     await capture.capture("1001", "1001", URI.replace(":5060", ":5063"), "")
     assert len(reads) == 2  # an app upgrade shows within the hour

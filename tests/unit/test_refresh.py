@@ -35,8 +35,10 @@ class Contacts:
 
     table: dict[tuple[str, str], float] = field(default_factory=dict)
     down: bool = False
+    reads: int = 0
 
     async def expiration(self, aor: str, uri: str) -> float | None:
+        self.reads += 1
         if self.down:
             raise AriError("get_config", 0, "no answer")
         return self.table.get((aor, uri))
@@ -194,3 +196,16 @@ async def test_a_full_queue_asks_for_a_full_read(parts, clock: Clock) -> None:
     for _ in range(sched.queue.maxsize + 3):
         sched.on_binding(b, True)
     assert sched.dropped == 3 and sched._sync_now.is_set()
+
+
+
+async def test_a_registration_whose_expiration_capture_read_is_scheduled_without_a_read(
+        parts, clock: Clock) -> None:
+    sched, contacts, _pusher, store, _metrics = parts
+    b = await register(store, contacts, clock)
+    sched.on_binding(b, True, clock.now + 100)  # capture read the contact (its User-Agent) just now
+    await sched.observe_registration(*sched.queue.get_nowait())
+    assert contacts.reads == 0 and await sched.schedule.size() == 1
+    sched.on_binding(b, True)  # nothing read by capture: the scheduler reads it
+    await sched.observe_registration(*sched.queue.get_nowait())
+    assert contacts.reads == 1 and await sched.schedule.size() == 1
