@@ -75,9 +75,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         daemon = Daemon(settings)  # Asterisk or FreeSWITCH, as the settings say
         # What is built now lives as long as the process: out of the collector's sight, a full
         # collection has less to walk (measured with 1000 calls waiting: the longest pause, a
-        # full collection, 127 -> 76 ms). In the daemon's process only, not in an embedding one.
+        # full collection, 127 -> 76 ms). Frozen objects no longer count as long-lived, so full
+        # collections then came often (4 of 28-65 ms in a 1000-call run): one per 100 middle
+        # collections, not 10, leaves none in such a run (docs/performance.md, section 6).
+        # In the daemon's process only, not in an embedding one.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(700, 10, 100)
         await daemon.run(stop)
 
     try:
