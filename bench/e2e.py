@@ -450,7 +450,8 @@ class Rig:
                           for a in range(BENCH_AOR_FIRST, BENCH_AOR_FIRST + BENCH_AOR_COUNT))
         self.asterisk = AsteriskInstance(root, self.args.name, Ports.for_index(self.args.index),
                                          extra_dialplan=recipe_dialplan(self.relay.port, dial_timeout=10),
-                                         extra_pjsip=extra, rtp_ports=RTP_PORTS)
+                                         extra_pjsip=extra, rtp_ports=RTP_PORTS,
+                                         verbose=self.args.asterisk_verbose)
         await asyncio.to_thread(self.asterisk.write_config)
         for log in ("messages.log", "console.log"):  # -vvv at 1000 calls writes ~70 MB a run: keep only this one
             self.asterisk.host_path(f"/var/log/asterisk-{self.args.name}/{log}").unlink(missing_ok=True)
@@ -1243,6 +1244,8 @@ def main() -> int:
                         help="wake delay distribution, counted from the moment every call has been pushed")
     parser.add_argument("--qualify", type=float, default=0.0,
                         help="qualify_frequency (s) on the bench's push AORs; 0: off, as the sample config")
+    parser.add_argument("--asterisk-verbose", type=int, default=3,
+                        help="Asterisk's verbosity (-v count and messages.log level); 0: no verbose lines")
     parser.add_argument("--ramp", type=float, default=50.0, help="calls placed per second")
     parser.add_argument("--hold", type=float, default=1.0, help="seconds each answered call stays bridged")
     parser.add_argument("--ingest-rates", default="100,200,400,800,1200")

@@ -158,12 +158,15 @@ class AsteriskInstance(PidInstance):
 
     def __init__(self, root: Path, name: str, ports: Ports, app_names: tuple[str, ...] = ("ari-push",),
                  extra_dialplan: str = "", extra_pjsip: str = "",
-                 rtp_ports: tuple[int, int] | None = None, extra_conf: dict[str, str] | None = None) -> None:
+                 rtp_ports: tuple[int, int] | None = None, extra_conf: dict[str, str] | None = None,
+                 verbose: int = 3) -> None:
         """``extra_dialplan`` is appended to extensions.conf and ``extra_pjsip`` to pjsip_local.conf
         (the demo and the benchmark add their contexts and AORs there); ``rtp_ports`` widens the
         RTP range beyond the instance's 999 ports (the capacity benchmark needs thousands);
         ``extra_conf`` maps a file name to text appended to that file (created when the sample
-        has none), e.g. the ARI outbound websocket of asterisk-conf/outbound/."""
+        has none), e.g. the ARI outbound websocket of asterisk-conf/outbound/; ``verbose`` is
+        Asterisk's verbosity (the -v count and messages.log's verbose level; 0: no verbose lines
+        at all, for the benchmark's runs of a PBX that logs little)."""
         self.root = root
         self.name = name if rig_slot() == 0 else f"{name}-s{rig_slot()}"
         self.ports = ports
@@ -172,6 +175,7 @@ class AsteriskInstance(PidInstance):
         self.extra_pjsip = extra_pjsip
         self.rtp_ports = rtp_ports or (ports.rtp_start, ports.rtp_end)
         self.extra_conf = dict(extra_conf or {})
+        self.verbose = verbose
         self.etc = f"/etc/asterisk-{self.name}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -209,7 +213,8 @@ class AsteriskInstance(PidInstance):
             (etc / src.name).write_text(self._patch(src.name, src.read_text()))
         (etc / "asterisk.conf").write_text(self._asterisk_conf())
         (etc / "modules.conf").write_text(MODULES_CONF)
-        (etc / "logger.conf").write_text(LOGGER_CONF)
+        logger = LOGGER_CONF if self.verbose else LOGGER_CONF.replace(",verbose(3)", "")
+        (etc / "logger.conf").write_text(logger.replace("verbose(3)", f"verbose({self.verbose})"))
         (etc / "rtp.conf").write_text(
             f"[general]\nrtpstart={self.rtp_ports[0]}\nrtpend={self.rtp_ports[1]}\n"
         )
@@ -306,7 +311,8 @@ entityid = 02:fc:00:00:{self.ports.sip // 256 % 256:02x}:{self.ports.sip % 256:0
         mount_proc(self.root)
 
     def _command(self) -> list[str]:
-        return ["chroot", str(self.root), "/usr/sbin/asterisk", "-f", "-C", self.conf, "-vvv"]
+        verbose = ["-" + "v" * self.verbose] if self.verbose else []
+        return ["chroot", str(self.root), "/usr/sbin/asterisk", "-f", "-C", self.conf, *verbose]
 
     def _ready(self) -> bool:
         return self.cli("core waitfullybooted", timeout=5, check=False).returncode == 0 and self._ari_up()
