@@ -11,7 +11,9 @@ HTTP listener, see asterisk-conf/extensions.conf). ari-push:
   ``[messages] preview`` allows it and the whole text fits; never a truncated text);
 * delivers it with ARI ``endpoints/sendMessage`` to the exact fresh contact as soon as a device
   re-registers (a new contact is seen from AMI at once; a same-URI refresh by polling the
-  contacts' expiration times every ``poll`` s while messages wait);
+  contacts' expiration times every ``poll`` s while messages wait, against the expiration each
+  contact had when the message was stored, kept with the message, so a daemon started after
+  the message arrived still sees a refresh that happened before its first look);
 * after ``ttl`` s drops it undelivered. Either way the final status (``DELIVERED``,
   ``EXPIRED``) is written to AstDB ``ari-push-message/<id>``, where dialplan reads it with
   ``${DB(ari-push-message/<id>)}``.
@@ -49,6 +51,7 @@ log = logging.getLogger("ari_push.messages")
 
 ASTDB_FAMILY = "ari-push-message"
 MAX_PER_AOR = 100
+MAX_FRESH = 10_000  # registrations waiting for a delivery round (only grows while the store is down)
 AOR_RE = re.compile(r"[A-Za-z0-9_.+\-]{1,64}")
 
 
@@ -60,6 +63,9 @@ class StoredMessage:
     body: str
     received_at: float
     expires_at: float
+    #: (contact URI, its expiration when the message was stored; 0 = not registered then), for
+    #: each device of the AOR: a same-URI refresh is a later expiration than this
+    seen: tuple[tuple[str, float], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
@@ -67,8 +73,13 @@ class StoredMessage:
     @classmethod
     def from_json(cls, text: str | bytes) -> StoredMessage:
         d = json.loads(text)
+        seen = tuple((str(uri), float(exp)) for uri, exp in d.get("seen") or ())  # absent: stored before
         return cls(str(d["id"]), str(d["aor"]), str(d["sender"]), str(d["body"]), float(d["received_at"]),
-                   float(d["expires_at"]))
+                   float(d["expires_at"]), seen)
+
+    def seen_expiration(self, uri: str) -> float | None:
+        """The contact's expiration when this message was stored, if it was looked up then."""
+        return next((exp for u, exp in self.seen if u == uri), None)
 
 
 def sender_parts(sender: str) -> tuple[str, str]:
@@ -258,22 +269,29 @@ class MessageRelay:
         if not devices:
             self.metrics.messages.labels("not-push").inc()
             return "NOT_PUSH"
+        seen = await self._snapshot(aor, devices)
         now = self.clock()
-        msg = StoredMessage(uuid.uuid4().hex[:16], aor, sender[:256], body, now, now + self.settings.ttl)
+        msg = StoredMessage(uuid.uuid4().hex[:16], aor, sender[:256], body, now, now + self.settings.ttl, seen)
         if not await self.store.add(msg, MAX_PER_AOR):
             self.metrics.messages.labels("full").inc()
             return "FULL"
         self.metrics.messages.labels("stored").inc()
-        await self._snapshot(aor, devices)
         await self._push(msg, devices)
         self._wake.set()
         return f"STORED {msg.id}"
 
-    async def _snapshot(self, aor: str, devices: list[Binding]) -> None:
+    async def _snapshot(self, aor: str, devices: list[Binding]) -> tuple[tuple[str, float], ...]:
+        """The expiration of each device's contact now, stored with the message: what a later
+        refresh of the same URI is told apart by, on this daemon or on one started later."""
+        seen: list[tuple[str, float]] = []
         for b in devices:
-            if (aor, b.contact_uri) not in self._seen:
-                with contextlib.suppress(AriError):
-                    self._seen[(aor, b.contact_uri)] = await self.contacts.expiration(aor, b.contact_uri) or 0.0
+            try:
+                exp = await self.contacts.expiration(aor, b.contact_uri) or 0.0
+            except AriError:
+                continue  # unknown: the first poll's look is this contact's baseline
+            seen.append((b.contact_uri, exp))
+            self._seen.setdefault((aor, b.contact_uri), exp)
+        return tuple(seen)
 
     async def _push(self, msg: StoredMessage, devices: list[Binding]) -> None:
         name, user = sender_parts(msg.sender)
@@ -291,48 +309,71 @@ class MessageRelay:
     def on_binding(self, binding: Binding, fresh: bool) -> None:
         """Capture's callback: a device registered a (new) contact: deliver what waits for it."""
         if fresh:
-            self._fresh.append((binding, self.clock()))
+            self._fresh = [*self._fresh[-(MAX_FRESH - 1):], (binding, self.clock())]
             self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self._wake.clear()  # before the round: a registration during it wakes the next at once
-            try:
-                fresh, self._fresh = self._fresh, []
-                for binding, at in fresh:
-                    await self.deliver(binding.aor, binding.endpoint, binding.contact_uri, at)
-                await self._poll()
-                await self._expire()
-            except (StoreUnavailable, AriError) as exc:
-                log.debug("messages: %s", exc)
-            except Exception:
-                log.exception("messages: delivery round failed")
+            await self.round()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.poll):
                     await self._wake.wait()
             if stop.is_set():
                 break
 
+    async def round(self) -> None:
+        """Deliver to the registrations seen since the last round, poll, expire. A registration
+        whose delivery failed (store or ARI down) is kept for the next round, with those after it."""
+        fresh, self._fresh = self._fresh, []
+        try:
+            while fresh:
+                binding, at = fresh[0]
+                await self.deliver(binding.aor, binding.endpoint, binding.contact_uri, at)
+                fresh.pop(0)
+            await self._poll()
+            await self._expire()
+        except (StoreUnavailable, AriError) as exc:
+            log.debug("messages: %s", exc)
+        except Exception:
+            log.exception("messages: delivery round failed")
+        finally:
+            if fresh:
+                self._fresh = [*fresh, *self._fresh][-MAX_FRESH:]
     async def _poll(self) -> None:
         """Same-URI refreshes give no event: look at the expiration of the contacts of AORs
-        that have messages waiting."""
+        that have messages waiting. A message waits for a later expiration than its contact had
+        when it was stored (kept with it, so it holds after a restart); a contact the message
+        did not look at (stored by an older version, or the device's contact changed since) is
+        compared with this daemon's first look at it."""
         for aor in await self.store.aors():
+            pending = await self.store.pending(aor)
             for b in await self.bindings.bindings_for(aor):
                 exp = await self.contacts.expiration(aor, b.contact_uri)
                 key = (aor, b.contact_uri)
                 if key not in self._seen:
-                    self._seen[key] = exp or 0.0  # first look (e.g. after a restart): the baseline
+                    self._seen[key] = exp or 0.0  # first look (e.g. after a restart)
+                    if all(m.seen_expiration(b.contact_uri) is None for m in pending):
+                        continue  # the baseline: nothing to compare with yet
+                if exp is None:
                     continue
-                if exp is not None and exp > self._seen[key] + 0.5:
-                    self._seen[key] = exp
-                    await self.deliver(aor, b.endpoint, b.contact_uri, self.clock())
+                due = [m for m in pending if exp > _baseline(m, b.contact_uri, self._seen[key]) + 0.5]
+                if due:
+                    self._seen[key] = max(self._seen[key], exp)
+                    await self.deliver(aor, b.endpoint, b.contact_uri, self.clock(), due)
+                    pending = [m for m in pending if m not in due]
         if len(self._seen) > 10_000:
             self._seen.clear()
 
-    async def deliver(self, aor: str, endpoint: str, uri: str, registered_at: float) -> int:
-        """Send every message waiting for the AOR to this fresh contact; returns how many."""
+    async def deliver(self, aor: str, endpoint: str, uri: str, registered_at: float,
+                      messages: list[StoredMessage] | None = None) -> int:
+        """Send the messages waiting for the AOR (or those of ``messages``) to this fresh contact;
+        returns how many."""
         sent = 0
-        for msg in await self.store.pending(aor):
+        waiting = await self.store.pending(aor) if messages is None else messages
+        if waiting:
+            log.debug("messages: delivering %d for %s to %s", len(waiting), aor, uri)
+        for msg in waiting:
             if not await self.store.take(msg):
                 continue  # another daemon has it
             try:
@@ -360,6 +401,11 @@ class MessageRelay:
             await self.ami.action("DBPut", Family=ASTDB_FAMILY, Key=message_id, Val=status)
         except Exception as exc:  # the status is a courtesy: never lose the delivery over it
             log.warning("messages: could not record %s for %s in AstDB: %s", status, message_id, exc)
+
+
+def _baseline(msg: StoredMessage, uri: str, first_look: float) -> float:
+    seen = msg.seen_expiration(uri)
+    return first_look if seen is None else seen
 
 
 def _text(value: bytes | str) -> str:

@@ -3,17 +3,19 @@ The real Asterisk + Redis + FCM flows are in tests/integration/test_messages.py.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from ari_push.ami_frames import AmiMessage
-from ari_push.bindings import MemoryStore
+from ari_push.bindings import MemoryStore, StoreUnavailable
 from ari_push.messages import MAX_PER_AOR, MemoryMessages, MessageRelay, StoredMessage, sender_parts
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushParams, PushResult
 from ari_push.settings import MessageSettings
+from tests.conftest import wait_for
 
 
 class Clock:
@@ -141,3 +143,77 @@ async def test_memory_store_take_is_once() -> None:
     assert await store.expired(2.0, 10) == [msg]
     assert await store.take(msg) and not await store.take(msg)
     assert StoredMessage.from_json(msg.to_json()) == msg
+
+
+async def test_stored_message_json_keeps_the_contacts_seen_and_reads_older_ones() -> None:
+    msg = StoredMessage("id1", "alice", "<sip:b@h>", "x", 1.0, 2.0, ((URI, 5300.0),))
+    assert StoredMessage.from_json(msg.to_json()) == msg
+    assert msg.seen_expiration(URI) == 5300.0 and msg.seen_expiration("sip:other@h") is None
+    old = '{"id":"id2","aor":"alice","sender":"s","body":"x","received_at":1.0,"expires_at":2.0}'
+    assert StoredMessage.from_json(old).seen == ()  # stored by a version without it
+
+
+async def test_a_same_uri_refresh_before_a_restarted_relays_first_poll_is_not_missed(relay: Any) -> None:
+    r, clock, contacts, ari, ami, pusher = relay
+    await r.accept("alice", "<sip:2000@pbx>", "across a restart")
+    # the daemon restarts: a new relay on the same store, knowing nothing of the contact ...
+    after = MessageRelay(r.settings, r.store, r.bindings, contacts, ari, ami, pusher, Metrics(), clock=clock)
+    contacts.table[("alice", URI)] = 5310.0  # ... and the phone refreshes before its first poll
+    await after._poll()
+    assert [q["body"] for q in ari.sent] == ["across a restart"]
+
+
+async def test_a_refresh_from_before_the_message_arrived_does_not_deliver_it(relay: Any) -> None:
+    r, _clock, contacts, ari, _ami, _p = relay
+    await r.accept("alice", "<sip:2000@pbx>", "first")
+    contacts.table[("alice", URI)] = 5310.0
+    await r._poll()
+    assert [q["body"] for q in ari.sent] == ["first"]
+    contacts.table[("alice", URI)] = 5320.0  # refreshed while nothing waited: awake then, maybe not now
+    await r.accept("alice", "<sip:2000@pbx>", "second")
+    await r._poll()
+    assert [q["body"] for q in ari.sent] == ["first"]  # waits for a refresh after it arrived
+    contacts.table[("alice", URI)] = 5330.0
+    await r._poll()
+    assert [q["body"] for q in ari.sent] == ["first", "second"]
+
+
+class FlakyMessages(MemoryMessages):
+    """The store is unreachable for the first ``failures`` reads of pending messages."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def pending(self, aor: str) -> list[StoredMessage]:
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("redis: connection reset")
+        return await super().pending(aor)
+
+
+async def test_a_registration_seen_while_the_store_is_down_is_delivered_to_once_it_is_back() -> None:
+    contacts = Contacts({("alice", URI): 5300.0, ("bob", BOB): 5300.0})
+    ari, store = Ari(), MemoryStore()
+    for aor, uri in (("alice", URI), ("bob", BOB)):
+        await store.upsert(Binding(aor=aor, endpoint=aor, push=PushParams("fcm", f"tok-{aor}", "p"),
+                                   contact_uri=uri, first_seen=1, last_seen=1))
+    r = MessageRelay(MessageSettings(poll=0.01), FlakyMessages(0), store, contacts, ari, Ami(), Pusher(), Metrics())
+    for aor in ("alice", "bob"):
+        assert (await r.accept(aor, "<sip:2000@pbx>", f"for {aor}")).startswith("STORED")
+    assert isinstance(r.store, FlakyMessages)
+    r.store.failures = 1  # the round's first delivery fails: both registrations must survive it
+    for b in (*await store.bindings_for("alice"), *await store.bindings_for("bob")):
+        r.on_binding(b, True)
+    stop = asyncio.Event()
+    task = asyncio.create_task(r.run(stop))
+    try:
+        await wait_for(lambda: len(ari.sent) == 2, 5, "both messages sent")
+    finally:
+        stop.set()
+        await task
+    assert sorted(q["to"] for q in ari.sent) == sorted([f"pjsip:alice/{URI}", f"pjsip:bob/{BOB}"])
+
+
+BOB = "sip:bob@127.0.0.1:5072;transport=udp;pn-provider=fcm;pn-prid=tok-bob;pn-param=p"
+
