@@ -340,6 +340,7 @@ class MessageRelay:
         finally:
             if fresh:
                 self._fresh = [*fresh, *self._fresh][-MAX_FRESH:]
+
     async def _poll(self) -> None:
         """Same-URI refreshes give no event: look at the expiration of the contacts of AORs
         that have messages waiting. A message waits for a later expiration than its contact had
