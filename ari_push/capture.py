@@ -122,6 +122,7 @@ class Capture:
         self._captured_at: RecentMap[str, float] = RecentMap(RECENT_LIMIT)
         #: device -> (its User-Agent, when read): bounded, re-read after AGENT_KEPT
         self._agents: RecentMap[str, tuple[str, float]] = RecentMap(RECENT_LIMIT)
+        self._live_at: RecentMap[str, float] = RecentMap(RECENT_LIMIT)  # device id -> last live capture
         #: Says which provider table serves a binding (push/routing.py); set once providers exist.
         self.explain: Callable[[Binding], str] | None = None
         #: reads a registered contact's User-Agent (the PBX's contact object; set by the daemon)
@@ -196,15 +197,17 @@ class Capture:
         """Read every registered contact from Asterisk and store what carries push parameters."""
         if self.ami is None:  # FreeSWITCH: fs_capture.py resynchronises over the event socket
             return 0
+        started = self.clock()
         contacts = await self.ami.action_list("PJSIPShowContacts")
         stored = 0
-        for c in contacts:
-            if c.event != "ContactList":
-                continue
+        # A device that woke on a new port has two contacts until the old one expires: the one
+        # registered last is read last, so its binding ends with the newest contact.
+        for c in sorted((c for c in contacts if c.event == "ContactList"), key=_expiration):
             aor = c.get("Aor") or c.get("ObjectName").partition(";@")[0]
             if self.on_contact_status is not None:
                 self.on_contact_status(c.get("Uri"), c.get("Status"))
-            if await self.capture(aor, c.get("Endpoint") or aor, c.get("Uri"), c.get("UserAgent"), signal=False):
+            if await self.capture(aor, c.get("Endpoint") or aor, c.get("Uri"), c.get("UserAgent"), signal=False,
+                                  resync_since=started):
                 stored += 1
         log.info("resynchronised %d contacts from Asterisk, %d with push parameters", len(contacts), stored)
         return stored
@@ -230,9 +233,12 @@ class Capture:
             return ContactDetails()
 
     async def capture(
-        self, aor: str, endpoint: str, uri: str, user_agent: str, signal: bool = True, delivered: bool = False
+        self, aor: str, endpoint: str, uri: str, user_agent: str, signal: bool = True, delivered: bool = False,
+        resync_since: float | None = None,
     ) -> Binding | None:
-        """Parse one contact; store its binding; publish the registered signal."""
+        """Parse one contact; store its binding; publish the registered signal. ``resync_since``:
+        a contact read back by a resync started then; a device registered live since keeps the
+        binding of that registration (the listing may predate it)."""
         if not aor or not uri:
             return None
         now = self.clock()
@@ -254,6 +260,11 @@ class Capture:
                                origin=self.node_id)
             await (self.wakeups.publish_remote(reg) if delivered else self.wakeups.publish(reg))
         if push is None:
+            return None
+        if signal:
+            self._live_at.put(push.device_id, now)
+        elif resync_since is not None and (self._live_at.get(push.device_id) or -1.0) >= resync_since:
+            log.debug("resync: %s registered while the contacts were read; its new binding is kept", aor)
             return None
         expires: float | None = None
         if not user_agent and self.contact_of is not None:
@@ -307,3 +318,10 @@ class Capture:
             log.warning("rejected SIP/Registry/%s: %s", peer, exc)
             return None
         return await self.capture(peer, peer, reg.contact, "")
+
+
+def _expiration(contact: AmiMessage) -> float:
+    try:
+        return float(contact.get("ExpirationTime") or 0)
+    except ValueError:
+        return 0.0

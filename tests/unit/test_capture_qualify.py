@@ -3,6 +3,8 @@ follows a new contact's NonQualified is not captured twice."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from ari_push.ami_frames import AmiMessage
 from ari_push.bindings import MemoryStore
 from ari_push.capture import AGENT_KEPT, RECAPTURE_AFTER, Capture
@@ -68,3 +70,43 @@ async def test_a_device_user_agent_is_read_once_an_hour_not_on_every_registratio
     await capture.capture("1001", "1001", URI.replace(":5060", ":5063"), "")
     assert len(reads) == 2  # an app upgrade shows within the hour
     assert (await store.bindings_for("1001"))[0].user_agent == "Linphone/5.2"
+
+
+def listed(uri: str, expires: int) -> AmiMessage:
+    return AmiMessage((("Event", "ContactList"), ("ObjectName", "1001;@x"), ("Aor", "1001"), ("Endpoint", "1001"),
+                       ("Uri", uri), ("UserAgent", "Linphone/5.2"), ("ExpirationTime", str(expires)),
+                       ("Status", "NonQualified")))
+
+
+class Listing:
+    """AMI's PJSIPShowContacts as the resync reads it; ``meanwhile`` runs while it is read."""
+
+    def __init__(self, rows: list[AmiMessage], meanwhile: Callable[[], Awaitable[object]] | None = None) -> None:
+        self.rows, self.meanwhile = rows, meanwhile
+
+    async def action_list(self, name: str, **params: str) -> list[AmiMessage]:
+        assert name == "PJSIPShowContacts"
+        if self.meanwhile is not None:
+            await self.meanwhile()
+        return self.rows
+
+
+async def test_a_resync_leaves_a_device_woken_on_a_new_port_with_its_newest_contact() -> None:
+    old, new = URI, URI.replace(":5060", ":5071")  # the old contact lingers until it expires
+    store = MemoryStore()
+    capture = Capture(store, WakeupHub(), ContactPolicy(), None, Metrics())
+    capture.ami = Listing([listed(new, 2000), listed(old, 1500)])  # Asterisk lists them in any order
+    await capture.resync()
+    (b,) = await store.bindings_for("1001")
+    assert b.contact_uri == new
+
+
+async def test_a_resync_does_not_undo_a_registration_made_while_it_read_the_contacts() -> None:
+    old, new = URI, URI.replace(":5060", ":5071")
+    store = MemoryStore()
+    capture = Capture(store, WakeupHub(), ContactPolicy(), None, Metrics())
+    # the listing was taken before the phone woke on a new port, which was captured live meanwhile
+    capture.ami = Listing([listed(old, 1500)], meanwhile=lambda: capture.capture("1001", "1001", new, "ua"))
+    await capture.resync()
+    (b,) = await store.bindings_for("1001")
+    assert b.contact_uri == new
