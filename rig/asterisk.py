@@ -315,7 +315,11 @@ entityid = 02:fc:00:00:{self.ports.sip // 256 % 256:02x}:{self.ports.sip % 256:0
         return ["chroot", str(self.root), "/usr/sbin/asterisk", "-f", "-C", self.conf, *verbose]
 
     def _ready(self) -> bool:
-        return self.cli("core waitfullybooted", timeout=5, check=False).returncode == 0 and self._ari_up()
+        try:  # a CLI that does not answer within its timeout (a loaded machine) is not ready yet
+            booted = self.cli("core waitfullybooted", timeout=5, check=False).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+        return booted and self._ari_up()
 
     def _ari_up(self) -> bool:
         try:
