@@ -600,7 +600,20 @@ class CallFlow:
         if not leg.progressed:
             leg.progressed = True
             await self._awake_on_old_contact(leg)
-        await self._bridge(leg)
+        try:
+            await self._bridge(leg)
+        except PbxError as exc:
+            # The phone answered, so the call is over either way: most often the callee hung up
+            # at once, before the bridge (FreeSWITCH answers the caller first, so the caller may
+            # already have heard its 200 OK), or the caller left meanwhile. Both sides are hung
+            # up, as after a bridged call; the other devices hear that it was answered.
+            log.warning("call %s: bridging the answer of %s failed: %s", self.call_id,
+                        leg.device_id or leg.uri.split(";")[0], exc)
+            self.trace.add("bridge", leg.device_id, leg=leg.channel_id, failed=str(exc)[:160])
+            self.status = Status.ANSWERED
+            self._others_answered_elsewhere(leg)
+            self.to(Phase.ENDING)
+            return
         self.status = Status.ANSWERED
         self.to(Phase.BRIDGED)
 
@@ -690,6 +703,10 @@ class CallFlow:
             # most SIP apps show "answered elsewhere", not a missed call)
             self.trace.add("leg", other.device_id, fate="cancelled", leg=other.channel_id, reason="answered_elsewhere")
             await self._drop_and_hang_up(other, "answered_elsewhere")
+        self._others_answered_elsewhere(leg)
+
+    def _others_answered_elsewhere(self, leg: Leg) -> None:
+        """The push follow-up to every other pushed device: the call was answered on ``leg``."""
         others = [b for b in self.pushed if b.device_id != leg.device_id]
         if others:
             self.spawn(self._follow_up(others, PushKind.ANSWERED_ELSEWHERE), f"elsewhere-{self.call_id}")

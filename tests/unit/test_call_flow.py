@@ -841,6 +841,25 @@ async def test_answered_elsewhere_goes_to_the_other_devices(rig: Harness) -> Non
                                                (other.device_id, PushKind.ANSWERED_ELSEWHERE)])
 
 
+async def test_a_callee_gone_before_the_bridge_ends_the_call_answered_not_handed_back(rig: Harness) -> None:
+    """The phone answers and hangs up at once: the bridge finds its leg gone. The call was
+    answered: the caller is hung up (not continued in the dialplan), the other devices are told
+    it was answered elsewhere, and no cancel push goes out."""
+    a = await rig.add(binding(TOKEN, 5001, seen=1))
+    other = await rig.add(binding(TOKEN2, 5005, seen=2))
+    flow = rig.call()
+    await rig.phase(flow, Phase.WAITING)
+    rig.register(push_uri(5002), a.device_id)
+    leg = await rig.leg()
+    rig.pbx.failing["bridge"] = PbxError("add_channel", "-ERR Invalid uuid", gone=True)
+    rig.answer(leg)
+    assert await rig.ended(flow) is Status.ANSWERED
+    assert ("hangup", "caller-1", "normal") in rig.pbx.ops
+    assert "continue" not in rig.pbx.names()
+    assert await rig.push(PushKind.ANSWERED_ELSEWHERE) == other.device_id
+    assert PushKind.CANCEL not in rig.service.kinds()
+
+
 async def test_a_call_taken_over_does_not_push_the_same_device_again(rig: Harness) -> None:
     await rig.add(binding())
     first = rig.call("caller-1")
