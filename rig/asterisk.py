@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import urllib.error
 import urllib.request
@@ -149,6 +151,18 @@ def rig_slot() -> int:
     return int(raw)
 
 
+def moh_tone(directory: Path) -> None:
+    """Music for the ``default`` class: one second of a 440 Hz tone (8 kHz signed linear). It
+    must be there when Asterisk starts: with no file, Asterisk 22 disables music on hold, and
+    neither ``moh reload`` nor a reload of the module brings it back (measured)."""
+    path = directory / "ari-push-test-tone.sln"
+    if path.exists():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    tone = b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / 8000))) for i in range(8000))
+    path.write_bytes(tone * 2)
+
+
 class AsteriskError(RuntimeError):
     pass
 
@@ -219,6 +233,7 @@ class AsteriskInstance(PidInstance):
             f"[general]\nrtpstart={self.rtp_ports[0]}\nrtpend={self.rtp_ports[1]}\n"
         )
         (etc / "musiconhold.conf").write_text("[general]\n[default]\nmode=files\ndirectory=moh\n")
+        moh_tone(self.host_path("/usr/share/asterisk/moh"))
         (etc / "pjsip_local.conf").write_text(self._test_endpoints())
         for name, text in self.extra_conf.items():
             path = etc / name

@@ -247,16 +247,7 @@ async def test_two_calls_to_one_callee(
 async def test_music_on_hold_as_early_media_while_the_phone_wakes(
         tmp_path: Path, ensure_asterisk: AsteriskInstance, ensure_redis: RedisServer, start_daemon,
         push_endpoint: PushEndpoint, aor: str) -> None:  # noqa: F811
-    import math
-    import struct
-
-    moh = ensure_asterisk.host_path("/usr/share/asterisk/moh")
-    moh.mkdir(parents=True, exist_ok=True)
-    tone = b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / 8000))) for i in range(16000))
-    (moh / "ari-push-test-tone.sln").write_bytes(tone)
-    # res_musiconhold declined to load at start-up (no files then): load it now that there are
-    ensure_asterisk.cli("module load res_musiconhold.so", check=False)
-    ensure_asterisk.cli("moh reload", check=False)
+    # The rig's Asterisk starts with a tone for the "default" class (rig.asterisk.moh_tone).
     rd = await start_daemon(daemon_config(tmp_path, ensure_asterisk, ensure_redis.url,
                                           extra(8).replace("[calls]\n", '[calls]\nmoh_class = "default"\n')))
     phone = await sleeping_phone(ensure_asterisk, aor, push_endpoint, rd.daemon.store)
