@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from typing import Protocol
 from ari_push.ami_frames import AmiMessage
 from ari_push.ari import AriError
 from ari_push.bindings import BindingStore, StoreUnavailable
+from ari_push.channels import contact_object_id
 from ari_push.contacts import ContactPolicy, ContactRejected, parse_contact
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult, mask
@@ -64,11 +64,6 @@ class AmiList(Protocol):
     async def action_list(self, name: str, **params: str) -> list[AmiMessage]: ...
 
 
-def contact_id(aor: str, uri: str) -> str:
-    """Asterisk's id of a contact object: ``<aor>;@<md5 of the stored URI>``."""
-    return f"{aor};@{hashlib.md5(uri.encode(), usedforsecurity=False).hexdigest()}"
-
-
 class AsteriskContacts:
     """Reads expiration times from the running Asterisk: ARI for one contact, AMI for all."""
 
@@ -79,7 +74,7 @@ class AsteriskContacts:
     async def expiration(self, aor: str, uri: str) -> float | None:
         try:
             attrs = await self.ari.call("get_config", {"configClass": "res_pjsip", "objectType": "contact",
-                                                       "id": contact_id(aor, uri)})
+                                                       "id": contact_object_id(aor, uri)})
         except AriError as exc:
             if exc.status == 404:
                 return None

@@ -11,10 +11,11 @@ import pytest
 
 from ari_push.ari import AriError
 from ari_push.bindings import MemoryStore
+from ari_push.channels import contact_object_id as contact_id
 from ari_push.contacts import ContactPolicy
 from ari_push.metrics import Metrics
 from ari_push.model import Binding, PushKind, PushMessage, PushOutcome, PushResult
-from ari_push.refresh import RefreshScheduler, contact_id
+from ari_push.refresh import RefreshScheduler
 from ari_push.refresh_store import MemorySchedule
 from ari_push.settings import CaptureSettings, RefreshSettings
 
