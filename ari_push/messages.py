@@ -32,6 +32,7 @@ import re
 import time
 import urllib.parse
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -230,7 +231,7 @@ class MessageRelay:
         self.clock = clock
         self._seen: dict[tuple[str, str], float] = {}  # (aor, uri) -> expiration when the message waited
         self._wake = asyncio.Event()
-        self._fresh: list[tuple[Binding, float]] = []
+        self._fresh: deque[tuple[Binding, float]] = deque(maxlen=MAX_FRESH)  # the oldest go first
         self.delivery_after_register: list[float] = []  # seconds, for the benchmark (last 1000)
 
     # ---------------------------------------------------------------- input (the dialplan's CURL)
@@ -309,7 +310,7 @@ class MessageRelay:
     def on_binding(self, binding: Binding, fresh: bool) -> None:
         """Capture's callback: a device registered a (new) contact: deliver what waits for it."""
         if fresh:
-            self._fresh = [*self._fresh[-(MAX_FRESH - 1):], (binding, self.clock())]
+            self._fresh.append((binding, self.clock()))
             self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -325,12 +326,12 @@ class MessageRelay:
     async def round(self) -> None:
         """Deliver to the registrations seen since the last round, poll, expire. A registration
         whose delivery failed (store or ARI down) is kept for the next round, with those after it."""
-        fresh, self._fresh = self._fresh, []
+        fresh, self._fresh = self._fresh, deque(maxlen=MAX_FRESH)
         try:
             while fresh:
                 binding, at = fresh[0]
                 await self.deliver(binding.aor, binding.endpoint, binding.contact_uri, at)
-                fresh.pop(0)
+                fresh.popleft()
             await self._poll()
             await self._expire()
         except (StoreUnavailable, AriError) as exc:
@@ -339,7 +340,7 @@ class MessageRelay:
             log.exception("messages: delivery round failed")
         finally:
             if fresh:
-                self._fresh = [*fresh, *self._fresh][-MAX_FRESH:]
+                self._fresh = deque([*fresh, *self._fresh], maxlen=MAX_FRESH)
 
     async def _poll(self) -> None:
         """Same-URI refreshes give no event: look at the expiration of the contacts of AORs
