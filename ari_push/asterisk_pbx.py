@@ -98,7 +98,7 @@ class AsteriskPbx:
     async def delete_contact(self, aor: str, contact_uri: str) -> ContactSnapshot | None:
         # Through ARI's dynamic config, which emits the proper ContactStatus events; a raw astdb
         # delete would leave Asterisk blind to the next REGISTER of the same URI (measured).
-        path = {"configClass": "res_pjsip", "objectType": "contact", "id": contact_object_id(aor, contact_uri)}
+        path = _contact_path(aor, contact_uri)
         try:
             attrs = await self._call("get_config", path)
             await self._call("delete_config", path)
@@ -108,23 +108,20 @@ class AsteriskPbx:
             raise
         fields = tuple((str(a.get("attribute", "")), str(a.get("value", ""))) for a in attrs or []
                        if a.get("attribute") in RESTORED_FIELDS)
-        expires = next((v for k, v in fields if k == "expiration_time"), "0")
-        return ContactSnapshot(aor, contact_uri, float(expires) if expires.isdigit() else 0.0, fields)
+        expires = _unix_time(next((v for k, v in fields if k == "expiration_time"), ""))
+        return ContactSnapshot(aor, contact_uri, expires or 0.0, fields)
 
     async def contact_details(self, aor: str, contact_uri: str) -> ContactDetails:
         """The User-Agent and expiration Asterisk stored with a registered contact, in one read
         (AMI's ContactStatus carries neither)."""
-        attrs = await self._call("get_config", {"configClass": "res_pjsip", "objectType": "contact",
-                                                "id": contact_object_id(aor, contact_uri)})
+        attrs = await self._call("get_config", _contact_path(aor, contact_uri))
         values = {str(a.get("attribute", "")): str(a.get("value", "")) for a in attrs or []}
-        expires = values.get("expiration_time", "")
-        return ContactDetails(values.get("user_agent", ""), float(expires) if expires.isdigit() else None)
+        return ContactDetails(values.get("user_agent", ""), _unix_time(values.get("expiration_time", "")))
 
     async def restore_contact(self, snapshot: ContactSnapshot) -> None:
         # PUT of the same object id with the fields read before the delete: Asterisk stores it
         # as it was (expiration, path, user agent, via) and emits ContactStatus Created (measured).
-        await self._call("put_config", {"configClass": "res_pjsip", "objectType": "contact",
-                                        "id": contact_object_id(snapshot.aor, snapshot.uri)},
+        await self._call("put_config", _contact_path(snapshot.aor, snapshot.uri),
                          body={"fields": [{"attribute": k, "value": v} for k, v in snapshot.fields]})
 
     # ---------------------------------------------------------------- the session
@@ -157,3 +154,13 @@ class AsteriskPbx:
 
     async def watch_channel(self, channel_id: str) -> None:
         await self._call("subscribe", {"applicationName": self.app}, query={"eventSource": f"channel:{channel_id}"})
+
+
+def _contact_path(aor: str, contact_uri: str) -> dict[str, str]:
+    """The path parameters of a registered contact's dynamic-config object."""
+    return {"configClass": "res_pjsip", "objectType": "contact", "id": contact_object_id(aor, contact_uri)}
+
+
+def _unix_time(value: str) -> float | None:
+    """Asterisk's ``expiration_time`` (whole Unix seconds), None when absent or not a number."""
+    return float(value) if value.isdigit() else None
